@@ -1,0 +1,27 @@
+"""adalora-fast: fused kernels that make AdaLoRA cost what LoRA costs.
+
+Public API (drop-in for loralib's AdaLoRA):
+
+* :class:`FastSVDLinear` — the adapted linear layer (W0 + P·diag(Λ)·Q).
+* :class:`RankAllocator` — the importance-driven budget allocator.
+* :func:`compute_orth_regu` — the orthogonality penalty.
+* :func:`env_report` — which backend each op runs on here.
+
+The PyTorch reference of every op lives in :mod:`adalora_fast.reference`.
+"""
+
+from .allocator import RankAllocator
+from .dispatch import env_report
+from .penalty import compute_orth_regu
+from .svd_linear import FastSVDLinear, convert_linear_layers, mark_only_lora_as_trainable
+from .version import __version__
+
+__all__ = [
+    "FastSVDLinear",
+    "RankAllocator",
+    "compute_orth_regu",
+    "convert_linear_layers",
+    "env_report",
+    "mark_only_lora_as_trainable",
+    "__version__",
+]

@@ -1,0 +1,45 @@
+"""Finding AdaLoRA adapters in a model the way the references do: by parameter name.
+
+loralib matches the substrings ``lora_A`` / ``lora_E`` / ``lora_B``; PEFT also
+requires the adapter name (its parameters are ``…lora_A.<adapter>``). Keeping
+this matching means a model built with ``FastSVDLinear``, loralib's
+``SVDLinear`` or PEFT's ``SVDLinear`` is found the same way.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .reference.allocator import AdapterTriplet
+
+
+def _selected(name: str, kind: str, adapter_name: str | None) -> bool:
+    if adapter_name is None:
+        return kind in name
+    return f"{kind}.{adapter_name}" in name
+
+
+def find_adapter_triplets(model: nn.Module, adapter_name: str | None = None) -> list[AdapterTriplet]:
+    """All (lora_A, lora_E, lora_B) triplets, in ``named_parameters()`` order."""
+    params = dict(model.named_parameters())
+    triplets = []
+    for name, p in params.items():
+        if not _selected(name, "lora_A", adapter_name):
+            continue
+        name_E, name_B = name.replace("lora_A", "lora_E"), name.replace("lora_A", "lora_B")
+        missing = [n for n in (name_E, name_B) if n not in params]
+        if missing:
+            raise ValueError(f"adapter {name!r} has no matching {missing}: not an AdaLoRA (SVD) adapter")
+        triplets.append(AdapterTriplet(name, name_E, name_B, p, params[name_E], params[name_B]))
+    return triplets
+
+
+def find_orth_matrices(model: nn.Module, adapter_name: str | None = None) -> list[tuple[str, object, bool]]:
+    """(name, parameter, is_right_factor) for every lora_A (Q) and lora_B (P), in ``named_parameters()`` order."""
+    mats = []
+    for name, p in model.named_parameters():
+        if _selected(name, "lora_A", adapter_name):
+            mats.append((name, p, True))
+        elif _selected(name, "lora_B", adapter_name):
+            mats.append((name, p, False))
+    return mats

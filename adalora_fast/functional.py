@@ -1,0 +1,53 @@
+"""Functional API: the SVD-adapted linear op, routed through :mod:`adalora_fast.dispatch`."""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from .reference.adapter import svd_linear_reference
+
+
+def check_svd_linear_input(x: torch.Tensor, weight: torch.Tensor, in_features: int) -> None:
+    """Clear errors for inputs the layer cannot take (instead of an opaque matmul failure)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"FastSVDLinear needs a floating-point input, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"FastSVDLinear expects inputs whose last dimension is in_features={in_features}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"the input is on {x.device} but the layer's weights are on {weight.device}")
+
+
+def svd_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    triplet_mask: torch.Tensor | None,
+    scaling: float,
+    ranknum: torch.Tensor,
+    *,
+    fan_in_fan_out: bool = False,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """``base(x) + s·dropout(x)·Qᵀ·diag(Λ⊙mask)·Pᵀ`` on the backend the dispatcher picks."""
+    backend = dispatch.adapter_backend(x)
+    if backend == "triton":
+        from .kernels.svd_adapter import svd_linear_triton
+
+        return svd_linear_triton(
+            x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum,
+            fan_in_fan_out=fan_in_fan_out, dropout_p=dropout_p, training=training,
+        )  # fmt: skip
+    return svd_linear_reference(
+        x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum,
+        fan_in_fan_out=fan_in_fan_out, dropout_p=dropout_p, training=training,
+    )  # fmt: skip

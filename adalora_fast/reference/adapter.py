@@ -1,0 +1,107 @@
+"""Reference SVD adapter: ``y = base(x) + s · dropout(x) · (Q ⊙ Λ⊙m)ᵀ · Pᵀ`` in plain PyTorch.
+
+This is the oracle for the fused kernels. It evaluates the product exactly as
+PEFT's ``SVDLinear.forward`` and loralib's ``SVDLinear.forward`` do (left to
+right, ``* scaling / (ranknum + 1e-5)``), so that in fp32 it is bitwise equal
+to both.
+
+Notation (paper → code): Q = ``lora_A`` (r × in), Λ = ``lora_E`` (r × 1),
+P = ``lora_B`` (out × r), m = ``triplet_mask`` (r), s = α / (r_init + 1e-5).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# The references divide by (ranknum + RANKNUM_EPS) with ranknum fixed at r_init.
+RANKNUM_EPS = 1e-5
+
+
+def adapter_scale(scaling: float, ranknum: torch.Tensor | float) -> float:
+    """The constant multiplier s = scaling / (r_init + 1e-5) as one Python float (for kernels)."""
+    r = float(ranknum) if not isinstance(ranknum, torch.Tensor) else float(ranknum.reshape(-1)[0])
+    return float(scaling) / (r + RANKNUM_EPS)
+
+
+def apply_dropout_mask(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout with an explicit keep mask: the same formula ``F.dropout`` applies."""
+    if p == 0.0:
+        return x
+    return x * (keep.to(x.dtype) * (1.0 / (1.0 - p)))
+
+
+def masked_singular_values(lora_E: torch.Tensor, triplet_mask: torch.Tensor | None) -> torch.Tensor:
+    """Λ⊙m as an (r, 1) column; with no mask (or the references' semantics) it is Λ itself."""
+    if triplet_mask is None:
+        return lora_E
+    return lora_E * triplet_mask.reshape(-1, 1).to(lora_E.dtype)
+
+
+def svd_adapter_reference(
+    u: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    triplet_mask: torch.Tensor | None,
+    scaling: float,
+    ranknum: torch.Tensor,
+) -> torch.Tensor:
+    """The adapter's contribution for an already dropped-out input ``u`` (any leading dims).
+
+    Evaluated left to right, (u · (A⊙Λm)ᵀ) · Bᵀ, so the dense ΔW is never formed.
+    """
+    E = masked_singular_values(lora_E, triplet_mask)
+    return (u @ (lora_A * E).T @ lora_B.T) * scaling / (ranknum + RANKNUM_EPS)
+
+
+def svd_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    triplet_mask: torch.Tensor | None,
+    scaling: float,
+    ranknum: torch.Tensor,
+    *,
+    fan_in_fan_out: bool = False,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    dropout_keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A whole ``SVDLinear`` forward, as PEFT computes it.
+
+    Dropout: with ``dropout_keep`` given, that keep mask is used (for tests that
+    need the same mask on two paths); otherwise ``F.dropout`` draws one from
+    torch's RNG, consuming it exactly as ``nn.Dropout`` in PEFT does.
+    """
+    result = F.linear(x, weight.T if fan_in_fan_out else weight, bias)
+    x = x.to(lora_A.dtype)  # PEFT's _cast_input_dtype
+    if dropout_keep is not None:
+        u = apply_dropout_mask(x, dropout_keep, dropout_p)
+    elif dropout_p > 0.0:
+        u = F.dropout(x, dropout_p, training)
+    else:
+        u = x
+    # In-place, like PEFT: the output keeps the base layer's dtype.
+    result += svd_adapter_reference(u, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum)
+    return result
+
+
+def svd_delta_weight_reference(
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    triplet_mask: torch.Tensor | None,
+    scaling: float,
+    ranknum: torch.Tensor,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """ΔW = T(P · (Q ⊙ Λm)) · scaling / (ranknum + 1e-5), the merged delta (PEFT's get_delta_weight)."""
+    E = masked_singular_values(lora_E, triplet_mask)
+    delta = lora_B @ (lora_A * E)
+    if fan_in_fan_out:
+        delta = delta.T
+    return delta * scaling / (ranknum + RANKNUM_EPS)

@@ -1,0 +1,71 @@
+"""Shared builders for the test suite: PEFT twins of our layers and small models."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from adalora_fast import FastSVDLinear
+
+
+def peft_config(**kwargs):
+    from peft import AdaLoraConfig
+
+    defaults = dict(init_r=12, target_r=8, total_step=100, lora_alpha=8, target_modules=["fc1", "fc2"])
+    defaults.update(kwargs)
+    return AdaLoraConfig(**defaults)
+
+
+def peft_svd_linear(base: nn.Linear, r: int, lora_alpha: int, lora_dropout: float = 0.0):
+    """PEFT's SVDLinear around ``base`` (which it then owns)."""
+    from peft.tuners.adalora import SVDLinear
+
+    cfg = peft_config(init_r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    return SVDLinear(base, "default", config=cfg, r=r, lora_alpha=lora_alpha)
+
+
+def twin_layers(in_f, out_f, r, lora_alpha=8, lora_dropout=0.0, bias=True, dtype=torch.float32, device="cpu"):
+    """A FastSVDLinear and a PEFT SVDLinear holding identical weights (Λ random, so the adapter is active)."""
+    ours = FastSVDLinear(in_f, out_f, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias)
+    with torch.no_grad():
+        ours.lora_E.normal_()
+    base = nn.Linear(in_f, out_f, bias=bias)
+    theirs = peft_svd_linear(base, r, lora_alpha, lora_dropout)
+    with torch.no_grad():
+        base.weight.copy_(ours.weight)
+        if bias:
+            base.bias.copy_(ours.bias)
+        theirs.lora_A["default"].copy_(ours.lora_A)
+        theirs.lora_E["default"].copy_(ours.lora_E)
+        theirs.lora_B["default"].copy_(ours.lora_B)
+    return ours.to(device=device, dtype=dtype), theirs.to(device=device, dtype=dtype)
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, d_in=16, d_hidden=24, d_out=8):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def peft_mlp(seed=0, **cfg):
+    """A PEFT AdaLoRA TinyMLP with random Λ."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(TinyMLP(), peft_config(**cfg))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_E" in n:
+                p.normal_(std=0.1)
+    return model
+
+
+def clone(model):
+    return copy.deepcopy(model)
