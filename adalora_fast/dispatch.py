@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -36,8 +37,9 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def _import_adapter_kernels():
-    """The Triton adapter module, or the exception that stopped it from importing."""
+    """The Triton adapter module, or the exception that stopped it from importing (tried once)."""
     try:
         return importlib.import_module("adalora_fast.kernels.svd_adapter"), None
     except Exception as exc:  # ImportError, or a Triton that fails on import

@@ -1,0 +1,32 @@
+"""Benchmark configuration: ratios to the frozen layer, printed for every group measured in this run.
+
+``pytest benchmarks/ --benchmark-only`` measures; ``--benchmark-disable`` runs
+each case once as a smoke test (as CI does). pytest-benchmark's own table has
+absolute times; the table added here divides each provider's median by the
+frozen ``nn.Linear`` median of the same group, measured in the same run.
+"""
+
+from collections import defaultdict
+
+import torch
+
+BASELINE = "frozen_linear"
+
+
+def pytest_terminal_summary(terminalreporter):
+    session = getattr(terminalreporter.config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    groups = defaultdict(dict)
+    for bench in session.benchmarks:
+        provider = bench.params.get("provider") if bench.params else None
+        if provider is not None:
+            groups[bench.group][provider] = bench.stats.median
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    terminalreporter.write_sep("-", f"median time relative to {BASELINE} (same run, {device})")
+    for group, medians in sorted(groups.items()):
+        base = medians.get(BASELINE)
+        if base is None:
+            continue
+        cells = "  ".join(f"{p} {t / base:.2f}x" for p, t in sorted(medians.items()))
+        terminalreporter.write_line(f"{group}: {cells}")
