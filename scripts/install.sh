@@ -8,5 +8,5 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
 fi
-"$PY" -m pip install -q --disable-pip-version-check -r requirements-test.txt
+"$PY" -m pip install -q --disable-pip-version-check "setuptools>=64" -r requirements-test.txt
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e .
