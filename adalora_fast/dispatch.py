@@ -1,22 +1,25 @@
 """The one place that decides, per call, whether an op runs a kernel or the PyTorch reference.
 
-``ADALORA_FAST_BACKEND`` forces a backend for the adapter op:
+``ADALORA_FAST_BACKEND`` forces a backend:
 
-* unset or ``auto``: the fused Triton kernels when they can run on the input
-  (a CUDA tensor of a supported dtype, with Triton importable), else the reference;
-* ``reference``: always the PyTorch reference;
-* ``triton``: always the kernels, and a clear error when they cannot run.
+* unset or ``auto``: the fused Triton kernels for the adapter when they can run
+  on the input (a CUDA tensor of a supported dtype, with Triton importable), and
+  the compiled extension for the penalty when it loaded (CPU always, CUDA when
+  built with it); otherwise the reference;
+* ``reference``: every op runs its PyTorch reference;
+* ``triton``: the adapter always runs the kernels, with a clear error when they cannot.
 
 :func:`env_report` says which backend each op would use here, and why.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 
 import torch
+
+from .extension import load_extension, warn_extension_fallback
 
 BACKEND_ENV = "ADALORA_FAST_BACKEND"
 ADAPTER_BACKENDS = ("reference", "triton")
@@ -37,13 +40,18 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_ADAPTER_KERNELS = None
+
+
 def _import_adapter_kernels():
     """The Triton adapter module, or the exception that stopped it from importing (tried once)."""
-    try:
-        return importlib.import_module("adalora_fast.kernels.svd_adapter"), None
-    except Exception as exc:  # ImportError, or a Triton that fails on import
-        return None, exc
+    global _ADAPTER_KERNELS
+    if _ADAPTER_KERNELS is None:
+        try:
+            _ADAPTER_KERNELS = importlib.import_module("adalora_fast.kernels.svd_adapter"), None
+        except Exception as exc:  # ImportError, or a Triton that fails on import
+            _ADAPTER_KERNELS = None, exc
+    return _ADAPTER_KERNELS
 
 
 def triton_unavailable_reason(x: torch.Tensor | None = None) -> str | None:
@@ -73,6 +81,29 @@ def adapter_backend(x: torch.Tensor) -> str:
     return "reference" if reason is not None else "triton"
 
 
+def penalty_unavailable_reason(device_type: str) -> str | None:
+    """Why the compiled penalty op cannot run on this device type, or None when it can."""
+    module, err = load_extension()
+    if module is None:
+        return f"the extension adalora_fast._C did not load ({type(err).__name__}: {err})"
+    if device_type == "cuda" and not module.built_with_cuda():
+        return "the extension adalora_fast._C was built without CUDA"
+    if device_type not in ("cpu", "cuda"):
+        return f"the extension has no implementation for {device_type} tensors"
+    return None
+
+
+def penalty_backend(t: torch.Tensor) -> str:
+    """``"extension"`` or ``"reference"`` for one penalty call on tensors like ``t``."""
+    if requested_backend() == "reference":
+        return "reference"
+    if penalty_unavailable_reason(t.device.type) is None:
+        return "extension"
+    if load_extension()[0] is None:
+        warn_extension_fallback("the orthogonality penalty")
+    return "reference"
+
+
 def env_report() -> dict:
     """Versions, devices and, for each op, the backend it runs on here with the reason."""
     report = {
@@ -95,6 +126,11 @@ def env_report() -> dict:
     except (RuntimeError, ValueError) as exc:
         backend, reason = "error", str(exc)
     report["svd_adapter"] = backend if reason is None else f"{backend} ({reason})"
-    report["orth_penalty"] = "reference (the csrc/ extension is not part of this build)"
+    reason = penalty_unavailable_reason(probe.device.type)
+    forced_reference = os.environ.get(BACKEND_ENV, "").strip().lower() == "reference"
+    if forced_reference:
+        report["orth_penalty"] = f"reference ({BACKEND_ENV}=reference)"
+    else:
+        report["orth_penalty"] = "extension (adalora_fast._C)" if reason is None else f"reference ({reason})"
     report["rank_allocator"] = "reference"
     return report

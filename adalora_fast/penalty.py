@@ -1,27 +1,107 @@
-"""``compute_orth_regu``: the orthogonality penalty over every adapter of a model (loralib's API)."""
+"""The orthogonality penalty: the compiled multi-factor op, its autograd, and ``compute_orth_regu``.
+
+``torch.ops.adalora_fast.orth_penalty_forward/backward`` (csrc/) compute the
+penalty of every adapter in a constant number of launches. This module gives
+them a fake (meta) implementation, so ``torch.compile`` traces them without a
+graph break, and an autograd formula; :func:`orth_penalty` is the launcher
+that :mod:`adalora_fast.dispatch` routes to the op or to the PyTorch reference
+(:mod:`adalora_fast.reference.penalty`).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
+from . import dispatch
 from .discovery import find_orth_matrices
-from .reference.penalty import orth_penalty_sum
+from .extension import load_extension
+from .reference.penalty import check_penalty_mode, orth_penalty_sum
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_op_python_parts() -> bool:
+    """Fake implementations and autograd for the C++ ops; False when the extension is not loaded."""
+    if load_extension()[0] is None:
+        return False
+
+    @torch.library.register_fake("adalora_fast::orth_penalty_forward")
+    def _forward_fake(factors, is_right, mode):
+        ranks = [f.shape[0] if right else f.shape[1] for f, right in zip(factors, is_right)]
+        acc = _accumulate_dtype(factors[0].dtype)
+        dev = factors[0].new_empty((sum(r * r for r in ranks),), dtype=acc)
+        return factors[0].new_empty((), dtype=factors[0].dtype), dev, factors[0].new_empty((len(factors),), dtype=acc)
+
+    @torch.library.register_fake("adalora_fast::orth_penalty_backward")
+    def _backward_fake(grad_loss, factors, is_right, deviation, sq_norms, mode):
+        return [torch.empty_like(f) for f in factors]
+
+    def _setup_context(ctx, inputs, output):
+        factors, is_right, mode = inputs
+        _, deviation, sq_norms = output
+        ctx.mark_non_differentiable(deviation, sq_norms)
+        ctx.save_for_backward(deviation, sq_norms, *factors)
+        ctx.is_right, ctx.mode = is_right, mode
+
+    def _backward(ctx, grad_loss, _grad_deviation, _grad_sq_norms):
+        deviation, sq_norms, *factors = ctx.saved_tensors
+        grads = torch.ops.adalora_fast.orth_penalty_backward(
+            grad_loss, factors, ctx.is_right, deviation, sq_norms, ctx.mode
+        )
+        return list(grads), None, None
+
+    torch.library.register_autograd(
+        "adalora_fast::orth_penalty_forward", _backward, setup_context=_setup_context
+    )
+    return True
+
+
+_OP_REGISTERED = _register_op_python_parts()
+
+
+def orth_penalty(factors: Sequence[torch.Tensor], is_right: Sequence[bool], mode: str = "fro") -> torch.Tensor:
+    """Mean over the factors of ‖G − I‖_F (``fro``) or ‖G − I‖²_F (``fro2``), G = QQᵀ or PᵀP.
+
+    ``is_right[k]`` is True for a lora_A (Q, r × in) and False for a lora_B
+    (P, out × r). Factors of several dtypes or devices are grouped, one op call per group.
+    """
+    check_penalty_mode(mode)
+    if not factors:
+        raise ValueError("orthogonality penalty: no lora_A / lora_B matrices were given")
+    if len(factors) != len(is_right):
+        raise ValueError(f"{len(factors)} factors but {len(is_right)} is_right flags")
+    groups: dict[tuple, list[int]] = {}
+    for k, f in enumerate(factors):
+        groups.setdefault((f.device, f.dtype), []).append(k)
+    total = None
+    for idx in groups.values():
+        fs, rights = [factors[k] for k in idx], [bool(is_right[k]) for k in idx]
+        if dispatch.penalty_backend(fs[0]) == "extension":
+            loss, _, _ = torch.ops.adalora_fast.orth_penalty_forward(fs, [int(r) for r in rights], mode)
+            part = loss * len(idx)
+        else:
+            part = orth_penalty_sum(list(zip(fs, rights)), mode)
+        total = part if total is None else total + part
+    return total / len(factors)
 
 
 def compute_orth_regu(
     model: nn.Module, regu_weight: float = 0.1, *, mode: str = "fro", adapter_name: str | None = None
 ) -> torch.Tensor:
-    """``regu_weight · mean_k ‖G_k − I‖`` over all lora_A (QQᵀ) and lora_B (PᵀP) matrices.
+    """``regu_weight · mean_k ‖G_k − I‖`` over all lora_A (QQᵀ) and lora_B (PᵀP) matrices of ``model``.
 
     ``mode="fro"`` is the references' un-squared Frobenius norm; ``"fro2"`` the
-    paper's squared form. Computed as loralib does (``w · Σ / n``); PEFT's
-    ``AdaLoraModel.forward`` computes ``w · (Σ / n)``, which can differ in the last bit.
+    paper's squared form. Adapters are found by parameter name, as loralib
+    (``lora_A`` / ``lora_B``) and PEFT (``…lora_A.<adapter_name>``) name them.
     """
     if regu_weight < 0:
         raise ValueError(f"regu_weight must be >= 0, got {regu_weight}")
     mats = find_orth_matrices(model, adapter_name)
     if not mats:
         raise ValueError("compute_orth_regu: the model has no AdaLoRA adapters (no lora_A / lora_B parameters)")
-    total = orth_penalty_sum([(p, is_right) for _, p, is_right in mats], mode)
-    return regu_weight * total / len(mats)
+    return regu_weight * orth_penalty([p for _, p, _ in mats], [right for _, _, right in mats], mode)

@@ -1,0 +1,192 @@
+// The orthogonality penalty op: schema, planning and the CPU implementation (always built).
+//
+//   adalora_fast::orth_penalty_forward(Tensor[] factors, int[] is_right, str mode)
+//       -> (Tensor loss, Tensor deviation, Tensor sq_norms)
+//   adalora_fast::orth_penalty_backward(Tensor grad_loss, Tensor[] factors, int[] is_right,
+//                                       Tensor deviation, Tensor sq_norms, str mode) -> Tensor[]
+//
+// `factors` are lora_A (is_right = 1, r×in) and lora_B (is_right = 0, out×r) matrices of one dtype and
+// device; `deviation` packs every G − I (accumulation dtype) and `sq_norms` holds ‖G − I‖²_F per factor.
+// The autograd formula and the fake (meta) implementation are registered from Python.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "orth_penalty_plan.h"
+
+namespace adalora_fast {
+
+int parse_mode(c10::string_view mode) {
+  if (mode == "fro") return kModeFro;
+  if (mode == "fro2") return kModeFro2;
+  TORCH_CHECK(false, "orth_penalty: mode must be 'fro' or 'fro2', got '", std::string(mode), "'");
+  return kModeFro;
+}
+
+at::ScalarType accumulate_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+PenaltyPlan make_plan(at::TensorList factors, at::IntArrayRef is_right) {
+  TORCH_CHECK(!factors.empty(), "orth_penalty: no lora_A / lora_B matrices were given");
+  TORCH_CHECK(factors.size() == is_right.size(), "orth_penalty: ", factors.size(), " factors but ",
+              is_right.size(), " is_right flags");
+  PenaltyPlan plan;
+  const auto dtype = factors[0].scalar_type();
+  const auto device = factors[0].device();
+  for (size_t k = 0; k < factors.size(); ++k) {
+    const at::Tensor& p = factors[k];
+    TORCH_CHECK(p.dim() == 2, "orth_penalty: factor ", k, " must be 2-D, got shape ", p.sizes());
+    TORCH_CHECK(p.scalar_type() == dtype, "orth_penalty: factor ", k, " is ", p.scalar_type(),
+                " but factor 0 is ", dtype, "; call once per dtype");
+    TORCH_CHECK(p.device() == device, "orth_penalty: factor ", k, " is on ", p.device(), " but factor 0 is on ",
+                device);
+    TORCH_CHECK(at::isFloatingType(dtype), "orth_penalty: factors must be floating point, got ", dtype);
+    const bool right = is_right[k] != 0;
+    FactorView f{};
+    f.data = reinterpret_cast<int64_t>(p.data_ptr());
+    f.length = right ? p.size(1) : p.size(0);
+    f.rank = right ? p.size(0) : p.size(1);
+    f.stride_l = right ? p.stride(1) : p.stride(0);
+    f.stride_i = right ? p.stride(0) : p.stride(1);
+    f.n_chunks = std::max<int64_t>(1, (f.length + kRowsPerChunk - 1) / kRowsPerChunk);
+    f.partial_offset = plan.partial_entries;
+    f.dev_offset = plan.dev_entries;
+    plan.partial_entries += f.n_chunks * f.rank * f.rank;
+    plan.dev_entries += f.rank * f.rank;
+    for (int64_t c = 0; c < f.n_chunks; ++c) plan.items.push_back({static_cast<int64_t>(k), c});
+    plan.factors.push_back(f);
+  }
+  return plan;
+}
+
+std::vector<at::Tensor> allocate_gradients(PenaltyPlan& plan, at::TensorList factors, at::IntArrayRef is_right) {
+  std::vector<at::Tensor> grads;
+  grads.reserve(factors.size());
+  for (size_t k = 0; k < factors.size(); ++k) {
+    at::Tensor g = at::empty(factors[k].sizes(), factors[k].options());
+    const bool right = is_right[k] != 0;
+    FactorView& f = plan.factors[k];
+    f.grad = reinterpret_cast<int64_t>(g.data_ptr());
+    f.grad_stride_l = right ? g.stride(1) : g.stride(0);
+    f.grad_stride_i = right ? g.stride(0) : g.stride(1);
+    grads.push_back(std::move(g));
+  }
+  return grads;
+}
+
+namespace {
+
+template <typename scalar_t, typename acc_t>
+void forward_cpu_impl(const PenaltyPlan& plan, int mode, acc_t* partials, acc_t* dev, acc_t* sq_norms, acc_t* loss) {
+  const auto& fs = plan.factors;
+  // Pass 1: one partial Gram per (factor, chunk) item.
+  at::parallel_for(0, static_cast<int64_t>(plan.items.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const WorkItem item = plan.items[w];
+      const FactorView& f = fs[item.factor];
+      acc_t* out = partials + f.partial_offset + item.chunk * f.rank * f.rank;
+      for (int64_t i = 0; i < f.rank; ++i)
+        for (int64_t j = 0; j < f.rank; ++j) out[i * f.rank + j] = gram_chunk_entry<scalar_t, acc_t>(f, item.chunk, i, j);
+    }
+  });
+  // Pass 2: D = Σ partials − I and ‖D‖², per factor, in a fixed order.
+  at::parallel_for(0, static_cast<int64_t>(fs.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const FactorView& f = fs[k];
+      acc_t sq = 0;
+      for (int64_t e = 0; e < f.rank * f.rank; ++e) {
+        const acc_t d = deviation_entry<acc_t>(partials, f, e / f.rank, e % f.rank);
+        dev[f.dev_offset + e] = d;
+        sq += d * d;
+      }
+      sq_norms[k] = sq;
+    }
+  });
+  // Pass 3: the mean of the terms.
+  acc_t total = 0;
+  for (size_t k = 0; k < fs.size(); ++k) total += penalty_term<acc_t>(mode, sq_norms[k]);
+  *loss = total / static_cast<acc_t>(fs.size());
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_cpu_impl(const PenaltyPlan& plan, int mode, acc_t grad_loss, const acc_t* dev, const acc_t* sq_norms) {
+  const auto& fs = plan.factors;
+  const int64_t n = static_cast<int64_t>(fs.size());
+  at::parallel_for(0, static_cast<int64_t>(plan.items.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const WorkItem item = plan.items[w];
+      const FactorView& f = fs[item.factor];
+      const acc_t coef = gradient_coefficient<acc_t>(mode, sq_norms[item.factor], grad_loss, n);
+      const int64_t stop = chunk_end(f, item.chunk);
+      for (int64_t l = chunk_begin(item.chunk); l < stop; ++l)
+        for (int64_t i = 0; i < f.rank; ++i) write_gradient_entry<scalar_t, acc_t>(f, dev, coef, l, i);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> orth_penalty_forward_cpu(at::TensorList factors, at::IntArrayRef is_right,
+                                                                        c10::string_view mode) {
+  const int m = parse_mode(mode);
+  const PenaltyPlan plan = make_plan(factors, is_right);
+  const auto acc_opts = factors[0].options().dtype(accumulate_type(factors[0].scalar_type()));
+  at::Tensor partials = at::empty({plan.partial_entries}, acc_opts);
+  at::Tensor dev = at::empty({plan.dev_entries}, acc_opts);
+  at::Tensor sq_norms = at::empty({static_cast<int64_t>(factors.size())}, acc_opts);
+  at::Tensor loss = at::empty({}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, factors[0].scalar_type(), "orth_penalty_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_cpu_impl<scalar_t, acc_t>(plan, m, partials.data_ptr<acc_t>(), dev.data_ptr<acc_t>(),
+                                      sq_norms.data_ptr<acc_t>(), loss.data_ptr<acc_t>());
+  });
+  return {loss.to(factors[0].scalar_type()), dev, sq_norms};
+}
+
+std::vector<at::Tensor> orth_penalty_backward_cpu(const at::Tensor& grad_loss, at::TensorList factors,
+                                                  at::IntArrayRef is_right, const at::Tensor& dev,
+                                                  const at::Tensor& sq_norms, c10::string_view mode) {
+  const int m = parse_mode(mode);
+  PenaltyPlan plan = make_plan(factors, is_right);
+  TORCH_CHECK(dev.numel() == plan.dev_entries && sq_norms.numel() == static_cast<int64_t>(factors.size()),
+              "orth_penalty_backward: saved workspaces do not match the factors");
+  std::vector<at::Tensor> grads = allocate_gradients(plan, factors, is_right);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, factors[0].scalar_type(), "orth_penalty_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor dev_c = dev.to(accumulate_type(factors[0].scalar_type())).contiguous();
+    const at::Tensor sq_c = sq_norms.to(dev_c.scalar_type()).contiguous();
+    const acc_t g = grad_loss.to(dev_c.scalar_type()).item<acc_t>();
+    backward_cpu_impl<scalar_t, acc_t>(plan, m, g, dev_c.data_ptr<acc_t>(), sq_c.data_ptr<acc_t>());
+  });
+  return grads;
+}
+
+bool built_with_cuda() {
+#ifdef ADALORA_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(adalora_fast, m) {
+  m.def("orth_penalty_forward(Tensor[] factors, int[] is_right, str mode) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "orth_penalty_backward(Tensor grad_loss, Tensor[] factors, int[] is_right, Tensor deviation, "
+      "Tensor sq_norms, str mode) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(adalora_fast, CPU, m) {
+  m.impl("orth_penalty_forward", &orth_penalty_forward_cpu);
+  m.impl("orth_penalty_backward", &orth_penalty_backward_cpu);
+}
+
+}  // namespace adalora_fast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "adalora-fast C++/CUDA ops (registered under torch.ops.adalora_fast)";
+  m.def("built_with_cuda", &adalora_fast::built_with_cuda, "whether the CUDA implementation was compiled in");
+}

@@ -1,0 +1,31 @@
+// Host-side planning of one multi-factor penalty call, shared by the CPU and CUDA implementations.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "orth_penalty.h"
+
+namespace adalora_fast {
+
+struct PenaltyPlan {
+  std::vector<FactorView> factors;
+  std::vector<WorkItem> items;
+  int64_t partial_entries = 0;  // Σ n_chunks·r²
+  int64_t dev_entries = 0;      // Σ r²
+};
+
+int parse_mode(c10::string_view mode);
+
+// Validates the factors (2-D, one dtype, one device) and lays out the workspaces and work items.
+PenaltyPlan make_plan(at::TensorList factors, at::IntArrayRef is_right);
+
+// Gradient tensors for the factors, with their addresses and strides entered in the plan.
+std::vector<at::Tensor> allocate_gradients(PenaltyPlan& plan, at::TensorList factors, at::IntArrayRef is_right);
+
+// The accumulation dtype: float64 for float64 factors, float32 otherwise.
+at::ScalarType accumulate_type(at::ScalarType t);
+
+}  // namespace adalora_fast

@@ -1,0 +1,229 @@
+"""The compiled orthogonality-penalty op (csrc/) against the PyTorch reference.
+
+CPU tests run everywhere (the CPU implementation is always built); CUDA tests
+run where a GPU is present; the CUDA sources are compiled for sm_90/sm_80 with
+the machine's nvcc wherever one is installed.
+"""
+
+import os
+import shutil
+import subprocess
+import warnings
+
+import pytest
+import torch
+
+import adalora_fast
+from adalora_fast import extension
+from adalora_fast.penalty import orth_penalty
+from adalora_fast.reference import orth_penalty_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+requires_ext = pytest.mark.skipif(extension.load_extension()[0] is None, reason="adalora_fast._C is not built")
+requires_cuda_ext = pytest.mark.skipif(
+    not (torch.cuda.is_available() and extension.extension_has_cuda()), reason="needs a GPU and the CUDA build"
+)
+
+# (rank, long side) per adapter: ranks 1..64 that differ per layer, sizes not multiples of anything, > one chunk.
+SHAPES = [(1, 5), (12, 77), (4, 1100), (64, 130), (16, 513), (3, 1)]
+
+
+def _factors(dtype, device="cpu", seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    As = [torch.randn(r, L, generator=g, dtype=torch.float64).mul(scale / L**0.5) for r, L in SHAPES]
+    Bs = [torch.randn(L + 3, r, generator=g, dtype=torch.float64).mul(scale / L**0.5) for r, L in SHAPES]
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in As + Bs], [True] * len(As) + [False] * len(Bs)
+
+
+def _reference(factors, is_right, mode):
+    ps = [f.detach().double().requires_grad_() for f in factors]
+    loss = orth_penalty_reference([p for p, r in zip(ps, is_right) if r], [p for p, r in zip(ps, is_right) if not r], mode)
+    loss.backward()
+    return loss.detach(), [p.grad for p in ps]
+
+
+def _op(factors, is_right, mode):
+    for f in factors:
+        f.grad = None
+    loss = orth_penalty(factors, is_right, mode)
+    loss.backward()
+    return loss.detach(), [f.grad for f in factors]
+
+
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+@requires_ext
+@pytest.mark.parametrize("mode", ["fro", "fro2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_op_matches_reference(mode, dtype):
+    factors, is_right = _factors(dtype)
+    assert adalora_fast.dispatch.penalty_backend(factors[0]) == "extension"
+    loss, grads = _op(factors, is_right, mode)
+    ref_loss, ref_grads = _reference(factors, is_right, mode)
+    tol = TOLERANCES[dtype]
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=tol)
+    for g, rg in zip(grads, ref_grads):
+        assert g.dtype == dtype and g.shape == rg.shape
+        torch.testing.assert_close(g.double(), rg, rtol=tol, atol=tol * max(1.0, rg.abs().max().item()))
+
+
+@requires_ext
+@pytest.mark.parametrize("mode", ["fro", "fro2"])
+def test_cpu_op_gradcheck_float64(mode):
+    factors = [torch.randn(3, 7, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64), torch.randn(1, 4, dtype=torch.float64)]
+    factors = [f.requires_grad_() for f in factors]
+    assert torch.autograd.gradcheck(lambda *fs: orth_penalty(fs, [True, False, True], mode), tuple(factors))
+
+
+@requires_ext
+def test_non_contiguous_factors():
+    base = torch.randn(40, 6, dtype=torch.float64)
+    A = base.T[:, ::2].requires_grad_()  # (6, 20), strided both ways
+    B = torch.randn(6, 30, dtype=torch.float64).T.requires_grad_()  # (30, 6), column-major
+    assert not A.is_contiguous() and not B.is_contiguous()
+    loss, grads = _op([A, B], [True, False], "fro")
+    ref_loss, ref_grads = _reference([A, B], [True, False], "fro")
+    torch.testing.assert_close(loss, ref_loss)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg)
+
+
+@requires_ext
+def test_zero_deviation_has_zero_gradient_in_fro_mode():
+    Q, _ = torch.linalg.qr(torch.randn(10, 4, dtype=torch.float64))
+    A = Q.T.contiguous().requires_grad_()
+    B = Q.clone().requires_grad_()
+    loss, grads = _op([A, B], [True, False], "fro")
+    assert loss < 1e-12 and all(torch.isfinite(g).all() for g in grads)
+
+
+@requires_ext
+def test_cpu_op_is_bitwise_deterministic():
+    factors, is_right = _factors(torch.float32)
+    a_loss, a_grads = _op(factors, is_right, "fro")
+    b_loss, b_grads = _op(factors, is_right, "fro")
+    assert torch.equal(a_loss, b_loss) and all(torch.equal(a, b) for a, b in zip(a_grads, b_grads))
+
+
+@requires_ext
+def test_torch_compile_fullgraph_matches_eager():
+    factors, is_right = _factors(torch.float32)
+    eager_loss, eager_grads = _op(factors, is_right, "fro")
+    compiled = torch.compile(lambda fs: orth_penalty(fs, is_right, "fro"), fullgraph=True, backend="aot_eager")
+    for f in factors:
+        f.grad = None
+    loss = compiled(factors)
+    loss.backward()
+    torch.testing.assert_close(loss, eager_loss, rtol=0, atol=0)
+    for f, g in zip(factors, eager_grads):
+        torch.testing.assert_close(f.grad, g, rtol=0, atol=0)
+
+
+@requires_ext
+def test_op_rejects_mixed_dtypes_and_bad_mode():
+    a, b = torch.randn(2, 5), torch.randn(5, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="call once per dtype"):
+        torch.ops.adalora_fast.orth_penalty_forward([a, b], [1, 0], "fro")
+    with pytest.raises(RuntimeError, match="mode must be 'fro' or 'fro2'"):
+        torch.ops.adalora_fast.orth_penalty_forward([a], [1], "l1")
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        torch.ops.adalora_fast.orth_penalty_forward([torch.randn(3)], [1], "fro")
+
+
+def test_mixed_dtypes_are_grouped_by_the_launcher():
+    a = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, 3, dtype=torch.float32, requires_grad=True)
+    loss = orth_penalty([a, b], [True, False], "fro2")
+    expected = orth_penalty_reference([a.detach()], [b.detach().double()], "fro2")
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_forced_reference_backend(monkeypatch):
+    monkeypatch.setenv("ADALORA_FAST_BACKEND", "reference")
+    assert adalora_fast.dispatch.penalty_backend(torch.randn(2, 2)) == "reference"
+    assert adalora_fast.env_report()["orth_penalty"].startswith("reference")
+
+
+def test_missing_extension_falls_back_with_one_warning_naming_the_cause(monkeypatch):
+    monkeypatch.setattr(extension, "_EXTENSION", (None, ImportError("libfoo.so: cannot open shared object file")))
+    extension.warn_extension_fallback.cache_clear()
+    a = torch.randn(3, 8, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss1 = orth_penalty([a], [True], "fro")
+        orth_penalty([a], [True], "fro")
+    messages = [str(w.message) for w in caught if "adalora_fast._C" in str(w.message)]
+    assert len(messages) == 1 and "libfoo.so: cannot open shared object file" in messages[0]
+    torch.testing.assert_close(loss1, orth_penalty_reference([a], [], "fro"))
+    assert "libfoo.so" in adalora_fast.env_report()["orth_penalty"]
+    extension.warn_extension_fallback.cache_clear()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
+def test_cuda_sources_compile_for_sm90_and_sm80(tmp_path):
+    from torch.utils.cpp_extension import include_paths
+
+    sources = [os.path.join(ROOT, "csrc", "cuda", f) for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if f.endswith(".cu")]
+    assert sources
+    for src in sources:
+        cmd = ["nvcc", "-c", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+               "-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_80,code=sm_80",
+               *[f"-I{p}" for p in include_paths()], f"-I{os.path.join(ROOT, 'csrc')}",
+               src, "-o", str(tmp_path / (os.path.basename(src) + ".o"))]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert (tmp_path / (os.path.basename(src) + ".o")).stat().st_size > 0
+
+
+# ---- GPU ------------------------------------------------------------------------------------------
+
+
+@requires_cuda_ext
+@pytest.mark.parametrize("mode", ["fro", "fro2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_op_matches_cpu_op_and_reference(mode, dtype):
+    cpu_factors, is_right = _factors(dtype)
+    gpu_factors = [f.detach().cuda().requires_grad_() for f in cpu_factors]
+    gpu_loss, gpu_grads = _op(gpu_factors, is_right, mode)
+    cpu_loss, cpu_grads = _op(cpu_factors, is_right, mode)
+    ref_loss, ref_grads = _reference(cpu_factors, is_right, mode)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(gpu_loss.cpu().double(), ref_loss, rtol=tol, atol=tol)
+    torch.testing.assert_close(gpu_loss.cpu(), cpu_loss, rtol=tol, atol=tol)
+    for g, cg, rg in zip(gpu_grads, cpu_grads, ref_grads):
+        scale = max(1.0, rg.abs().max().item())
+        torch.testing.assert_close(g.cpu().double(), rg, rtol=tol, atol=tol * scale)
+        torch.testing.assert_close(g.cpu(), cg, rtol=tol, atol=tol * scale)
+
+
+@requires_cuda_ext
+def test_cuda_op_is_bitwise_deterministic():
+    factors, is_right = _factors(torch.bfloat16, device="cuda")
+    a_loss, a_grads = _op(factors, is_right, "fro")
+    b_loss, b_grads = _op(factors, is_right, "fro")
+    assert torch.equal(a_loss, b_loss) and all(torch.equal(a, b) for a, b in zip(a_grads, b_grads))
+
+
+def _cuda_launches(n_layers):
+    g = torch.Generator().manual_seed(0)
+    factors = []
+    for k in range(n_layers):
+        r = 4 + k % 9
+        factors += [torch.randn(r, 300 + 7 * k, generator=g), torch.randn(200 + 5 * k, r, generator=g)]
+    factors = [f.cuda().requires_grad_() for f in factors]
+    is_right = [True, False] * n_layers
+    _op(factors, is_right, "fro")  # warm-up
+    for f in factors:
+        f.grad = None  # so the profiled backward assigns gradients instead of accumulating them
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        orth_penalty(factors, is_right, "fro").backward()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+@requires_cuda_ext
+def test_cuda_launches_do_not_grow_with_the_number_of_layers():
+    assert _cuda_launches(8) == _cuda_launches(64)
