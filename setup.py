@@ -40,7 +40,7 @@ def _extensions():
 
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     use_cuda = bool(cu_sources) and (force_cuda or (torch.version.cuda is not None and CUDA_HOME is not None))
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard is the one torch's BuildExtension picks for its headers
     include_dirs = [os.path.join(ROOT, "csrc")]
     if use_cuda:
         # Without a visible GPU, BuildExtension would ask the driver for the arch; default to A100 + H100.
@@ -50,7 +50,7 @@ def _extensions():
             cpp_sources + cu_sources,
             include_dirs=include_dirs,
             define_macros=[("ADALORA_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         )
     else:
         ext = CppExtension("adalora_fast._C", cpp_sources, include_dirs=include_dirs, extra_compile_args=cxx_flags)
