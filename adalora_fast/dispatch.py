@@ -3,11 +3,14 @@
 ``ADALORA_FAST_BACKEND`` forces a backend:
 
 * unset or ``auto``: the fused Triton kernels for the adapter when they can run
-  on the input (a CUDA tensor of a supported dtype, with Triton importable), and
+  on the input (a CUDA tensor of a supported dtype, one dtype for the input and
+  the layer, no autocast, with Triton importable), and
   the compiled extension for the penalty when it loaded (CPU always, CUDA when
   built with it); otherwise the reference;
 * ``reference``: every op runs its PyTorch reference;
-* ``triton``: the adapter always runs the kernels, with a clear error when they cannot.
+* ``triton``: the adapter always runs the kernels, with a clear error when they
+  cannot; with ``TRITON_INTERPRET=1`` this includes CPU tensors (how the test
+  suite runs the kernels without a GPU).
 
 :func:`env_report` says which backend each op would use here, and why.
 """
@@ -54,8 +57,8 @@ def _import_adapter_kernels():
     return _ADAPTER_KERNELS
 
 
-def triton_unavailable_reason(x: torch.Tensor | None = None) -> str | None:
-    """Why the Triton adapter kernels cannot run on ``x`` here, or None when they can."""
+def triton_unavailable_reason(x: torch.Tensor | None = None, *params: torch.Tensor) -> str | None:
+    """Why the Triton adapter kernels cannot run on ``x`` (with the layer's ``params``) here, or None when they can."""
     module, err = _import_adapter_kernels()
     if module is None:
         return f"the Triton adapter kernels could not be imported ({type(err).__name__}: {err})"
@@ -65,15 +68,22 @@ def triton_unavailable_reason(x: torch.Tensor | None = None) -> str | None:
         return f"the input is on {x.device}; the Triton kernels run on CUDA devices (or anywhere with TRITON_INTERPRET=1)"
     if x.dtype not in KERNEL_DTYPES:
         return f"the kernels support {[str(d) for d in KERNEL_DTYPES]}, not {x.dtype}"
+    mixed = sorted({str(p.dtype) for p in params if p is not None and p.dtype != x.dtype})
+    if mixed:
+        return f"the input is {x.dtype} but the layer holds {mixed}; the kernels need one dtype"
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast is on; the kernels run one dtype end to end"
     return None
 
 
-def adapter_backend(x: torch.Tensor) -> str:
-    """``"triton"`` or ``"reference"`` for one adapter call on ``x``."""
+def adapter_backend(x: torch.Tensor, *params: torch.Tensor) -> str:
+    """``"triton"`` or ``"reference"`` for one adapter call on ``x`` with the layer's ``params``."""
     forced = requested_backend()
     if forced == "reference":
         return "reference"
-    reason = triton_unavailable_reason(x)
+    if forced is None and not x.is_cuda:
+        return "reference"  # the interpreter runs CPU tensors only when asked for: it is a test tool
+    reason = triton_unavailable_reason(x, *params)
     if forced == "triton":
         if reason is not None:
             raise RuntimeError(f"{BACKEND_ENV}=triton, but the Triton backend cannot run: {reason}")
@@ -125,6 +135,8 @@ def env_report() -> dict:
         reason = triton_unavailable_reason(probe)
     except (RuntimeError, ValueError) as exc:
         backend, reason = "error", str(exc)
+    if backend == "reference" and reason is None:
+        reason = "CPU tensors run the reference; the kernels run on CUDA tensors"
     report["svd_adapter"] = backend if reason is None else f"{backend} ({reason})"
     reason = penalty_unavailable_reason(probe.device.type)
     forced_reference = os.environ.get(BACKEND_ENV, "").strip().lower() == "reference"

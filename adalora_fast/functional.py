@@ -39,7 +39,7 @@ def svd_linear(
     training: bool = False,
 ) -> torch.Tensor:
     """``base(x) + s·dropout(x)·Qᵀ·diag(Λ⊙mask)·Pᵀ`` on the backend the dispatcher picks."""
-    backend = dispatch.adapter_backend(x)
+    backend = dispatch.adapter_backend(x, weight, lora_A, lora_E, lora_B)
     if backend == "triton":
         from .kernels.svd_adapter import svd_linear_triton
 

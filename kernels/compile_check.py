@@ -1,0 +1,125 @@
+"""Ahead-of-time compilation of every adapter kernel at every tile configuration, without a GPU.
+
+    TRITON_INTERPRET=0 python -m adalora_fast.kernels.compile_check [--quick]
+
+For each kernel and each config in its autotune list, builds the kernel for
+sm_90 (H100) and sm_80 (A100) with ``triton.compile`` and reports the shared
+memory it needs and whether its tl.dot parts use tensor cores (``wgmma`` /
+``mma`` in the PTX). A kernel that only works in the interpreter cannot pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import svd_adapter as sa
+from .utils import interpreting
+
+# Shared memory per block on each target (bytes): H100 227 KB, A100 163 KB.
+SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
+RANK_PADS = (16, 32, 64)
+
+# kernel -> (autotuned entry, whether it contains tl.dot, extra constexprs)
+KERNELS = {
+    "shrink": (sa.svd_adapter_shrink, True, {"HAS_DROPOUT": True}),
+    "expand": (sa.svd_adapter_expand, True, {"HAS_BIAS": True}),
+    "grad_h": (sa.svd_adapter_grad_h, True, {"BLOCK_M": sa.GRAD_H_BLOCK_M}),
+    "grad_p": (sa.svd_adapter_grad_p, False, {}),
+    "grad_x": (sa.svd_adapter_grad_x, True, {"HAS_DROPOUT": True}),
+    "grad_q": (sa.svd_adapter_grad_q, True, {"HAS_DROPOUT": True}),
+}
+
+_FP32_BUFFERS = {"H_ptr", "GS_ptr", "WSP_ptr", "WSL_ptr", "OUT_ptr"}
+_FLOAT_SCALARS = {"scaling", "dropout_p", "keep_scale"}
+
+
+@dataclass
+class CompileResult:
+    kernel: str
+    config: str
+    target: int
+    dtype: str
+    r_pad: int
+    shared: int
+    tensor_cores: bool
+    shared_ok: bool
+
+
+def _signature(fn, dtype: str, constexprs: dict) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name in _FP32_BUFFERS else f"*{dtype}"
+        elif name in _FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_kernel(name: str, config: triton.Config, target: int, dtype: str, r_pad: int) -> CompileResult:
+    autotuned, has_dot, extra = KERNELS[name]
+    fn = autotuned.fn
+    constexprs = dict(config.kwargs, R_PAD=r_pad, **extra)
+    if "UPCAST" in fn.arg_names:
+        constexprs.update(UPCAST=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", ACC_DTYPE=tl.float32)
+    elif "ACC_DTYPE" in fn.arg_names:
+        constexprs["ACC_DTYPE"] = tl.float32
+    src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", target, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    shared = compiled.metadata.shared
+    uses_tc = ("wgmma" in ptx or "mma.sync" in ptx) if has_dot else False
+    return CompileResult(name, str(config), target, dtype, r_pad, shared, uses_tc, shared <= SHARED_MEMORY_LIMIT[target])
+
+
+def _compile_job(job: tuple) -> CompileResult:
+    name, config_index, target, dtype, r_pad = job
+    return compile_kernel(name, KERNELS[name][0].configs[config_index], target, dtype, r_pad)
+
+
+def compile_all(quick: bool = False, jobs: int | None = None) -> list[CompileResult]:
+    """Every kernel × config; bf16 on sm_90 and fp16 on sm_80 at every rank pad, fp32 on sm_90 at r_pad 16."""
+    if interpreting():
+        raise RuntimeError("run with TRITON_INTERPRET=0: the interpreter's config lists are not the GPU ones")
+    work = []
+    for name, (autotuned, _, _) in KERNELS.items():
+        for i in range(len(autotuned.configs)):
+            for r_pad in (64,) if quick else RANK_PADS:
+                work += [(name, i, 90, "bf16", r_pad), (name, i, 80, "fp16", r_pad)]
+            work.append((name, i, 90, "fp32", 16))
+    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        return list(pool.map(_compile_job, work))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the largest rank pad (64)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--jobs", type=int, default=None, help="compiler processes (default: one per core)")
+    args = parser.parse_args(argv)
+    results = compile_all(args.quick, args.jobs)
+    if args.json:
+        print(json.dumps([asdict(r) for r in results]))
+    else:
+        for r in results:
+            print(f"{r.kernel:7} sm_{r.target} {r.dtype:5} r_pad={r.r_pad:<3} shared={r.shared:>6} "
+                  f"tensor_cores={r.tensor_cores!s:5} {r.config}")  # fmt: skip
+    return 0 if all(r.shared_ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Fused Triton forward and backward of AdaLoRA's SVD adapter.
+
+    y = x·W0ᵀ + b + s·dropout(x)·Qᵀ·diag(Λ⊙m)·Pᵀ,     s = scaling / (ranknum + 1e-5)
+
+Q = lora_A (r × in), Λ = lora_E (r × 1), m = triplet_mask (r), P = lora_B (out × r).
+The rank lives in one register tile of R_PAD = max(16, next_pow2(r)) columns
+(padding masked), where ``s·Λ⊙m`` is applied for free. Dropout is drawn inside
+the kernels from a seed and regenerated in the backward; the only activations
+saved are x itself and H = dropout(x)·Qᵀ (N × R_PAD, fp32).
+
+Forward (2 kernels + the base GEMM):
+  shrink   H = dropout(x)·Qᵀ                               one pass over x
+  expand   y = (H·diag(sΛm))·Pᵀ + b                        writes y once
+  cuBLAS   y += x·W0ᵀ   (addmm with beta = 1: the adapter term is read in the GEMM's epilogue)
+Backward (4 kernels + the base dx GEMM):
+  grad_h   G = dY·P, and per row tile the partial dPᵀ = dYᵀ·(H·diag(sΛm))   one pass over dY
+           epilogue: Gs = G·diag(sΛm), partial Σ H⊙G for dΛ
+  grad_p   dP = Σ over row tiles of the partials, in tile order (deterministic, no atomics)
+  grad_x   dx = dropout'(Gs·Q), then cuBLAS dx += dY·W0 (beta = 1)
+  grad_q   dQ = Gsᵀ·dropout(x)                                one pass over x
+  dΛ = s·m·Σ_tiles (Σ H⊙G): an r-sized reduction in fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import accumulate_dtype, dot_settings, dropout_tile, interpreting, rank_pad, tile_dot, tuning_configs
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _effective_singular_values(E_ptr, stride_e, mask_ptr, ranknum_ptr, scaling, R, R_PAD: tl.constexpr,
+                               ACC_DTYPE: tl.constexpr):  # fmt: skip
+    """s·Λ⊙m as a [R_PAD] vector in the accumulation dtype, zero in the padding."""
+    ranks = tl.arange(0, R_PAD)
+    valid = ranks < R
+    lam = tl.load(E_ptr + ranks * stride_e, mask=valid, other=0.0).to(ACC_DTYPE)
+    keep = tl.load(mask_ptr + ranks, mask=valid, other=0.0).to(ACC_DTYPE)
+    scale = scaling / (tl.load(ranknum_ptr).to(ACC_DTYPE) + 1e-5)
+    return lam * keep * scale
+
+
+@triton.jit
+def _svd_adapter_shrink_kernel(
+    X_ptr, Q_ptr, H_ptr, N, K, R, seed, dropout_p, keep_scale,
+    stride_xm, stride_xk, stride_qr, stride_qk,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, R_PAD)
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)  # fmt: skip
+        if HAS_DROPOUT:
+            x = dropout_tile(x, rows, cols, K, seed, dropout_p, keep_scale)
+        q_t = tl.load(Q_ptr + ranks[None, :] * stride_qr + cols[:, None] * stride_qk,
+                      mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)  # fmt: skip
+        acc = tile_dot(x, q_t, acc, UPCAST, DOT_PRECISION)
+    tl.store(H_ptr + rows[:, None] * R_PAD + ranks[None, :], acc, mask=rows[:, None] < N)
+
+
+@triton.jit
+def _svd_adapter_expand_kernel(
+    H_ptr, E_ptr, mask_ptr, ranknum_ptr, P_ptr, bias_ptr, Y_ptr, N, OUT, R, scaling,
+    stride_e, stride_pn, stride_pr, stride_ym, stride_yn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, R_PAD)
+    lam = _effective_singular_values(E_ptr, stride_e, mask_ptr, ranknum_ptr, scaling, R, R_PAD, ACC_DTYPE)
+    h = tl.load(H_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=rows[:, None] < N, other=0.0)
+    p_t = tl.load(P_ptr + cols[None, :] * stride_pn + ranks[:, None] * stride_pr,
+                  mask=(cols[None, :] < OUT) & (ranks[:, None] < R), other=0.0)  # fmt: skip
+    u = (h * lam[None, :]).to(p_t.dtype)
+    acc = tile_dot(u, p_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < OUT, other=0.0).to(ACC_DTYPE)[None, :]
+    tl.store(Y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(Y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < N) & (cols[None, :] < OUT))  # fmt: skip
+
+
+@triton.jit
+def _svd_adapter_grad_h_kernel(
+    DY_ptr, H_ptr, E_ptr, mask_ptr, ranknum_ptr, P_ptr, GS_ptr, WSP_ptr, WSL_ptr, N, OUT, R, scaling,
+    stride_dym, stride_dyn, stride_e, stride_pn, stride_pr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0).to(tl.int64)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, R_PAD)
+    lam = _effective_singular_values(E_ptr, stride_e, mask_ptr, ranknum_ptr, scaling, R, R_PAD, ACC_DTYPE)
+    h = tl.load(H_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=rows[:, None] < N, other=0.0)
+    g = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
+    for n0 in range(0, OUT, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(DY_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                     mask=(rows[:, None] < N) & (cols[None, :] < OUT), other=0.0)  # fmt: skip
+        p = tl.load(P_ptr + cols[:, None] * stride_pn + ranks[None, :] * stride_pr,
+                    mask=(cols[:, None] < OUT) & (ranks[None, :] < R), other=0.0)  # fmt: skip
+        g = tile_dot(dy, p, g, UPCAST, DOT_PRECISION)
+        # This row tile's share of dP = dYᵀ·(H·diag(sΛm)), summed over tiles by the grad_p kernel.
+        u = (h * lam[None, :]).to(dy.dtype)
+        part = tile_dot(tl.trans(dy), u, tl.zeros((BLOCK_N, R_PAD), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
+        tl.store(WSP_ptr + (tile * OUT + cols[:, None]) * R_PAD + ranks[None, :], part, mask=cols[:, None] < OUT)
+    tl.store(GS_ptr + rows[:, None] * R_PAD + ranks[None, :], g * lam[None, :], mask=rows[:, None] < N)
+    tl.store(WSL_ptr + tile * R_PAD + ranks, tl.sum(h * g, axis=0))
+
+
+@triton.jit
+def _svd_adapter_grad_p_kernel(
+    WSP_ptr, DP_ptr, OUT, R, n_tiles, stride_pn, stride_pr,
+    BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, R_PAD)
+    acc = tl.zeros((BLOCK_N, R_PAD), dtype=ACC_DTYPE)
+    for t in range(0, n_tiles):  # fixed order: bitwise reproducible
+        acc += tl.load(WSP_ptr + (t * OUT + cols[:, None]) * R_PAD + ranks[None, :], mask=cols[:, None] < OUT, other=0.0)
+    tl.store(DP_ptr + cols[:, None] * stride_pn + ranks[None, :] * stride_pr, acc.to(DP_ptr.dtype.element_ty),
+             mask=(cols[:, None] < OUT) & (ranks[None, :] < R))  # fmt: skip
+
+
+@triton.jit
+def _svd_adapter_grad_x_kernel(
+    GS_ptr, Q_ptr, DX_ptr, N, K, R, seed, dropout_p, keep_scale,
+    stride_qr, stride_qk, stride_dxm, stride_dxk,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ranks = tl.arange(0, R_PAD)
+    q = tl.load(Q_ptr + ranks[:, None] * stride_qr + cols[None, :] * stride_qk,
+                mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)  # fmt: skip
+    gs = tl.load(GS_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=rows[:, None] < N, other=0.0).to(q.dtype)
+    du = tile_dot(gs, q, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
+    if HAS_DROPOUT:
+        du = dropout_tile(du, rows, cols, K, seed, dropout_p, keep_scale)
+    tl.store(DX_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, du.to(DX_ptr.dtype.element_ty),
+             mask=(rows[:, None] < N) & (cols[None, :] < K))  # fmt: skip
+
+
+@triton.jit
+def _svd_adapter_grad_q_kernel(
+    X_ptr, GS_ptr, DQ_ptr, N, K, R, seed, dropout_p, keep_scale,
+    stride_xm, stride_xk, stride_qr, stride_qk,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ranks = tl.arange(0, R_PAD)
+    acc = tl.zeros((R_PAD, BLOCK_K), dtype=ACC_DTYPE)
+    for m0 in range(0, N, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        x = tl.load(X_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)  # fmt: skip
+        if HAS_DROPOUT:
+            x = dropout_tile(x, rows, cols, K, seed, dropout_p, keep_scale)
+        gs_t = tl.load(GS_ptr + rows[None, :] * R_PAD + ranks[:, None], mask=rows[None, :] < N, other=0.0).to(x.dtype)
+        acc = tile_dot(gs_t, x, acc, UPCAST, DOT_PRECISION)
+    tl.store(DQ_ptr + ranks[:, None] * stride_qr + cols[None, :] * stride_qk, acc.to(DQ_ptr.dtype.element_ty),
+             mask=(ranks[:, None] < R) & (cols[None, :] < K))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile configurations: a short curated list per kernel, keyed on the shape; one config in the interpreter.
+# ---------------------------------------------------------------------------------------------
+
+ROW_TILE_CONFIGS = tuning_configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+     for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8, 3), (32, 128, 4, 4)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+)  # fmt: skip
+OUTPUT_TILE_CONFIGS = tuning_configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+     for bm, bn, w, s in [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+)  # fmt: skip
+# grad_h's BLOCK_M sets the number of dP partials (the workspace is allocated before the launch), so
+# it is chosen by the launcher and only BLOCK_N, warps and stages are tuned.
+GRAD_H_BLOCK_M = 16 if interpreting() else 64
+GRAD_H_CONFIGS = tuning_configs(
+    [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in [(64, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3)]],
+    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1),
+)  # fmt: skip
+GRAD_P_CONFIGS = tuning_configs(
+    [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=1) for bn, w in [(64, 4), (128, 4), (32, 2)]],
+    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1),
+)  # fmt: skip
+GRAD_X_CONFIGS = tuning_configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+     for bm, bk, w, s in [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+)  # fmt: skip
+GRAD_Q_CONFIGS = tuning_configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+     for bm, bk, w, s in [(128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3)]],
+    triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+)  # fmt: skip
+
+# The autotuned entry points; the raw jit functions above are what the ahead-of-time compile test builds.
+svd_adapter_shrink = triton.autotune(ROW_TILE_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_shrink_kernel)
+svd_adapter_expand = triton.autotune(OUTPUT_TILE_CONFIGS, key=["OUT", "R_PAD", "HAS_BIAS"])(_svd_adapter_expand_kernel)
+svd_adapter_grad_h = triton.autotune(GRAD_H_CONFIGS, key=["OUT", "R_PAD"])(_svd_adapter_grad_h_kernel)
+svd_adapter_grad_p = triton.autotune(GRAD_P_CONFIGS, key=["OUT", "R_PAD"])(_svd_adapter_grad_p_kernel)
+svd_adapter_grad_x = triton.autotune(GRAD_X_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_grad_x_kernel)
+svd_adapter_grad_q = triton.autotune(GRAD_Q_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_grad_q_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _dropout_args(dropout_p: float) -> tuple[float, float, bool]:
+    return dropout_p, (1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0), dropout_p > 0
+
+
+def svd_adapter_forward(x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling,
+                        fan_in_fan_out: bool, dropout_p: float, seed: int):  # fmt: skip
+    """y (N × out) and H = dropout(x)·Qᵀ (N × R_PAD, fp32, kept for the backward)."""
+    n, k = x2d.shape
+    r, out = lora_A.shape[0], lora_B.shape[0]
+    r_pad = rank_pad(r)
+    h = torch.empty((n, r_pad), device=x2d.device, dtype=accumulate_dtype(x2d.dtype))
+    y = torch.empty((n, out), device=x2d.device, dtype=x2d.dtype)
+    if n == 0:
+        return y, h
+    p, keep_scale, has_dropout = _dropout_args(dropout_p)
+    dots = dot_settings(x2d.dtype)
+    svd_adapter_shrink[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](
+        x2d, lora_A, h, n, k, r, seed, p, keep_scale,
+        x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1),
+        R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots,
+    )  # fmt: skip
+    svd_adapter_expand[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(out, meta["BLOCK_N"]))](
+        h, lora_E, triplet_mask, ranknum, lora_B, bias if bias is not None else h, y, n, out, r, float(scaling),
+        lora_E.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        R_PAD=r_pad, HAS_BIAS=bias is not None, **dots,
+    )  # fmt: skip
+    # The base GEMM accumulates onto the adapter term (beta = 1): no separate pass over y.
+    y.addmm_(x2d, weight if fan_in_fan_out else weight.t())
+    return y, h
+
+
+def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, h,
+                         fan_in_fan_out: bool, dropout_p: float, seed: int, needs_dx: bool):  # fmt: skip
+    """(dx or None, dQ, dΛ, dP) for an upstream gradient dY (N × out)."""
+    n, k = x2d.shape
+    r, out = lora_A.shape[0], lora_B.shape[0]
+    r_pad = rank_pad(r)
+    dev = x2d.device
+    if n == 0:
+        dx = torch.zeros_like(x2d) if needs_dx else None
+        return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_E), torch.zeros_like(lora_B)
+    p, keep_scale, has_dropout = _dropout_args(dropout_p)
+    dots = dot_settings(x2d.dtype)
+    n_tiles = triton.cdiv(n, GRAD_H_BLOCK_M)
+    acc = accumulate_dtype(x2d.dtype)
+    gs = torch.empty((n, r_pad), device=dev, dtype=acc)
+    ws_p = torch.empty((n_tiles, out, r_pad), device=dev, dtype=acc)
+    ws_l = torch.empty((n_tiles, r_pad), device=dev, dtype=acc)
+    svd_adapter_grad_h[(n_tiles,)](
+        dy2d, h, lora_E, triplet_mask, ranknum, lora_B, gs, ws_p, ws_l, n, out, r, float(scaling),
+        dy2d.stride(0), dy2d.stride(1), lora_E.stride(0), lora_B.stride(0), lora_B.stride(1),
+        BLOCK_M=GRAD_H_BLOCK_M, R_PAD=r_pad, **dots,
+    )  # fmt: skip
+    d_b = torch.empty_like(lora_B)
+    svd_adapter_grad_p[lambda meta: (triton.cdiv(out, meta["BLOCK_N"]),)](
+        ws_p, d_b, out, r, n_tiles, d_b.stride(0), d_b.stride(1), R_PAD=r_pad, ACC_DTYPE=dots["ACC_DTYPE"],
+    )  # fmt: skip
+    # dΛ_i = s·m_i·Σ_m H_mi·G_mi: the tile partials summed in a fixed order.
+    scale = scaling / (ranknum.to(acc) + 1e-5)
+    d_e = (ws_l.sum(dim=0)[:r] * triplet_mask.to(acc) * scale).view(r, 1).to(lora_E.dtype)
+    d_a = torch.empty_like(lora_A)
+    svd_adapter_grad_q[lambda meta: (triton.cdiv(k, meta["BLOCK_K"]),)](
+        x2d, gs, d_a, n, k, r, seed, p, keep_scale,
+        x2d.stride(0), x2d.stride(1), d_a.stride(0), d_a.stride(1),
+        R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots,
+    )  # fmt: skip
+    dx = None
+    if needs_dx:
+        dx = torch.empty_like(x2d, memory_format=torch.contiguous_format)
+        svd_adapter_grad_x[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))](
+            gs, lora_A, dx, n, k, r, seed, p, keep_scale,
+            lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
+            R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots,
+        )  # fmt: skip
+        dx.addmm_(dy2d, weight.t() if fan_in_fan_out else weight)  # base dx GEMM onto the adapter term
+    return dx, d_a, d_e, d_b
+
+
+class SVDLinearFunction(torch.autograd.Function):
+    """The whole SVD-adapted linear layer on the fused kernels (the frozen GEMMs on cuBLAS)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, fan_in_fan_out, dropout_p,
+                seed):  # fmt: skip
+        x2d = x.reshape(-1, x.shape[-1])
+        y, h = svd_adapter_forward(
+            x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, fan_in_fan_out, dropout_p, seed
+        )
+        ctx.save_for_backward(x2d, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, h)
+        ctx.scaling, ctx.fan_in_fan_out, ctx.dropout_p, ctx.seed = scaling, fan_in_fan_out, dropout_p, seed
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, h = ctx.saved_tensors
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        needs = ctx.needs_input_grad
+        dx, d_a, d_e, d_b = svd_adapter_backward(
+            dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, ctx.scaling, h,
+            ctx.fan_in_fan_out, ctx.dropout_p, ctx.seed, needs[0],
+        )  # fmt: skip
+        d_w = None
+        if needs[1]:  # a trainable base weight (unusual for AdaLoRA, but supported)
+            d_w = dy2d.t().mm(x2d)
+            d_w = d_w.t() if ctx.fan_in_fan_out else d_w
+        d_bias = dy2d.sum(dim=0) if ctx.has_bias and needs[2] else None
+        dx = dx.view(ctx.x_shape) if dx is not None else None
+        return dx, d_w, d_bias, d_a, d_e, d_b, None, None, None, None, None, None
+
+
+def svd_linear_triton(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum, *,
+                      fan_in_fan_out: bool = False, dropout_p: float = 0.0, training: bool = False,
+                      seed: int | None = None):  # fmt: skip
+    """``base(x) + s·dropout(x)·Qᵀ·diag(Λ⊙mask)·Pᵀ`` on the fused kernels (the dispatcher's Triton entry point).
+
+    The dropout mask is drawn from ``seed``; by default the seed comes from
+    torch's CPU generator (reproducible under ``torch.manual_seed``, no device sync).
+    """
+    if triplet_mask is None:
+        triplet_mask = torch.ones(lora_A.shape[0], device=lora_A.device, dtype=lora_A.dtype)
+    p = dropout_p if training else 0.0
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0
+    return SVDLinearFunction.apply(
+        x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, float(scaling), fan_in_fan_out, p, seed
+    )
+
+
+@triton.jit
+def _dropout_keep_mask_kernel(OUT_ptr, N, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ones = tl.full((BLOCK_M, BLOCK_K), 1.0, dtype=tl.float32)
+    keep = dropout_tile(ones, rows, cols, K, seed, dropout_p, 1.0)
+    tl.store(OUT_ptr + rows[:, None] * K + cols[None, :], keep, mask=(rows[:, None] < N) & (cols[None, :] < K))
+
+
+def svd_adapter_dropout_mask(seed: int, n: int, k: int, dropout_p: float, device) -> torch.Tensor:
+    """The (n × k) keep mask the kernels draw for ``seed``: lets a reference replay the same dropout."""
+    out = torch.empty((n, k), device=device, dtype=torch.float32)
+    if n and k:
+        _dropout_keep_mask_kernel[(triton.cdiv(n, 32), triton.cdiv(k, 32))](out, n, k, seed, dropout_p, BLOCK_M=32, BLOCK_K=32)
+    return out.bool()

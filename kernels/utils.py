@@ -1,0 +1,60 @@
+"""Helpers shared by the Triton kernel families: tile math, dropout, autotune config lists."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def rank_pad(r: int) -> int:
+    """The rank's register-tile width: a power of two >= 16 (tl.dot needs 16), padding masked."""
+    return max(16, triton.next_power_of_2(max(int(r), 1)))
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64 inputs (so gradcheck sees fp64 math end to end), fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_settings(dtype: torch.dtype) -> dict:
+    """Constexprs every kernel with a tl.dot takes.
+
+    UPCAST: the interpreter multiplies bf16 bit patterns in tl.dot, so there bf16
+    tiles are upcast to fp32 first. DOT_PRECISION: fp32/fp64 inputs use exact
+    ("ieee") products, as PyTorch's matmuls do by default, rather than TF32.
+    ACC_DTYPE: the accumulator and intermediate precision.
+    """
+    return {
+        "UPCAST": interpreting() and dtype == torch.bfloat16,
+        "DOT_PRECISION": "ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+        "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
+    }
+
+
+def tuning_configs(configs: list[triton.Config], interpreter_config: triton.Config) -> list[triton.Config]:
+    """A curated autotune list on a GPU; one small config under the interpreter (nothing to tune there)."""
+    return [interpreter_config] if interpreting() else configs
+
+
+@triton.jit
+def tile_dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def dropout_tile(x, rows, cols, n_cols, seed, p, keep_scale):
+    """Inverted dropout of an x tile, drawn from (seed, row·n_cols + col): the backward regenerates it exactly."""
+    offsets = rows[:, None] * n_cols + cols[None, :]
+    keep = tl.rand(seed, offsets) >= p
+    return tl.where(keep, x * keep_scale, 0.0).to(x.dtype)

@@ -1,0 +1,200 @@
+"""The fused Triton adapter kernels against the PyTorch reference: outputs, every gradient, gradcheck.
+
+On a CPU the kernels run in Triton's interpreter (fp32, fp16, fp64); bf16 runs on a GPU only (the
+interpreter's bf16 tl.dot is wrong). The ahead-of-time compile test builds every kernel at every tile
+config for sm_90 and sm_80 on any machine.
+"""
+
+import os
+import subprocess
+import sys
+import json
+
+import pytest
+import torch
+
+from adalora_fast import FastSVDLinear, dispatch
+from adalora_fast.kernels.svd_adapter import SVDLinearFunction, svd_adapter_dropout_mask, svd_linear_triton
+from adalora_fast.reference import svd_linear_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+ALPHA = 8.0
+
+# (x shape, in, out, r): N = 1, rank 1/4/12/16/64, dims not multiples of 16, 3-D input, a 4095-wide input.
+CASES = [
+    ((1, 45), 45, 29, 12),
+    ((37, 45), 45, 29, 1),
+    ((2, 9, 64), 64, 77, 4),
+    ((33, 130), 130, 16, 16),
+    ((20, 40), 40, 50, 64),
+    ((3, 4095), 4095, 24, 12),
+]
+
+
+def _layer_tensors(in_f, out_f, r, dtype, bias=True, fan_in_fan_out=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g) / in_f**0.5
+    if fan_in_fan_out:
+        W = W.T.contiguous()
+    b = torch.randn(out_f, generator=g) if bias else None
+    A = torch.randn(r, in_f, generator=g) / in_f**0.5
+    E = torch.randn(r, 1, generator=g)
+    B = torch.randn(out_f, r, generator=g) / r**0.5
+    mask = (torch.rand(r, generator=g) > 0.25).float()
+    ranknum = torch.tensor([float(r)])
+    to = dict(device=DEVICE, dtype=dtype)
+    W, A, E, B, mask, ranknum = (t.to(**to) for t in (W, A, E, B, mask, ranknum))
+    b = b.to(**to) if b is not None else None
+    return W, b, A.requires_grad_(), E.requires_grad_(), B.requires_grad_(), mask, ranknum
+
+
+def _run(fn, x, params, g):
+    y = fn(x, *params)
+    y.backward(g)
+    grads = [t.grad.detach().clone() if t.grad is not None else None for t in (x, params[2], params[3], params[4])]
+    for t in (x, params[2], params[3], params[4]):
+        t.grad = None
+    return y.detach(), grads
+
+
+def _assert_close(actual, expected, tol, what):
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def _compare(x, params, dtype, dropout_p=0.0, fan_in_fan_out=False, seed=1234):
+    W, b, A, E, B, mask, ranknum = params
+    keep = svd_adapter_dropout_mask(seed, x.numel() // x.shape[-1], x.shape[-1], dropout_p, x.device).view(x.shape)
+
+    def fast(x, W, b, A, E, B, mask, ranknum):
+        return svd_linear_triton(x, W, b, A, E, B, mask, ALPHA, ranknum, fan_in_fan_out=fan_in_fan_out,
+                                 dropout_p=dropout_p, training=True, seed=seed)  # fmt: skip
+
+    def ref(x, W, b, A, E, B, mask, ranknum):
+        return svd_linear_reference(x, W, b, A, E, B, mask, ALPHA, ranknum, fan_in_fan_out=fan_in_fan_out,
+                                    dropout_p=dropout_p, dropout_keep=keep)  # fmt: skip
+
+    g = torch.randn(*x.shape[:-1], B.shape[0], device=x.device, dtype=dtype)
+    y, grads = _run(fast, x, params, g)
+    y_ref, grads_ref = _run(ref, x, params, g)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    _assert_close(y, y_ref, TOL[dtype], "y")
+    for name, a, r in zip(("dx", "dQ", "dΛ", "dP"), grads, grads_ref):
+        assert a.dtype == r.dtype and a.shape == r.shape, name
+        _assert_close(a, r, TOL[dtype], name)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("x_shape,in_f,out_f,r", CASES)
+def test_matches_reference(x_shape, in_f, out_f, r, dtype, dropout_p):
+    params = _layer_tensors(in_f, out_f, r, dtype)
+    x = torch.randn(x_shape, device=DEVICE, dtype=dtype, requires_grad=True)
+    _compare(x, params, dtype, dropout_p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_input_without_bias_fan_in_fan_out(dtype):
+    params = _layer_tensors(48, 20, 12, dtype, bias=False, fan_in_fan_out=True)
+    x = torch.randn(48, 30, device=DEVICE, dtype=dtype).T.detach().requires_grad_()
+    assert not x.is_contiguous()
+    _compare(x, params, dtype, 0.1, fan_in_fan_out=True)
+
+
+def test_all_triplets_masked_is_the_frozen_layer():
+    W, b, A, E, B, mask, ranknum = _layer_tensors(40, 24, 12, torch.float32)
+    mask = torch.zeros_like(mask)
+    x = torch.randn(9, 40, device=DEVICE, requires_grad=True)
+    y = svd_linear_triton(x, W, b, A, E, B, mask, ALPHA, ranknum)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, W, b), rtol=1e-6, atol=1e-6)
+    y.sum().backward()
+    assert all(torch.count_nonzero(t.grad) == 0 for t in (A, E, B))
+    torch.testing.assert_close(x.grad, W.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch():
+    params = _layer_tensors(40, 24, 4, torch.float32)
+    x = torch.randn(0, 40, device=DEVICE, requires_grad=True)
+    y = svd_linear_triton(x, *params[:6], ALPHA, params[6])
+    assert y.shape == (0, 24)
+    y.sum().backward()
+    assert x.grad.shape == (0, 40) and torch.count_nonzero(params[3].grad) == 0
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_gradcheck_float64_through_the_kernels(dropout_p):
+    W, b, A, E, B, mask, ranknum = _layer_tensors(21, 13, 5, torch.float64)
+    x = torch.randn(6, 21, device=DEVICE, dtype=torch.float64, requires_grad=True)
+
+    def f(x, A, E, B, b):
+        return SVDLinearFunction.apply(x, W, b, A, E, B, mask, ranknum, ALPHA, False, dropout_p, 77)
+
+    b = b.requires_grad_()
+    assert torch.autograd.gradcheck(f, (x, A, E, B, b), eps=1e-6, atol=1e-5)
+
+
+def test_two_runs_are_bitwise_identical():
+    params = _layer_tensors(70, 33, 12, torch.float16)
+    x = torch.randn(50, 70, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    g = torch.randn(50, 33, device=DEVICE, dtype=torch.float16)
+
+    def fast(x, W, b, A, E, B, mask, ranknum):
+        return svd_linear_triton(x, W, b, A, E, B, mask, ALPHA, ranknum, dropout_p=0.1, training=True, seed=5)
+
+    y1, g1 = _run(fast, x, params, g)
+    y2, g2 = _run(fast, x, params, g)
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_backward_uses_the_forward_dropout_mask():
+    # With Q = I the adapter's output row is x⊙keep/(1−p) restricted to r columns: the mask is visible.
+    W, b, A, E, B, mask, ranknum = _layer_tensors(16, 16, 16, torch.float32)
+    with torch.no_grad():
+        A.copy_(torch.eye(16))
+        B.copy_(torch.eye(16))
+        E.fill_(1.0)
+    mask = torch.ones_like(mask)
+    x = torch.randn(8, 16, device=DEVICE, requires_grad=True)
+    y = svd_linear_triton(x, W * 0, None, A, E, B, mask, 16.0, torch.tensor([16.0], device=DEVICE),
+                          dropout_p=0.5, training=True, seed=3)  # fmt: skip
+    keep = svd_adapter_dropout_mask(3, 8, 16, 0.5, DEVICE)
+    s = 16.0 / (16 + 1e-5)
+    torch.testing.assert_close(y, x.detach() * keep * 2 * s)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, keep.float() * 2 * s)
+
+
+def test_layer_dispatches_to_the_kernels_when_forced(monkeypatch):
+    monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")
+    layer = FastSVDLinear(32, 20, r=6, lora_alpha=8).to(DEVICE)
+    with torch.no_grad():
+        layer.lora_E.normal_()
+    x = torch.randn(5, 32, device=DEVICE)
+    assert dispatch.adapter_backend(x, layer.weight, layer.lora_A) == "triton"
+    y_fast = layer(x)
+    monkeypatch.setenv("ADALORA_FAST_BACKEND", "reference")
+    torch.testing.assert_close(y_fast, layer(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU-side dispatch rule; on a GPU the kernels are the default")
+def test_cpu_tensors_use_the_reference_unless_forced():
+    x = torch.randn(3, 8)
+    assert dispatch.adapter_backend(x, x) == "reference"
+
+
+def test_every_kernel_compiles_for_sm90_and_sm80_with_tensor_cores():
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    out = subprocess.run([sys.executable, "-m", "adalora_fast.kernels.compile_check", "--json"],
+                         capture_output=True, text=True, env=env, timeout=1200)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    kernels = {r["kernel"] for r in results}
+    assert kernels == {"shrink", "expand", "grad_h", "grad_p", "grad_x", "grad_q"}
+    assert {r["target"] for r in results} == {80, 90}
+    for r in results:
+        assert r["shared_ok"], r
+        if r["kernel"] != "grad_p" and r["dtype"] in ("bf16", "fp16"):
+            assert r["tensor_cores"], r
