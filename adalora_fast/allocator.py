@@ -14,6 +14,18 @@ Call it once per optimizer step, after ``optimizer.step()`` and before
 ``zero_grad()``, so that it scores the accumulated gradient. Adapters are
 found by parameter name, as the references do (``lora_A`` / ``lora_E`` /
 ``lora_B``, plus ``.<adapter_name>`` for PEFT models).
+
+``order`` is the one switch between the two published orders of scoring:
+
+* ``"reference"`` (default): the sensitivity |w·∇w| is taken from θ_{t+1}, after
+  the optimizer step, exactly as PEFT and loralib do; switching implementations
+  changes nothing.
+* ``"paper"``: Algorithm 1 of the paper, from θ_t. Every adapter must be a
+  ``FastSVDLinear``; its backward emits the sensitivity, both EMAs and the
+  triplet scores (in the fused kernels' epilogues, or in gradient hooks on the
+  reference path), on the micro-batch that completes the optimizer step
+  (``grad_accumulation_steps`` micro-batches per step), and ``update_and_mask``
+  only masks. The call site is the same.
 """
 
 from __future__ import annotations
@@ -22,7 +34,9 @@ import torch
 import torch.nn as nn
 
 from .discovery import find_adapter_triplets
-from .reference.allocator import SEMANTICS, BudgetSchedule, ReferenceRankAllocator, check_betas
+from .importance import ImportanceState
+from .reference.allocator import ORDERS, SEMANTICS, BudgetSchedule, ReferenceRankAllocator, check_betas
+from .svd_linear import FastSVDLinear
 
 
 class RankAllocator:
@@ -43,9 +57,13 @@ class RankAllocator:
         *,
         adapter_name: str | None = None,
         semantics: str = "loralib",
+        order: str = "reference",
+        grad_accumulation_steps: int = 1,
     ):
         if semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         check_betas(beta1, beta2)
         if target_total_rank is None and target_rank >= lora_r:
             raise ValueError(f"target_rank ({target_rank}) must be < the initial rank lora_r ({lora_r})")
@@ -57,6 +75,7 @@ class RankAllocator:
         self.mask_interval = mask_interval
         self.beta1, self.beta2 = beta1, beta2
         self.semantics = semantics
+        self.order = order
         self.tb_writter = tb_writter
         self.log_interval = tb_writter_loginterval
         self.triplets = find_adapter_triplets(model, adapter_name)
@@ -64,6 +83,10 @@ class RankAllocator:
             raise ValueError("RankAllocator: the model has no AdaLoRA adapters (no lora_A / lora_E / lora_B parameters)")
         self.total_rank = sum(t.rank for t in self.triplets)
         self.target_rank = target_total_rank if target_total_rank is not None else target_rank * len(self.triplets)
+        self.importance_states = (
+            self._attach_importance(model, grad_accumulation_steps) if order == "paper" else None
+        )
+        self._emissions_seen = [0] * len(self.triplets)
         self._engine: ReferenceRankAllocator | None = None
         self.total_step = None
         if total_step is not None:
@@ -81,7 +104,10 @@ class RankAllocator:
         )
         self.total_step = total_step
         previous = self._engine
-        self._engine = ReferenceRankAllocator(self.triplets, schedule, self.beta1, self.beta2, self.semantics)
+        self._engine = ReferenceRankAllocator(
+            self.triplets, schedule, self.beta1, self.beta2, self.semantics, self.order
+        )
+        self._engine.importance_states = self.importance_states
         if previous is not None:  # keep the scores and the last mask
             self._engine.exp_avg_ipt, self._engine.exp_avg_unc = previous.exp_avg_ipt, previous.exp_avg_unc
             self._engine.keep = previous.keep
@@ -97,7 +123,13 @@ class RankAllocator:
         at construction.
         """
         engine = self._require_engine()
+        if self.importance_states is not None:
+            self._check_emitted(global_step)
         budget, threshold = engine.step(global_step)
+        if self.importance_states is not None:
+            for state in self.importance_states:
+                state.end_step()
+                state.enabled = global_step + 1 < engine.schedule.final_start  # no scoring in the final phase
         if self.tb_writter is not None and global_step % self.log_interval == 0:
             self._log(global_step, budget, threshold)
         return budget, None if threshold is None else float(threshold)
@@ -116,6 +148,40 @@ class RankAllocator:
         if pattern is None:
             return {t.name_E: t.rank for t in self.triplets}
         return {name: int(sum(keep)) for name, keep in pattern.items()}
+
+    def _attach_importance(self, model: nn.Module, grad_accumulation_steps: int) -> list[ImportanceState]:
+        """Paper order: one ImportanceState per adapter, attached to its FastSVDLinear."""
+        owners = {id(m.lora_A): m for m in model.modules() if isinstance(m, FastSVDLinear)}
+        states = []
+        for t in self.triplets:
+            layer = owners.get(id(t.lora_A))
+            if layer is None:
+                raise ValueError(
+                    f"order='paper' needs every adapter to be a FastSVDLinear (its backward emits the scores); "
+                    f"{t.name_A} belongs to another layer type"
+                )
+            ipt = {n: torch.zeros_like(p) for n, p in (("lora_A", t.lora_A), ("lora_E", t.lora_E), ("lora_B", t.lora_B))}
+            unc = {n: torch.zeros_like(v) for n, v in ipt.items()}
+            if layer.importance is not None:
+                layer.importance.remove()
+            layer.importance = ImportanceState(
+                t.lora_A, t.lora_E, t.lora_B, ipt, unc, self.beta1, self.beta2, grad_accumulation_steps
+            )
+            states.append(layer.importance)
+        return states
+
+    def _check_emitted(self, global_step: int) -> None:
+        """In paper order every adapter's backward must have scored this step (until the final phase)."""
+        if global_step >= self._engine.schedule.final_start:
+            return
+        for i, (t, state) in enumerate(zip(self.triplets, self.importance_states)):
+            if state.emissions == self._emissions_seen[i]:
+                raise RuntimeError(
+                    f"RankAllocator(order='paper'): {t.name_E} emitted no importance since the last step. Run the "
+                    "forward in train() mode with gradients enabled, grad_accumulation_steps micro-batches per step, "
+                    "and call the allocator after backward()."
+                )
+            self._emissions_seen[i] = state.emissions
 
     def _require_engine(self) -> ReferenceRankAllocator:
         if self._engine is None:

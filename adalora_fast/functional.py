@@ -37,16 +37,24 @@ def svd_linear(
     fan_in_fan_out: bool = False,
     dropout_p: float = 0.0,
     training: bool = False,
+    importance=None,
 ) -> torch.Tensor:
-    """``base(x) + s·dropout(x)·Qᵀ·diag(Λ⊙mask)·Pᵀ`` on the backend the dispatcher picks."""
+    """``base(x) + s·dropout(x)·Qᵀ·diag(Λ⊙mask)·Pᵀ`` on the backend the dispatcher picks.
+
+    ``importance``: an :class:`~adalora_fast.importance.ImportanceState` whose sensitivity this
+    call's backward emits (paper order); the kernels do it in their epilogues, the reference
+    path in gradient hooks.
+    """
     backend = dispatch.adapter_backend(x, weight, lora_A, lora_E, lora_B)
     if backend == "triton":
         from .kernels.svd_adapter import svd_linear_triton
 
         return svd_linear_triton(
             x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum,
-            fan_in_fan_out=fan_in_fan_out, dropout_p=dropout_p, training=training,
+            fan_in_fan_out=fan_in_fan_out, dropout_p=dropout_p, training=training, importance=importance,
         )  # fmt: skip
+    if importance is not None:
+        importance.arm_reference()
     return svd_linear_reference(
         x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum,
         fan_in_fan_out=fan_in_fan_out, dropout_p=dropout_p, training=training,

@@ -57,6 +57,7 @@ class FastSVDLinear(nn.Linear):
         self.scaling = lora_alpha if lora_alpha > 0 else float(r)
         self.weight.requires_grad = False
         self.register_buffer("triplet_mask", self.weight.new_ones(r), persistent=False)
+        self.importance = None  # an ImportanceState when a paper-order RankAllocator is attached
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.T
@@ -114,11 +115,21 @@ class FastSVDLinear(nn.Linear):
         check_svd_linear_input(x, self.weight, self.in_features)
         if self.merged:
             return F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)
+        emit = self.importance if self._emits_importance() else None
         return svd_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_E, self.lora_B, self.triplet_mask,
             self.scaling, self.ranknum, fan_in_fan_out=self.fan_in_fan_out, dropout_p=self.dropout_p,
-            training=self.training,
+            training=self.training, importance=emit,
         )  # fmt: skip
+
+    def _emits_importance(self) -> bool:
+        """Whether this forward's backward scores the sensitivity (paper order, step-completing micro-batch)."""
+        return (
+            self.importance is not None
+            and self.training
+            and torch.is_grad_enabled()
+            and self.importance.begin_forward()
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, dropout={self.dropout_p}"

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .importance import gradient_total, update_importance
 from .utils import accumulate_dtype, dot_settings, dropout_tile, interpreting, rank_pad, tile_dot, tuning_configs
 
 # ---------------------------------------------------------------------------------------------
@@ -120,16 +121,25 @@ def _svd_adapter_grad_h_kernel(
 
 @triton.jit
 def _svd_adapter_grad_p_kernel(
-    WSP_ptr, DP_ptr, OUT, R, n_tiles, stride_pn, stride_pr,
-    BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    WSP_ptr, DP_ptr, W_ptr, PREV_ptr, IPT_ptr, UNC_ptr, SP_ptr, OUT, R, n_tiles, stride_pn, stride_pr,
+    beta1, one_minus_beta1, beta2, one_minus_beta2,
+    BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, EMIT: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile = tl.program_id(0).to(tl.int64)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     ranks = tl.arange(0, R_PAD)
     acc = tl.zeros((BLOCK_N, R_PAD), dtype=ACC_DTYPE)
     for t in range(0, n_tiles):  # fixed order: bitwise reproducible
         acc += tl.load(WSP_ptr + (t * OUT + cols[:, None]) * R_PAD + ranks[None, :], mask=cols[:, None] < OUT, other=0.0)
-    tl.store(DP_ptr + cols[:, None] * stride_pn + ranks[None, :] * stride_pr, acc.to(DP_ptr.dtype.element_ty),
-             mask=(cols[:, None] < OUT) & (ranks[None, :] < R))  # fmt: skip
+    offs = cols[:, None] * stride_pn + ranks[None, :] * stride_pr
+    valid = (cols[:, None] < OUT) & (ranks[None, :] < R)
+    tl.store(DP_ptr + offs, acc.to(DP_ptr.dtype.element_ty), mask=valid)
+    if EMIT:  # dP is final here: sensitivity, EMAs, and this tile's column sums of the element scores
+        g = gradient_total(acc, PREV_ptr + offs, valid, ACCUMULATE)
+        w = tl.load(W_ptr + offs, mask=valid, other=0.0)
+        score = update_importance(w, g, IPT_ptr + offs, UNC_ptr + offs, valid, beta1, one_minus_beta1, beta2, one_minus_beta2)
+        tl.store(SP_ptr + tile * R_PAD + ranks, tl.sum(score, axis=0))
 
 
 @triton.jit
@@ -154,12 +164,14 @@ def _svd_adapter_grad_x_kernel(
 
 @triton.jit
 def _svd_adapter_grad_q_kernel(
-    X_ptr, GS_ptr, DQ_ptr, N, K, R, seed, dropout_p, keep_scale,
-    stride_xm, stride_xk, stride_qr, stride_qk,
+    X_ptr, GS_ptr, DQ_ptr, W_ptr, PREV_ptr, IPT_ptr, UNC_ptr, SQ_ptr, N, K, R, seed, dropout_p, keep_scale,
+    stride_xm, stride_xk, stride_qr, stride_qk, beta1, one_minus_beta1, beta2, one_minus_beta2,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, EMIT: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tile = tl.program_id(0).to(tl.int64)
+    cols = tile * BLOCK_K + tl.arange(0, BLOCK_K)
     ranks = tl.arange(0, R_PAD)
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=ACC_DTYPE)
     for m0 in range(0, N, BLOCK_M):
@@ -170,8 +182,14 @@ def _svd_adapter_grad_q_kernel(
             x = dropout_tile(x, rows, cols, K, seed, dropout_p, keep_scale)
         gs_t = tl.load(GS_ptr + rows[None, :] * R_PAD + ranks[:, None], mask=rows[None, :] < N, other=0.0).to(x.dtype)
         acc = tile_dot(gs_t, x, acc, UPCAST, DOT_PRECISION)
-    tl.store(DQ_ptr + ranks[:, None] * stride_qr + cols[None, :] * stride_qk, acc.to(DQ_ptr.dtype.element_ty),
-             mask=(ranks[:, None] < R) & (cols[None, :] < K))  # fmt: skip
+    offs = ranks[:, None] * stride_qr + cols[None, :] * stride_qk
+    valid = (ranks[:, None] < R) & (cols[None, :] < K)
+    tl.store(DQ_ptr + offs, acc.to(DQ_ptr.dtype.element_ty), mask=valid)
+    if EMIT:  # dQ is final here: sensitivity, EMAs, and this tile's row sums of the element scores
+        g = gradient_total(acc, PREV_ptr + offs, valid, ACCUMULATE)
+        w = tl.load(W_ptr + offs, mask=valid, other=0.0)
+        score = update_importance(w, g, IPT_ptr + offs, UNC_ptr + offs, valid, beta1, one_minus_beta1, beta2, one_minus_beta2)
+        tl.store(SQ_ptr + tile * R_PAD + ranks, tl.sum(score, axis=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,28 +213,37 @@ GRAD_H_CONFIGS = tuning_configs(
     [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in [(64, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3)]],
     triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1),
 )  # fmt: skip
+# grad_p and grad_q write one row of score partials per tile when they emit the sensitivity, so their
+# tile along out / in is fixed by the launcher (the partials are allocated before the launch).
+GRAD_P_BLOCK_N = 32 if interpreting() else 64
 GRAD_P_CONFIGS = tuning_configs(
-    [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=1) for bn, w in [(64, 4), (128, 4), (32, 2)]],
-    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1),
+    [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2, 8)],
+    triton.Config({}, num_warps=4, num_stages=1),
 )  # fmt: skip
 GRAD_X_CONFIGS = tuning_configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
      for bm, bk, w, s in [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4)]],
     triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),
 )  # fmt: skip
+GRAD_Q_BLOCK_K = 32 if interpreting() else 64
 GRAD_Q_CONFIGS = tuning_configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bm, bk, w, s in [(128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3)]],
-    triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+    [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm, w, s in [(128, 4, 3), (64, 4, 3), (256, 8, 3), (128, 8, 4)]],
+    triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1),
 )  # fmt: skip
 
 # The autotuned entry points; the raw jit functions above are what the ahead-of-time compile test builds.
 svd_adapter_shrink = triton.autotune(ROW_TILE_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_shrink_kernel)
 svd_adapter_expand = triton.autotune(OUTPUT_TILE_CONFIGS, key=["OUT", "R_PAD", "HAS_BIAS"])(_svd_adapter_expand_kernel)
 svd_adapter_grad_h = triton.autotune(GRAD_H_CONFIGS, key=["OUT", "R_PAD"])(_svd_adapter_grad_h_kernel)
-svd_adapter_grad_p = triton.autotune(GRAD_P_CONFIGS, key=["OUT", "R_PAD"])(_svd_adapter_grad_p_kernel)
+# The importance EMAs are updated in place: autotuning restores them after each trial.
+_EMA_ARGS = ["IPT_ptr", "UNC_ptr"]
+svd_adapter_grad_p = triton.autotune(GRAD_P_CONFIGS, key=["OUT", "R_PAD", "EMIT"], restore_value=_EMA_ARGS)(
+    _svd_adapter_grad_p_kernel
+)
 svd_adapter_grad_x = triton.autotune(GRAD_X_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_grad_x_kernel)
-svd_adapter_grad_q = triton.autotune(GRAD_Q_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_grad_q_kernel)
+svd_adapter_grad_q = triton.autotune(
+    GRAD_Q_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT", "EMIT"], restore_value=_EMA_ARGS
+)(_svd_adapter_grad_q_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,9 +282,33 @@ def svd_adapter_forward(x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask,
     return y, h
 
 
+def _importance_operands(importance, name: str, param: torch.Tensor, grad: torch.Tensor):
+    """(param, previous grad, Ī, Ū, emit?, accumulate?) for a kernel epilogue; dummies when not emitting."""
+    if importance is None:
+        return param, param, param, param, False, False
+    ipt, unc = importance.kernel_args(name)
+    prev = param.grad
+    if prev is not None and prev.stride() != grad.stride():
+        prev = torch.empty_like(grad).copy_(prev)
+    if not (param.stride() == grad.stride() == ipt.stride() == unc.stride()):
+        raise RuntimeError(f"{name}: the parameter, its gradient and its importance buffers must share one layout")
+    return param, (prev if prev is not None else param), ipt, unc, True, prev is not None
+
+
+def _beta_args(importance) -> tuple[float, float, float, float]:
+    if importance is None:
+        return 0.0, 1.0, 0.0, 1.0
+    return importance.beta1, 1 - importance.beta1, importance.beta2, 1 - importance.beta2
+
+
 def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, h,
-                         fan_in_fan_out: bool, dropout_p: float, seed: int, needs_dx: bool):  # fmt: skip
-    """(dx or None, dQ, dΛ, dP) for an upstream gradient dY (N × out)."""
+                         fan_in_fan_out: bool, dropout_p: float, seed: int, needs_dx: bool, importance=None):  # fmt: skip
+    """(dx or None, dQ, dΛ, dP) for an upstream gradient dY (N × out).
+
+    With an ``importance`` state (paper order, on the step-completing micro-batch) the grad_p and
+    grad_q epilogues also update the sensitivity EMAs of P and Q and sum their element scores per
+    rank; Λ's r elements and the triplet score are finished on the host side of the launch.
+    """
     n, k = x2d.shape
     r, out = lora_A.shape[0], lora_B.shape[0]
     r_pad = rank_pad(r)
@@ -277,19 +328,29 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
         dy2d.stride(0), dy2d.stride(1), lora_E.stride(0), lora_B.stride(0), lora_B.stride(1),
         BLOCK_M=GRAD_H_BLOCK_M, R_PAD=r_pad, **dots,
     )  # fmt: skip
+    betas = _beta_args(importance)
     d_b = torch.empty_like(lora_B)
-    svd_adapter_grad_p[lambda meta: (triton.cdiv(out, meta["BLOCK_N"]),)](
-        ws_p, d_b, out, r, n_tiles, d_b.stride(0), d_b.stride(1), R_PAD=r_pad, ACC_DTYPE=dots["ACC_DTYPE"],
+    w_b, prev_b, ipt_b, unc_b, emit, accumulate_b = _importance_operands(importance, "lora_B", lora_B, d_b)
+    p_tiles = triton.cdiv(out, GRAD_P_BLOCK_N)
+    score_p = torch.empty((p_tiles, r_pad), device=dev, dtype=torch.float32)
+    svd_adapter_grad_p[(p_tiles,)](
+        ws_p, d_b, w_b, prev_b, ipt_b, unc_b, score_p, out, r, n_tiles, d_b.stride(0), d_b.stride(1), *betas,
+        BLOCK_N=GRAD_P_BLOCK_N, R_PAD=r_pad, ACC_DTYPE=dots["ACC_DTYPE"], EMIT=emit, ACCUMULATE=accumulate_b,
     )  # fmt: skip
     # dΛ_i = s·m_i·Σ_m H_mi·G_mi: the tile partials summed in a fixed order.
     scale = scaling / (ranknum.to(acc) + 1e-5)
     d_e = (ws_l.sum(dim=0)[:r] * triplet_mask.to(acc) * scale).view(r, 1).to(lora_E.dtype)
     d_a = torch.empty_like(lora_A)
-    svd_adapter_grad_q[lambda meta: (triton.cdiv(k, meta["BLOCK_K"]),)](
-        x2d, gs, d_a, n, k, r, seed, p, keep_scale,
-        x2d.stride(0), x2d.stride(1), d_a.stride(0), d_a.stride(1),
-        R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots,
+    w_a, prev_a, ipt_a, unc_a, emit, accumulate_a = _importance_operands(importance, "lora_A", lora_A, d_a)
+    q_tiles = triton.cdiv(k, GRAD_Q_BLOCK_K)
+    score_q = torch.empty((q_tiles, r_pad), device=dev, dtype=torch.float32)
+    svd_adapter_grad_q[(q_tiles,)](
+        x2d, gs, d_a, w_a, prev_a, ipt_a, unc_a, score_q, n, k, r, seed, p, keep_scale,
+        x2d.stride(0), x2d.stride(1), d_a.stride(0), d_a.stride(1), *betas,
+        BLOCK_K=GRAD_Q_BLOCK_K, R_PAD=r_pad, HAS_DROPOUT=has_dropout, EMIT=emit, ACCUMULATE=accumulate_a, **dots,
     )  # fmt: skip
+    if emit:
+        importance.finish_from_kernels(d_e, score_q.sum(dim=0), score_p.sum(dim=0))
     dx = None
     if needs_dx:
         dx = torch.empty_like(x2d, memory_format=torch.contiguous_format)
@@ -307,7 +368,7 @@ class SVDLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, fan_in_fan_out, dropout_p,
-                seed):  # fmt: skip
+                seed, importance):  # fmt: skip
         x2d = x.reshape(-1, x.shape[-1])
         y, h = svd_adapter_forward(
             x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, fan_in_fan_out, dropout_p, seed
@@ -315,6 +376,7 @@ class SVDLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x2d, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, h)
         ctx.scaling, ctx.fan_in_fan_out, ctx.dropout_p, ctx.seed = scaling, fan_in_fan_out, dropout_p, seed
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        ctx.importance = importance  # an ImportanceState when this backward emits the sensitivity, else None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -324,7 +386,7 @@ class SVDLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dx, d_a, d_e, d_b = svd_adapter_backward(
             dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, ctx.scaling, h,
-            ctx.fan_in_fan_out, ctx.dropout_p, ctx.seed, needs[0],
+            ctx.fan_in_fan_out, ctx.dropout_p, ctx.seed, needs[0], ctx.importance,
         )  # fmt: skip
         d_w = None
         if needs[1]:  # a trainable base weight (unusual for AdaLoRA, but supported)
@@ -332,16 +394,17 @@ class SVDLinearFunction(torch.autograd.Function):
             d_w = d_w.t() if ctx.fan_in_fan_out else d_w
         d_bias = dy2d.sum(dim=0) if ctx.has_bias and needs[2] else None
         dx = dx.view(ctx.x_shape) if dx is not None else None
-        return dx, d_w, d_bias, d_a, d_e, d_b, None, None, None, None, None, None
+        return dx, d_w, d_bias, d_a, d_e, d_b, None, None, None, None, None, None, None
 
 
 def svd_linear_triton(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum, *,
                       fan_in_fan_out: bool = False, dropout_p: float = 0.0, training: bool = False,
-                      seed: int | None = None):  # fmt: skip
+                      seed: int | None = None, importance=None):  # fmt: skip
     """``base(x) + s·dropout(x)·Qᵀ·diag(Λ⊙mask)·Pᵀ`` on the fused kernels (the dispatcher's Triton entry point).
 
     The dropout mask is drawn from ``seed``; by default the seed comes from
     torch's CPU generator (reproducible under ``torch.manual_seed``, no device sync).
+    ``importance``: an ImportanceState whose sensitivity this call's backward emits (paper order).
     """
     if triplet_mask is None:
         triplet_mask = torch.ones(lora_A.shape[0], device=lora_A.device, dtype=lora_A.dtype)
@@ -349,7 +412,8 @@ def svd_linear_triton(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, sca
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0
     return SVDLinearFunction.apply(
-        x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, float(scaling), fan_in_fan_out, p, seed
+        x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, float(scaling), fan_in_fan_out, p, seed,
+        importance,
     )
 
 

@@ -130,7 +130,7 @@ def test_gradcheck_float64_through_the_kernels(dropout_p):
     x = torch.randn(6, 21, device=DEVICE, dtype=torch.float64, requires_grad=True)
 
     def f(x, A, E, B, b):
-        return SVDLinearFunction.apply(x, W, b, A, E, B, mask, ranknum, ALPHA, False, dropout_p, 77)
+        return SVDLinearFunction.apply(x, W, b, A, E, B, mask, ranknum, ALPHA, False, dropout_p, 77, None)
 
     b = b.requires_grad_()
     assert torch.autograd.gradcheck(f, (x, A, E, B, b), eps=1e-6, atol=1e-5)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 SEMANTICS = ("peft", "loralib")
+ORDERS = ("reference", "paper")
 
 
 # ---------------------------------------------------------------------------
@@ -177,16 +178,24 @@ class ReferenceRankAllocator:
         beta1: float,
         beta2: float,
         semantics: str = "peft",
+        order: str = "reference",
     ):
         if not triplets:
             raise ValueError("rank allocator: no AdaLoRA adapters (lora_A / lora_E / lora_B) were found")
         if semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         check_betas(beta1, beta2)
         self.triplets = triplets
         self.schedule = schedule
         self.beta1, self.beta2 = beta1, beta2
         self.semantics = semantics
+        # "reference": step() scores θ after the optimizer step, as PEFT and loralib do. "paper": the
+        # scores were updated from θ_t before the step (update_ipt() called then, or emitted by the
+        # backward into importance_states) and step() only masks.
+        self.order = order
+        self.importance_states: list | None = None  # per triplet, when the backward emits the scores
         self.exp_avg_ipt: dict[str, torch.Tensor] = {}
         self.exp_avg_unc: dict[str, torch.Tensor] = {}
         self.keep: dict[str, torch.Tensor] | None = None  # name_E -> bool (r,), the last decision
@@ -205,6 +214,8 @@ class ReferenceRankAllocator:
                 )
 
     def triplet_scores(self) -> list[torch.Tensor]:
+        if self.importance_states is not None:
+            return [state.triplet_score for state in self.importance_states]
         if not self.exp_avg_ipt:
             raise RuntimeError("rank allocator: no importance scores yet (no step before the first mask)")
 
@@ -241,13 +252,14 @@ class ReferenceRankAllocator:
     def step(self, global_step: int) -> tuple[int, torch.Tensor | None]:
         """Returns (budget, threshold) with threshold None when nothing was rescored."""
         sched = self.schedule
-        if global_step < sched.final_start:
+        if global_step < sched.final_start and self.order == "reference":
             self.update_ipt()
         budget, mask_ind = sched(global_step)
         if self.semantics == "peft":
             if global_step == sched.final_start:
                 threshold = self.mask_to_budget(sched.target_bgt)
-                self.exp_avg_ipt, self.exp_avg_unc = {}, {}  # PEFT's reset_ipt(): the scores are final
+                if self.order == "reference":
+                    self.exp_avg_ipt, self.exp_avg_unc = {}, {}  # PEFT's reset_ipt(): the scores are final
                 return budget, threshold
             if global_step > sched.final_start and self.keep is not None:
                 self.apply_keep()

@@ -1,0 +1,99 @@
+"""Paper-order importance: sensitivity scored where the gradient becomes final, from θ_t.
+
+The references (PEFT, loralib) score |w·∇w| after ``optimizer.step()``, from
+θ_{t+1}. The paper's Algorithm 1 scores θ_t. An :class:`ImportanceState`
+attached to an adapter produces the paper's order: the fused backward emits the
+sensitivity, both EMAs and the triplet score in its epilogues; on the reference
+path, hooks that run once the gradient is accumulated do the same with the
+reference functions. With gradient accumulation only the micro-batch that
+completes the optimizer step emits, from the accumulated gradient (|w·Σg|).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference.allocator import element_score, sensitivity, triplet_score, update_importance_ema
+
+PARAM_NAMES = ("lora_A", "lora_E", "lora_B")
+
+
+class ImportanceState:
+    """Sensitivity EMAs of one adapter (Ī, Ū per element of Q, Λ, P) and its triplet scores."""
+
+    def __init__(self, lora_A, lora_E, lora_B, exp_avg_ipt: dict, exp_avg_unc: dict, beta1: float, beta2: float,
+                 grad_accumulation_steps: int = 1):  # fmt: skip
+        if grad_accumulation_steps < 1:
+            raise ValueError(f"grad_accumulation_steps must be >= 1, got {grad_accumulation_steps}")
+        self.params = dict(zip(PARAM_NAMES, (lora_A, lora_E, lora_B)))
+        self.exp_avg_ipt, self.exp_avg_unc = exp_avg_ipt, exp_avg_unc
+        self.beta1, self.beta2 = beta1, beta2
+        self.grad_accumulation_steps = grad_accumulation_steps
+        self.triplet_score = torch.zeros(lora_A.shape[0], device=lora_A.device, dtype=lora_A.dtype)
+        self.enabled = True  # the allocator turns emission off for the final phase
+        self.emissions = 0  # how many backward passes have emitted (the allocator checks this)
+        self._forwards = 0
+        self._reference_pending: set[str] = set()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._reference_hook(n)) for n, p in self.params.items()]
+
+    # -- which backward emits ------------------------------------------------------------------
+    def begin_forward(self) -> bool:
+        """Called by a training forward; True when its backward completes an optimizer step."""
+        if not self.enabled:
+            return False
+        self._forwards += 1
+        return self._forwards % self.grad_accumulation_steps == 0
+
+    def end_step(self) -> None:
+        """The optimizer stepped: the next forward starts a new accumulation window."""
+        self._forwards = 0
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # -- the reference path: once each gradient is accumulated -------------------------------------
+    def arm_reference(self) -> None:
+        self._reference_pending = set(PARAM_NAMES)
+
+    def _reference_hook(self, name: str):
+        def hook(p: torch.Tensor) -> None:
+            if name not in self._reference_pending:
+                return
+            with torch.no_grad():
+                ipt = sensitivity(p, p.grad)
+                avg, unc = update_importance_ema(self.exp_avg_ipt[name], self.exp_avg_unc[name], ipt, self.beta1, self.beta2)
+                self.exp_avg_ipt[name].copy_(avg)
+                self.exp_avg_unc[name].copy_(unc)
+            self._reference_pending.discard(name)
+            if not self._reference_pending:
+                self._combine_reference()
+
+        return hook
+
+    @torch.no_grad()
+    def _combine_reference(self) -> None:
+        scores = [element_score(self.exp_avg_ipt[n], self.exp_avg_unc[n]) for n in PARAM_NAMES]
+        self.triplet_score.copy_(triplet_score(*scores))
+        self.emissions += 1
+
+    # -- the kernel path: Q and P were done in the kernels' epilogues ------------------------------
+    @torch.no_grad()
+    def finish_from_kernels(self, d_e_new: torch.Tensor, score_sum_A: torch.Tensor, score_sum_B: torch.Tensor) -> None:
+        """Λ's update (r elements) and the triplet score from the kernels' per-rank score sums."""
+        E = self.params["lora_E"]
+        g = d_e_new if E.grad is None else E.grad + d_e_new  # what autograd will accumulate
+        avg, unc = update_importance_ema(self.exp_avg_ipt["lora_E"], self.exp_avg_unc["lora_E"], sensitivity(E, g),
+                                         self.beta1, self.beta2)  # fmt: skip
+        self.exp_avg_ipt["lora_E"].copy_(avg)
+        self.exp_avg_unc["lora_E"].copy_(unc)
+        r = E.shape[0]
+        in_f, out_f = self.params["lora_A"].shape[1], self.params["lora_B"].shape[0]
+        s_A = (score_sum_A[:r] / in_f).to(E.dtype)
+        s_B = (score_sum_B[:r] / out_f).to(E.dtype)
+        self.triplet_score.copy_(element_score(avg, unc).view(-1) + (s_A + s_B))
+        self.emissions += 1
+
+    def kernel_args(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.exp_avg_ipt[name], self.exp_avg_unc[name]
