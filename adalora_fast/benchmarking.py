@@ -14,9 +14,12 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from .importance import ImportanceState
 from .svd_linear import FastSVDLinear
 
 PROVIDERS = ("adalora_fast", "peft_svdlinear", "frozen_linear")
+# The fast layer with paper-order importance emitted by every backward (what the sensitivity costs).
+EMITTING_PROVIDER = "adalora_fast_emit"
 
 
 def build_layer(provider: str, in_f: int, out_f: int, r: int, *, dropout: float = 0.0, dtype=torch.float32, device="cpu"):
@@ -25,10 +28,15 @@ def build_layer(provider: str, in_f: int, out_f: int, r: int, *, dropout: float 
     base.weight.requires_grad_(False)
     if provider == "frozen_linear":
         return base
-    if provider == "adalora_fast":
+    if provider in ("adalora_fast", EMITTING_PROVIDER):
         layer = FastSVDLinear.from_linear(base, r, lora_alpha=16, lora_dropout=dropout)
         with torch.no_grad():
             layer.lora_E.normal_()
+        if provider == EMITTING_PROVIDER:
+            params = (layer.lora_A, layer.lora_E, layer.lora_B)
+            ipt = dict(zip(("lora_A", "lora_E", "lora_B"), (torch.zeros_like(p) for p in params)))
+            unc = {n: torch.zeros_like(t) for n, t in ipt.items()}
+            layer.importance = ImportanceState(*params, ipt, unc, beta1=0.85, beta2=0.85)
         return layer
     if provider == "peft_svdlinear":
         from peft import AdaLoraConfig
@@ -39,7 +47,7 @@ def build_layer(provider: str, in_f: int, out_f: int, r: int, *, dropout: float 
         with torch.no_grad():
             layer.lora_E["default"].normal_()
         return layer
-    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS + (EMITTING_PROVIDER,)}")
 
 
 def layer_step(layer: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:

@@ -2,13 +2,15 @@
 
 On a GPU: bf16, r_init = 12, 8192 tokens, 4096→4096 and 4096→14336, dropout 0
 and 0.1 (the shapes of ``../shared/baselines``). On a CPU: small fp32 shapes,
-enough to exercise the harness.
+enough to exercise the harness. ``adalora_fast_emit`` is the fast layer with the
+paper-order sensitivity emitted by every backward: its forward+backward against
+``adalora_fast``'s is the cost of emitting the scores.
 """
 
 import pytest
 import torch
 
-from adalora_fast.benchmarking import PROVIDERS, build_layer, layer_step
+from adalora_fast.benchmarking import EMITTING_PROVIDER, PROVIDERS, build_layer, layer_step
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -28,8 +30,10 @@ def _synchronized(fn):
     return run
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+CASES = [(p, m) for p in PROVIDERS for m in ("forward", "forward_backward")] + [(EMITTING_PROVIDER, "forward_backward")]
+
+
+@pytest.mark.parametrize("provider,mode", CASES)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_svd_linear_layer(benchmark, provider, mode, dropout, shape):

@@ -77,6 +77,15 @@ std::vector<at::Tensor> allocate_gradients(PenaltyPlan& plan, at::TensorList fac
   return grads;
 }
 
+BackwardSetup prepare_backward(at::TensorList factors, at::IntArrayRef is_right, const at::Tensor& dev,
+                               const at::Tensor& sq_norms, c10::string_view mode) {
+  BackwardSetup setup{parse_mode(mode), make_plan(factors, is_right), {}};
+  TORCH_CHECK(dev.numel() == setup.plan.dev_entries && sq_norms.numel() == static_cast<int64_t>(factors.size()),
+              "orth_penalty_backward: saved workspaces do not match the factors");
+  setup.grads = allocate_gradients(setup.plan, factors, is_right);
+  return setup;
+}
+
 namespace {
 
 template <typename scalar_t, typename acc_t>
@@ -147,19 +156,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> orth_penalty_forward_cpu(at::Tens
 std::vector<at::Tensor> orth_penalty_backward_cpu(const at::Tensor& grad_loss, at::TensorList factors,
                                                   at::IntArrayRef is_right, const at::Tensor& dev,
                                                   const at::Tensor& sq_norms, c10::string_view mode) {
-  const int m = parse_mode(mode);
-  PenaltyPlan plan = make_plan(factors, is_right);
-  TORCH_CHECK(dev.numel() == plan.dev_entries && sq_norms.numel() == static_cast<int64_t>(factors.size()),
-              "orth_penalty_backward: saved workspaces do not match the factors");
-  std::vector<at::Tensor> grads = allocate_gradients(plan, factors, is_right);
+  BackwardSetup setup = prepare_backward(factors, is_right, dev, sq_norms, mode);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, factors[0].scalar_type(), "orth_penalty_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor dev_c = dev.to(accumulate_type(factors[0].scalar_type())).contiguous();
     const at::Tensor sq_c = sq_norms.to(dev_c.scalar_type()).contiguous();
     const acc_t g = grad_loss.to(dev_c.scalar_type()).item<acc_t>();
-    backward_cpu_impl<scalar_t, acc_t>(plan, m, g, dev_c.data_ptr<acc_t>(), sq_c.data_ptr<acc_t>());
+    backward_cpu_impl<scalar_t, acc_t>(setup.plan, setup.mode, g, dev_c.data_ptr<acc_t>(), sq_c.data_ptr<acc_t>());
   });
-  return grads;
+  return setup.grads;
 }
 
 bool built_with_cuda() {

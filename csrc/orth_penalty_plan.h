@@ -25,6 +25,15 @@ PenaltyPlan make_plan(at::TensorList factors, at::IntArrayRef is_right);
 // Gradient tensors for the factors, with their addresses and strides entered in the plan.
 std::vector<at::Tensor> allocate_gradients(PenaltyPlan& plan, at::TensorList factors, at::IntArrayRef is_right);
 
+// Everything a backward needs before its launch: the plan (with gradient addresses) and the gradients.
+struct BackwardSetup {
+  int mode;
+  PenaltyPlan plan;
+  std::vector<at::Tensor> grads;
+};
+BackwardSetup prepare_backward(at::TensorList factors, at::IntArrayRef is_right, const at::Tensor& dev,
+                               const at::Tensor& sq_norms, c10::string_view mode);
+
 // The accumulation dtype: float64 for float64 factors, float32 otherwise.
 at::ScalarType accumulate_type(at::ScalarType t);
 

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .importance import gradient_total, update_importance
-from .utils import accumulate_dtype, dot_settings, dropout_tile, interpreting, rank_pad, tile_dot, tuning_configs
+from .utils import accumulate_dtype, dot_settings, dropout_tile, interpreting, rank_pad, tile_configs, tile_dot
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -48,6 +48,17 @@ def _effective_singular_values(E_ptr, stride_e, mask_ptr, ranknum_ptr, scaling, 
 
 
 @triton.jit
+def _load_input_tile(X_ptr, rows, cols, N, K, stride_xm, stride_xk, seed, dropout_p, keep_scale,
+                     HAS_DROPOUT: tl.constexpr):  # fmt: skip
+    """dropout(x)[rows, cols]: the forward and the backward draw the same mask from (seed, row, col)."""
+    x = tl.load(X_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)  # fmt: skip
+    if HAS_DROPOUT:
+        x = dropout_tile(x, rows, cols, K, seed, dropout_p, keep_scale)
+    return x
+
+
+@triton.jit
 def _svd_adapter_shrink_kernel(
     X_ptr, Q_ptr, H_ptr, N, K, R, seed, dropout_p, keep_scale,
     stride_xm, stride_xk, stride_qr, stride_qk,
@@ -59,10 +70,7 @@ def _svd_adapter_shrink_kernel(
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(X_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)  # fmt: skip
-        if HAS_DROPOUT:
-            x = dropout_tile(x, rows, cols, K, seed, dropout_p, keep_scale)
+        x = _load_input_tile(X_ptr, rows, cols, N, K, stride_xm, stride_xk, seed, dropout_p, keep_scale, HAS_DROPOUT)
         q_t = tl.load(Q_ptr + ranks[None, :] * stride_qr + cols[:, None] * stride_qk,
                       mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)  # fmt: skip
         acc = tile_dot(x, q_t, acc, UPCAST, DOT_PRECISION)
@@ -176,10 +184,7 @@ def _svd_adapter_grad_q_kernel(
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=ACC_DTYPE)
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        x = tl.load(X_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)  # fmt: skip
-        if HAS_DROPOUT:
-            x = dropout_tile(x, rows, cols, K, seed, dropout_p, keep_scale)
+        x = _load_input_tile(X_ptr, rows, cols, N, K, stride_xm, stride_xk, seed, dropout_p, keep_scale, HAS_DROPOUT)
         gs_t = tl.load(GS_ptr + rows[None, :] * R_PAD + ranks[:, None], mask=rows[None, :] < N, other=0.0).to(x.dtype)
         acc = tile_dot(gs_t, x, acc, UPCAST, DOT_PRECISION)
     offs = ranks[:, None] * stride_qr + cols[None, :] * stride_qk
@@ -196,40 +201,24 @@ def _svd_adapter_grad_q_kernel(
 # Tile configurations: a short curated list per kernel, keyed on the shape; one config in the interpreter.
 # ---------------------------------------------------------------------------------------------
 
-ROW_TILE_CONFIGS = tuning_configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8, 3), (32, 128, 4, 4)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-)  # fmt: skip
-OUTPUT_TILE_CONFIGS = tuning_configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-     for bm, bn, w, s in [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
-)  # fmt: skip
-# grad_h's BLOCK_M sets the number of dP partials (the workspace is allocated before the launch), so
-# it is chosen by the launcher and only BLOCK_N, warps and stages are tuned.
+# Rows are (tile sizes..., num_warps, num_stages); the last argument is the interpreter's single config.
+ROW_TILE_CONFIGS = tile_configs(
+    ("BLOCK_M", "BLOCK_K"), [(64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8, 3), (32, 128, 4, 4)], (16, 32, 4, 1)
+)
+OUTPUT_TILE_CONFIGS = tile_configs(
+    ("BLOCK_M", "BLOCK_N"), [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4)], (16, 32, 4, 1)
+)
+GRAD_X_CONFIGS = tile_configs(
+    ("BLOCK_M", "BLOCK_K"), [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4)], (16, 32, 4, 1)
+)
+# grad_h's BLOCK_M sets the number of dP partials, and grad_p's BLOCK_N / grad_q's BLOCK_K the number of
+# score partials (all allocated before the launch), so the launcher fixes those and the rest is tuned.
 GRAD_H_BLOCK_M = 16 if interpreting() else 64
-GRAD_H_CONFIGS = tuning_configs(
-    [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in [(64, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3)]],
-    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1),
-)  # fmt: skip
-# grad_p and grad_q write one row of score partials per tile when they emit the sensitivity, so their
-# tile along out / in is fixed by the launcher (the partials are allocated before the launch).
+GRAD_H_CONFIGS = tile_configs(("BLOCK_N",), [(64, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3)], (32, 4, 1))
 GRAD_P_BLOCK_N = 32 if interpreting() else 64
-GRAD_P_CONFIGS = tuning_configs(
-    [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 2, 8)],
-    triton.Config({}, num_warps=4, num_stages=1),
-)  # fmt: skip
-GRAD_X_CONFIGS = tuning_configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-     for bm, bk, w, s in [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-)  # fmt: skip
+GRAD_P_CONFIGS = tile_configs((), [(4, 1), (2, 1), (8, 1)], (4, 1))
 GRAD_Q_BLOCK_K = 32 if interpreting() else 64
-GRAD_Q_CONFIGS = tuning_configs(
-    [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm, w, s in [(128, 4, 3), (64, 4, 3), (256, 8, 3), (128, 8, 4)]],
-    triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1),
-)  # fmt: skip
+GRAD_Q_CONFIGS = tile_configs(("BLOCK_M",), [(128, 4, 3), (64, 4, 3), (256, 8, 3), (128, 8, 4)], (32, 4, 1))
 
 # The autotuned entry points; the raw jit functions above are what the ahead-of-time compile test builds.
 svd_adapter_shrink = triton.autotune(ROW_TILE_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_shrink_kernel)
@@ -256,8 +245,11 @@ def _dropout_args(dropout_p: float) -> tuple[float, float, bool]:
 
 
 def svd_adapter_forward(x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling,
-                        fan_in_fan_out: bool, dropout_p: float, seed: int):  # fmt: skip
-    """y (N × out) and H = dropout(x)·Qᵀ (N × R_PAD, fp32, kept for the backward)."""
+                        fan_in_fan_out: bool, dropout_p: float, seed: int, base_gemm: bool = True):  # fmt: skip
+    """y (N × out) and H = dropout(x)·Qᵀ (N × R_PAD, fp32, kept for the backward).
+
+    ``base_gemm=False`` leaves out x·W0ᵀ (the adapter kernels alone, for bandwidth measurements).
+    """
     n, k = x2d.shape
     r, out = lora_A.shape[0], lora_B.shape[0]
     r_pad = rank_pad(r)
@@ -277,8 +269,8 @@ def svd_adapter_forward(x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask,
         lora_E.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
         R_PAD=r_pad, HAS_BIAS=bias is not None, **dots,
     )  # fmt: skip
-    # The base GEMM accumulates onto the adapter term (beta = 1): no separate pass over y.
-    y.addmm_(x2d, weight if fan_in_fan_out else weight.t())
+    if base_gemm:  # the base GEMM accumulates onto the adapter term (beta = 1): no separate pass over y
+        y.addmm_(x2d, weight if fan_in_fan_out else weight.t())
     return y, h
 
 
@@ -302,7 +294,8 @@ def _beta_args(importance) -> tuple[float, float, float, float]:
 
 
 def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, h,
-                         fan_in_fan_out: bool, dropout_p: float, seed: int, needs_dx: bool, importance=None):  # fmt: skip
+                         fan_in_fan_out: bool, dropout_p: float, seed: int, needs_dx: bool, importance=None,
+                         base_gemm: bool = True):  # fmt: skip
     """(dx or None, dQ, dΛ, dP) for an upstream gradient dY (N × out).
 
     With an ``importance`` state (paper order, on the step-completing micro-batch) the grad_p and
@@ -359,7 +352,8 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
             lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
             R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots,
         )  # fmt: skip
-        dx.addmm_(dy2d, weight.t() if fan_in_fan_out else weight)  # base dx GEMM onto the adapter term
+        if base_gemm:
+            dx.addmm_(dy2d, weight.t() if fan_in_fan_out else weight)  # base dx GEMM onto the adapter term
     return dx, d_a, d_e, d_b
 
 

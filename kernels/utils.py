@@ -39,9 +39,17 @@ def dot_settings(dtype: torch.dtype) -> dict:
     }
 
 
-def tuning_configs(configs: list[triton.Config], interpreter_config: triton.Config) -> list[triton.Config]:
-    """A curated autotune list on a GPU; one small config under the interpreter (nothing to tune there)."""
-    return [interpreter_config] if interpreting() else configs
+def tile_configs(names: tuple[str, ...], rows: list[tuple], interpreter_row: tuple) -> list[triton.Config]:
+    """Autotune configs from rows of ``(*tile sizes named by names, num_warps, num_stages)``.
+
+    A curated list on a GPU; under the interpreter only ``interpreter_row`` (nothing to tune there,
+    and small tiles keep it fast).
+    """
+
+    def config(row):
+        return triton.Config(dict(zip(names, row[: len(names)])), num_warps=row[-2], num_stages=row[-1])
+
+    return [config(interpreter_row)] if interpreting() else [config(row) for row in rows]
 
 
 @triton.jit

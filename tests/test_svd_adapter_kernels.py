@@ -198,3 +198,27 @@ def test_every_kernel_compiles_for_sm90_and_sm80_with_tensor_cores():
         assert r["shared_ok"], r
         if r["kernel"] != "grad_p" and r["dtype"] in ("bf16", "fp16"):
             assert r["tensor_cores"], r
+
+
+def _saved_activation_bytes(fn, x, params):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn(x, params)
+    param_ptrs = {t.data_ptr() for t in params if isinstance(t, torch.Tensor)}
+    storages = {t.data_ptr(): t.untyped_storage().nbytes() for t in saved if t.data_ptr() not in param_ptrs}
+    return sum(storages.values())
+
+
+def test_saved_activations_are_x_plus_one_fp32_rank_tile():
+    W, b, A, E, B, mask, ranknum = params = _layer_tensors(64, 48, 12, torch.float32)
+    x = torch.randn(40, 64, device=DEVICE, requires_grad=True)
+
+    def fast(x, p):
+        return svd_linear_triton(x, *p[:6], ALPHA, p[6], dropout_p=0.1, training=True)
+
+    def peft_like(x, p):
+        return svd_linear_reference(x, *p[:6], ALPHA, p[6], dropout_p=0.1, training=True)
+
+    budget = x.numel() * x.element_size() + 40 * 16 * 4  # x itself + an N × r_pad fp32 tile
+    assert _saved_activation_bytes(fast, x, params) <= budget
+    assert _saved_activation_bytes(peft_like, x, params) > budget  # the reference keeps a dropped copy of x

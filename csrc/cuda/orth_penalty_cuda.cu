@@ -135,12 +135,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> orth_penalty_forward_cuda(at::Ten
 std::vector<at::Tensor> orth_penalty_backward_cuda(const at::Tensor& grad_loss, at::TensorList factors,
                                                    at::IntArrayRef is_right, const at::Tensor& dev,
                                                    const at::Tensor& sq_norms, c10::string_view mode) {
-  const int m = parse_mode(mode);
-  PenaltyPlan plan = make_plan(factors, is_right);
-  TORCH_CHECK(dev.numel() == plan.dev_entries && sq_norms.numel() == static_cast<int64_t>(factors.size()),
-              "orth_penalty_backward: saved workspaces do not match the factors");
   const c10::cuda::CUDAGuard guard(factors[0].device());
-  std::vector<at::Tensor> grads = allocate_gradients(plan, factors, is_right);
+  BackwardSetup setup = prepare_backward(factors, is_right, dev, sq_norms, mode);
+  const PenaltyPlan& plan = setup.plan;
+  const int m = setup.mode;
   const DeviceTables tables = upload_tables(plan, factors[0].device());
   const auto acc = accumulate_type(factors[0].scalar_type());
   const at::Tensor dev_c = dev.to(acc).contiguous();
@@ -155,7 +153,7 @@ std::vector<at::Tensor> orth_penalty_backward_cuda(const at::Tensor& grad_loss, 
         tables.factors, tables.items, dev_c.data_ptr<acc_t>(), sq_c.data_ptr<acc_t>(), g.data_ptr<acc_t>(), m, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return grads;
+  return setup.grads;
 }
 
 }  // namespace
