@@ -112,6 +112,7 @@ def _svd_adapter_grad_h_kernel(
     lam = _effective_singular_values(E_ptr, stride_e, mask_ptr, ranknum_ptr, scaling, R, R_PAD, ACC_DTYPE)
     h = tl.load(H_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=rows[:, None] < N, other=0.0)
     g = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
+    u = (h * lam[None, :]).to(DY_ptr.dtype.element_ty)  # this row tile of H·diag(sΛm), for the dP partials
     for n0 in range(0, OUT, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(DY_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
@@ -120,7 +121,6 @@ def _svd_adapter_grad_h_kernel(
                     mask=(cols[:, None] < OUT) & (ranks[None, :] < R), other=0.0)  # fmt: skip
         g = tile_dot(dy, p, g, UPCAST, DOT_PRECISION)
         # This row tile's share of dP = dYᵀ·(H·diag(sΛm)), summed over tiles by the grad_p kernel.
-        u = (h * lam[None, :]).to(dy.dtype)
         part = tile_dot(tl.trans(dy), u, tl.zeros((BLOCK_N, R_PAD), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
         tl.store(WSP_ptr + (tile * OUT + cols[:, None]) * R_PAD + ranks[None, :], part, mask=cols[:, None] < OUT)
     tl.store(GS_ptr + rows[:, None] * R_PAD + ranks[None, :], g * lam[None, :], mask=rows[:, None] < N)
