@@ -151,3 +151,34 @@ def test_paper_order_needs_fast_layers():
 def test_unknown_order():
     with pytest.raises(ValueError, match="order must be one of"):
         _allocator(_model(), "eager")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []), ids=str)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_emitted_scores_match_the_reference_functions(dtype, dropout, monkeypatch):
+    from adalora_fast.importance import ImportanceState
+    from adalora_fast.reference import element_score, sensitivity, triplet_score, update_importance_ema
+
+    monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")
+    torch.manual_seed(0)
+    layer = FastSVDLinear(70, 45, r=12, lora_alpha=12, lora_dropout=dropout).to(DEVICE, dtype)
+    with torch.no_grad():
+        layer.lora_E.normal_()
+    names = ("lora_A", "lora_E", "lora_B")
+    params = [getattr(layer, n) for n in names]
+    g = torch.Generator().manual_seed(1)
+    ipt = {n: (torch.rand(p.shape, generator=g) * 1e-3).to(DEVICE, dtype) for n, p in zip(names, params)}
+    unc = {n: (torch.rand(p.shape, generator=g) * 1e-3).to(DEVICE, dtype) for n, p in zip(names, params)}
+    before = ({n: t.clone() for n, t in ipt.items()}, {n: t.clone() for n, t in unc.items()})
+    layer.importance = ImportanceState(*params, ipt, unc, beta1=0.85, beta2=0.8)
+    layer(torch.randn(33, 70, device=DEVICE, dtype=dtype)).square().sum().backward()
+    scores = []
+    for n, p in zip(names, params):
+        want_ipt, want_unc = update_importance_ema(before[0][n].float(), before[1][n].float(),
+                                                   sensitivity(p.float(), p.grad.float()), 0.85, 0.8)  # fmt: skip
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(ipt[n].float(), want_ipt, rtol=tol, atol=tol * want_ipt.abs().max().item())
+        torch.testing.assert_close(unc[n].float(), want_unc, rtol=tol, atol=tol * want_unc.abs().max().item())
+        scores.append(element_score(want_ipt, want_unc))
+    want = triplet_score(*scores)
+    torch.testing.assert_close(layer.importance.triplet_score.float(), want, rtol=tol * 2, atol=tol * want.abs().max().item())
