@@ -1,4 +1,4 @@
-"""``RankAllocator``: AdaLoRA's budget allocator with loralib's constructor and call.
+"""``RankAllocator``: AdaLoRA's budget allocator with loralib's constructor and call, on flat state.
 
 Usage, as in loralib::
 
@@ -12,8 +12,13 @@ Usage, as in loralib::
 
 Call it once per optimizer step, after ``optimizer.step()`` and before
 ``zero_grad()``, so that it scores the accumulated gradient. Adapters are
-found by parameter name, as the references do (``lora_A`` / ``lora_E`` /
-``lora_B``, plus ``.<adapter_name>`` for PEFT models).
+found by parameter name once, at construction, as the references do
+(``lora_A`` / ``lora_E`` / ``lora_B``, plus ``.<adapter_name>`` for PEFT models).
+
+One step is a constant number of ops whatever the number of layers (see
+:mod:`adalora_fast.flat_state`), with no host synchronisation: the budget is
+computed on the host from integers, the threshold and the masking run on the
+device, and ``rank_pattern`` is produced only when it is read.
 
 ``order`` is the one switch between the two published orders of scoring:
 
@@ -26,17 +31,29 @@ found by parameter name, as the references do (``lora_A`` / ``lora_E`` /
   reference path), on the micro-batch that completes the optimizer step
   (``grad_accumulation_steps`` micro-batches per step), and ``update_and_mask``
   only masks. The call site is the same.
+
+Under AMP loss scaling pass ``grad_scale`` (the factor the gradients carry, a
+float or a device tensor) to ``update_and_mask`` unless the gradients were
+unscaled. A non-finite sensitivity never becomes a mask: with
+``nonfinite="skip"`` (default) the step's scoring and masking are skipped on the
+device and a warning names the count when the state is next read; with
+``"raise"`` the step checks on the host (one sync) and raises.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn as nn
 
 from .discovery import find_adapter_triplets
+from .flat_state import FlatAdapterState
 from .importance import ImportanceState
-from .reference.allocator import ORDERS, SEMANTICS, BudgetSchedule, ReferenceRankAllocator, check_betas
+from .reference.allocator import ORDERS, SEMANTICS, BudgetSchedule, check_betas
 from .svd_linear import FastSVDLinear
+
+NONFINITE_POLICIES = ("skip", "raise")
 
 
 class RankAllocator:
@@ -59,11 +76,14 @@ class RankAllocator:
         semantics: str = "loralib",
         order: str = "reference",
         grad_accumulation_steps: int = 1,
+        nonfinite: str = "skip",
     ):
         if semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         check_betas(beta1, beta2)
         if target_total_rank is None and target_rank >= lora_r:
             raise ValueError(f"target_rank ({target_rank}) must be < the initial rank lora_r ({lora_r})")
@@ -74,8 +94,7 @@ class RankAllocator:
         self.final_warmup = final_warmup
         self.mask_interval = mask_interval
         self.beta1, self.beta2 = beta1, beta2
-        self.semantics = semantics
-        self.order = order
+        self.semantics, self.order, self.nonfinite = semantics, order, nonfinite
         self.tb_writter = tb_writter
         self.log_interval = tb_writter_loginterval
         self.triplets = find_adapter_triplets(model, adapter_name)
@@ -83,18 +102,21 @@ class RankAllocator:
             raise ValueError("RankAllocator: the model has no AdaLoRA adapters (no lora_A / lora_E / lora_B parameters)")
         self.total_rank = sum(t.rank for t in self.triplets)
         self.target_rank = target_total_rank if target_total_rank is not None else target_rank * len(self.triplets)
+        self.state = FlatAdapterState(self.triplets, beta1, beta2)
         self.importance_states = (
             self._attach_importance(model, grad_accumulation_steps) if order == "paper" else None
         )
         self._emissions_seen = [0] * len(self.triplets)
-        self._engine: ReferenceRankAllocator | None = None
+        self._nonfinite_reported = 0
+        self.grad_scale = None
+        self.schedule: BudgetSchedule | None = None
         self.total_step = None
         if total_step is not None:
             self.set_total_step(total_step)
 
     def set_total_step(self, total_step: int) -> None:
         """Fix T; validates the whole schedule (T > init_warmup + final_warmup, target < initial budget)."""
-        schedule = BudgetSchedule(
+        self.schedule = BudgetSchedule(
             init_bgt=self.total_rank,
             target_bgt=self.target_rank,
             tinit=self.initial_warmup,
@@ -103,41 +125,64 @@ class RankAllocator:
             deltaT=self.mask_interval,
         )
         self.total_step = total_step
-        previous = self._engine
-        self._engine = ReferenceRankAllocator(
-            self.triplets, schedule, self.beta1, self.beta2, self.semantics, self.order
-        )
-        self._engine.importance_states = self.importance_states
-        if previous is not None:  # keep the scores and the last mask
-            self._engine.exp_avg_ipt, self._engine.exp_avg_unc = previous.exp_avg_ipt, previous.exp_avg_unc
-            self._engine.keep = previous.keep
+
+    def set_grad_scale(self, scale: torch.Tensor | float | None) -> None:
+        """The loss scale the gradients carry (AMP without unscale_), divided out of every sensitivity.
+
+        In paper order set it before the backward that emits (e.g. ``scaler.get_scale()``, or the
+        scaler's scale tensor to avoid a sync); in reference order it is the default of
+        ``update_and_mask(grad_scale=...)``.
+        """
+        self.grad_scale = scale
+        for s in self.importance_states or []:
+            s.grad_scale = scale
 
     def schedule_threshold(self, step: int) -> tuple[int, bool]:
         """(current budget, mask at this step?) as loralib names it."""
-        return self._require_engine().schedule(step)
+        return self._require_schedule()(step)
 
-    def update_and_mask(self, model: nn.Module | None, global_step: int) -> tuple[int, float | None]:
-        """One allocator step; returns (budget, threshold or None), like loralib.
+    def update_and_mask(
+        self, model: nn.Module | None, global_step: int, *, grad_scale: torch.Tensor | float | None = None
+    ) -> tuple[int, torch.Tensor | None]:
+        """One allocator step; returns (budget, threshold as a device scalar, or None when nothing was masked).
 
-        ``model`` is accepted for loralib compatibility; the adapters were found
-        at construction.
+        ``model`` is accepted for loralib compatibility; the adapters were found at construction.
         """
-        engine = self._require_engine()
+        sched = self._require_schedule()
+        budget, mask_now = sched(global_step)
+        score_now = global_step < sched.final_start
+        if global_step > sched.final_start or (global_step == sched.final_start and self.semantics == "peft"):
+            mask_now = True  # the final pattern: forced at T − tfinal (PEFT), then every step (both)
+        if mask_now and self.total_rank - budget < 1:
+            raise ValueError(f"step {global_step}: a budget of {budget} of {self.total_rank} prunes nothing")
+        state = self.state
+        state.set_control(self.total_rank - budget, score_now, mask_now)
+        finite = None
+        if self.order == "reference" and score_now:
+            finite = state.update_from_gradients(grad_scale if grad_scale is not None else self.grad_scale)
+            if self.nonfinite == "raise" and score_now and not bool(finite):
+                raise FloatingPointError(
+                    f"RankAllocator: non-finite gradient or sensitivity at step {global_step}; no score or mask was written"
+                )
+        if self.order == "reference":
+            state.compute_scores()
+        else:
+            self._check_emitted(global_step, score_now)
+        threshold = state.mask(finite)
         if self.importance_states is not None:
-            self._check_emitted(global_step)
-        budget, threshold = engine.step(global_step)
-        if self.importance_states is not None:
-            for state in self.importance_states:
-                state.end_step()
-                state.enabled = global_step + 1 < engine.schedule.final_start  # no scoring in the final phase
+            for s in self.importance_states:
+                s.end_step()
+                s.enabled = global_step + 1 < sched.final_start  # no scoring in the final phase
         if self.tb_writter is not None and global_step % self.log_interval == 0:
-            self._log(global_step, budget, threshold)
-        return budget, None if threshold is None else float(threshold)
+            self._log(global_step, budget, threshold if mask_now else None)
+        return budget, threshold if mask_now else None
 
+    # -- reading the state (these synchronise with the device) ------------------------------------
     @property
     def rank_pattern(self) -> dict[str, list[bool]] | None:
         """PEFT's format, ``{name of lora_E: [kept?] * r_init}``; None before the first mask."""
-        return None if self._engine is None else self._engine.rank_pattern()
+        self._report_nonfinite()
+        return self.state.rank_pattern()
 
     def get_rank_pattern(self) -> dict[str, list[bool]]:
         return self.rank_pattern or {}
@@ -149,30 +194,53 @@ class RankAllocator:
             return {t.name_E: t.rank for t in self.triplets}
         return {name: int(sum(keep)) for name, keep in pattern.items()}
 
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue with the same scores and masks."""
+        return {
+            "flat": self.state.state_dict(),
+            "emissions_seen": list(self._emissions_seen),
+            "importance_forwards": [s._forwards for s in self.importance_states or []],
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.state.load_state_dict(state_dict["flat"])
+        self._emissions_seen = list(state_dict["emissions_seen"])
+        for s, n in zip(self.importance_states or [], state_dict["importance_forwards"]):
+            s._forwards = n
+            s.emissions = max(s.emissions, self._emissions_seen[self.importance_states.index(s)])
+
+    def persistent_bytes(self) -> int:
+        """Bytes of allocator state kept between steps."""
+        st = self.state
+        tensors = (st.exp_avg_ipt, st.exp_avg_unc, st.scores, st.keep, st.factor, st.masked, st.nonfinite_steps, st.control)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # -- internals -----------------------------------------------------------------------------------
     def _attach_importance(self, model: nn.Module, grad_accumulation_steps: int) -> list[ImportanceState]:
-        """Paper order: one ImportanceState per adapter, attached to its FastSVDLinear."""
+        """Paper order: one ImportanceState per adapter, on views of the flat buffers, attached to its FastSVDLinear."""
         owners = {id(m.lora_A): m for m in model.modules() if isinstance(m, FastSVDLinear)}
         states = []
-        for t in self.triplets:
+        for i, t in enumerate(self.triplets):
             layer = owners.get(id(t.lora_A))
             if layer is None:
                 raise ValueError(
                     f"order='paper' needs every adapter to be a FastSVDLinear (its backward emits the scores); "
                     f"{t.name_A} belongs to another layer type"
                 )
-            ipt = {n: torch.zeros_like(p) for n, p in (("lora_A", t.lora_A), ("lora_E", t.lora_E), ("lora_B", t.lora_B))}
-            unc = {n: torch.zeros_like(v) for n, v in ipt.items()}
             if layer.importance is not None:
                 layer.importance.remove()
             layer.importance = ImportanceState(
-                t.lora_A, t.lora_E, t.lora_B, ipt, unc, self.beta1, self.beta2, grad_accumulation_steps
-            )
+                t.lora_A, t.lora_E, t.lora_B,
+                self.state.element_views(self.state.exp_avg_ipt, i), self.state.element_views(self.state.exp_avg_unc, i),
+                self.beta1, self.beta2, grad_accumulation_steps,
+                triplet_score=self.state.scores[self.state.score_slices[i]],
+            )  # fmt: skip
             states.append(layer.importance)
         return states
 
-    def _check_emitted(self, global_step: int) -> None:
+    def _check_emitted(self, global_step: int, score_now: bool) -> None:
         """In paper order every adapter's backward must have scored this step (until the final phase)."""
-        if global_step >= self._engine.schedule.final_start:
+        if not score_now:
             return
         for i, (t, state) in enumerate(zip(self.triplets, self.importance_states)):
             if state.emissions == self._emissions_seen[i]:
@@ -183,10 +251,21 @@ class RankAllocator:
                 )
             self._emissions_seen[i] = state.emissions
 
-    def _require_engine(self) -> ReferenceRankAllocator:
-        if self._engine is None:
+    def _report_nonfinite(self) -> None:
+        n = int(self.state.nonfinite_steps)
+        if n > self._nonfinite_reported:
+            warnings.warn(
+                f"RankAllocator: {n - self._nonfinite_reported} step(s) had a non-finite gradient or score; their "
+                "scoring and masking were skipped (no mask was written from them)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._nonfinite_reported = n
+
+    def _require_schedule(self) -> BudgetSchedule:
+        if self.schedule is None:
             raise RuntimeError("RankAllocator: total_step is not set; pass total_step or call set_total_step()")
-        return self._engine
+        return self.schedule
 
     def _log(self, step: int, budget: int, threshold: torch.Tensor | None) -> None:
         for name, rank in self.ranks().items():

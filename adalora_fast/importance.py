@@ -22,15 +22,18 @@ class ImportanceState:
     """Sensitivity EMAs of one adapter (Ī, Ū per element of Q, Λ, P) and its triplet scores."""
 
     def __init__(self, lora_A, lora_E, lora_B, exp_avg_ipt: dict, exp_avg_unc: dict, beta1: float, beta2: float,
-                 grad_accumulation_steps: int = 1):  # fmt: skip
+                 grad_accumulation_steps: int = 1, triplet_score: torch.Tensor | None = None):  # fmt: skip
         if grad_accumulation_steps < 1:
             raise ValueError(f"grad_accumulation_steps must be >= 1, got {grad_accumulation_steps}")
         self.params = dict(zip(PARAM_NAMES, (lora_A, lora_E, lora_B)))
         self.exp_avg_ipt, self.exp_avg_unc = exp_avg_ipt, exp_avg_unc
         self.beta1, self.beta2 = beta1, beta2
         self.grad_accumulation_steps = grad_accumulation_steps
-        self.triplet_score = torch.zeros(lora_A.shape[0], device=lora_A.device, dtype=lora_A.dtype)
+        if triplet_score is None:
+            triplet_score = torch.zeros(lora_A.shape[0], device=lora_A.device, dtype=lora_A.dtype)
+        self.triplet_score = triplet_score  # a view into the allocator's flat scores when it owns the state
         self.enabled = True  # the allocator turns emission off for the final phase
+        self.grad_scale = None  # the loss scale the gradients carry under AMP (float or device tensor), divided out
         self.emissions = 0  # how many backward passes have emitted (the allocator checks this)
         self._forwards = 0
         self._reference_pending: set[str] = set()
@@ -62,7 +65,7 @@ class ImportanceState:
             if name not in self._reference_pending:
                 return
             with torch.no_grad():
-                ipt = sensitivity(p, p.grad)
+                ipt = sensitivity(p, self._unscaled(p.grad))
                 avg, unc = update_importance_ema(self.exp_avg_ipt[name], self.exp_avg_unc[name], ipt, self.beta1, self.beta2)
                 self.exp_avg_ipt[name].copy_(avg)
                 self.exp_avg_unc[name].copy_(unc)
@@ -84,7 +87,7 @@ class ImportanceState:
         """Λ's update (r elements) and the triplet score from the kernels' per-rank score sums."""
         E = self.params["lora_E"]
         g = d_e_new if E.grad is None else E.grad + d_e_new  # what autograd will accumulate
-        avg, unc = update_importance_ema(self.exp_avg_ipt["lora_E"], self.exp_avg_unc["lora_E"], sensitivity(E, g),
+        avg, unc = update_importance_ema(self.exp_avg_ipt["lora_E"], self.exp_avg_unc["lora_E"], sensitivity(E, self._unscaled(g)),
                                          self.beta1, self.beta2)  # fmt: skip
         self.exp_avg_ipt["lora_E"].copy_(avg)
         self.exp_avg_unc["lora_E"].copy_(unc)
@@ -94,6 +97,9 @@ class ImportanceState:
         s_B = (score_sum_B[:r] / out_f).to(E.dtype)
         self.triplet_score.copy_(element_score(avg, unc).view(-1) + (s_A + s_B))
         self.emissions += 1
+
+    def _unscaled(self, g: torch.Tensor) -> torch.Tensor:
+        return g if self.grad_scale is None else g / self.grad_scale
 
     def kernel_args(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.exp_avg_ipt[name], self.exp_avg_unc[name]

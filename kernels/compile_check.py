@@ -39,7 +39,7 @@ KERNELS = {
     "grad_q": (sa.svd_adapter_grad_q, True, {"BLOCK_K": sa.GRAD_Q_BLOCK_K, "HAS_DROPOUT": True, "EMIT": True, "ACCUMULATE": True}),
 }
 
-_FP32_BUFFERS = {"H_ptr", "GS_ptr", "WSP_ptr", "WSL_ptr", "OUT_ptr", "SP_ptr", "SQ_ptr"}
+_FP32_BUFFERS = {"H_ptr", "GS_ptr", "WSP_ptr", "WSL_ptr", "OUT_ptr", "SP_ptr", "SQ_ptr", "INV_SCALE_ptr"}
 _FLOAT_SCALARS = {"scaling", "dropout_p", "keep_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2"}
 
 

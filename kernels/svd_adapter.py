@@ -129,7 +129,7 @@ def _svd_adapter_grad_h_kernel(
 
 @triton.jit
 def _svd_adapter_grad_p_kernel(
-    WSP_ptr, DP_ptr, W_ptr, PREV_ptr, IPT_ptr, UNC_ptr, SP_ptr, OUT, R, n_tiles, stride_pn, stride_pr,
+    WSP_ptr, DP_ptr, W_ptr, PREV_ptr, IPT_ptr, UNC_ptr, SP_ptr, INV_SCALE_ptr, OUT, R, n_tiles, stride_pn, stride_pr,
     beta1, one_minus_beta1, beta2, one_minus_beta2,
     BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, EMIT: tl.constexpr,
     ACCUMULATE: tl.constexpr,
@@ -144,7 +144,7 @@ def _svd_adapter_grad_p_kernel(
     valid = (cols[:, None] < OUT) & (ranks[None, :] < R)
     tl.store(DP_ptr + offs, acc.to(DP_ptr.dtype.element_ty), mask=valid)
     if EMIT:  # dP is final here: sensitivity, EMAs, and this tile's column sums of the element scores
-        g = gradient_total(acc, PREV_ptr + offs, valid, ACCUMULATE)
+        g = gradient_total(acc, PREV_ptr + offs, valid, ACCUMULATE) * tl.load(INV_SCALE_ptr)
         w = tl.load(W_ptr + offs, mask=valid, other=0.0)
         score = update_importance(w, g, IPT_ptr + offs, UNC_ptr + offs, valid, beta1, one_minus_beta1, beta2, one_minus_beta2)
         tl.store(SP_ptr + tile * R_PAD + ranks, tl.sum(score, axis=0))
@@ -172,7 +172,7 @@ def _svd_adapter_grad_x_kernel(
 
 @triton.jit
 def _svd_adapter_grad_q_kernel(
-    X_ptr, GS_ptr, DQ_ptr, W_ptr, PREV_ptr, IPT_ptr, UNC_ptr, SQ_ptr, N, K, R, seed, dropout_p, keep_scale,
+    X_ptr, GS_ptr, DQ_ptr, W_ptr, PREV_ptr, IPT_ptr, UNC_ptr, SQ_ptr, INV_SCALE_ptr, N, K, R, seed, dropout_p, keep_scale,
     stride_xm, stride_xk, stride_qr, stride_qk, beta1, one_minus_beta1, beta2, one_minus_beta2,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, EMIT: tl.constexpr,
@@ -191,7 +191,7 @@ def _svd_adapter_grad_q_kernel(
     valid = (ranks[:, None] < R) & (cols[None, :] < K)
     tl.store(DQ_ptr + offs, acc.to(DQ_ptr.dtype.element_ty), mask=valid)
     if EMIT:  # dQ is final here: sensitivity, EMAs, and this tile's row sums of the element scores
-        g = gradient_total(acc, PREV_ptr + offs, valid, ACCUMULATE)
+        g = gradient_total(acc, PREV_ptr + offs, valid, ACCUMULATE) * tl.load(INV_SCALE_ptr)
         w = tl.load(W_ptr + offs, mask=valid, other=0.0)
         score = update_importance(w, g, IPT_ptr + offs, UNC_ptr + offs, valid, beta1, one_minus_beta1, beta2, one_minus_beta2)
         tl.store(SQ_ptr + tile * R_PAD + ranks, tl.sum(score, axis=1))
@@ -287,6 +287,16 @@ def _importance_operands(importance, name: str, param: torch.Tensor, grad: torch
     return param, (prev if prev is not None else param), ipt, unc, True, prev is not None
 
 
+def _inverse_grad_scale(importance, device) -> torch.Tensor:
+    """1 / the loss scale the gradients carry (a one-element fp32 device tensor; no host sync)."""
+    scale = None if importance is None else importance.grad_scale
+    if scale is None:
+        return torch.ones(1, device=device, dtype=torch.float32)
+    if isinstance(scale, torch.Tensor):
+        return torch.reciprocal(scale.to(device=device, dtype=torch.float32).reshape(1))
+    return torch.full((1,), 1.0 / scale, device=device, dtype=torch.float32)
+
+
 def _beta_args(importance) -> tuple[float, float, float, float]:
     if importance is None:
         return 0.0, 1.0, 0.0, 1.0
@@ -322,12 +332,13 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
         BLOCK_M=GRAD_H_BLOCK_M, R_PAD=r_pad, **dots,
     )  # fmt: skip
     betas = _beta_args(importance)
+    inv_scale = _inverse_grad_scale(importance, dev)
     d_b = torch.empty_like(lora_B)
     w_b, prev_b, ipt_b, unc_b, emit, accumulate_b = _importance_operands(importance, "lora_B", lora_B, d_b)
     p_tiles = triton.cdiv(out, GRAD_P_BLOCK_N)
     score_p = torch.empty((p_tiles, r_pad), device=dev, dtype=torch.float32)
     svd_adapter_grad_p[(p_tiles,)](
-        ws_p, d_b, w_b, prev_b, ipt_b, unc_b, score_p, out, r, n_tiles, d_b.stride(0), d_b.stride(1), *betas,
+        ws_p, d_b, w_b, prev_b, ipt_b, unc_b, score_p, inv_scale, out, r, n_tiles, d_b.stride(0), d_b.stride(1), *betas,
         BLOCK_N=GRAD_P_BLOCK_N, R_PAD=r_pad, ACC_DTYPE=dots["ACC_DTYPE"], EMIT=emit, ACCUMULATE=accumulate_b,
     )  # fmt: skip
     # dΛ_i = s·m_i·Σ_m H_mi·G_mi: the tile partials summed in a fixed order.
@@ -338,7 +349,7 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
     q_tiles = triton.cdiv(k, GRAD_Q_BLOCK_K)
     score_q = torch.empty((q_tiles, r_pad), device=dev, dtype=torch.float32)
     svd_adapter_grad_q[(q_tiles,)](
-        x2d, gs, d_a, w_a, prev_a, ipt_a, unc_a, score_q, n, k, r, seed, p, keep_scale,
+        x2d, gs, d_a, w_a, prev_a, ipt_a, unc_a, score_q, inv_scale, n, k, r, seed, p, keep_scale,
         x2d.stride(0), x2d.stride(1), d_a.stride(0), d_a.stride(1), *betas,
         BLOCK_K=GRAD_Q_BLOCK_K, R_PAD=r_pad, HAS_DROPOUT=has_dropout, EMIT=emit, ACCUMULATE=accumulate_a, **dots,
     )  # fmt: skip

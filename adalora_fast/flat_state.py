@@ -1,0 +1,213 @@
+"""All rank-allocator state of a model's adapters in flat buffers, updated in a constant number of ops.
+
+Layout (one dtype and device for all adapters): adapters are grouped by shape (r, in, out); within the
+flat element buffers every shape group stores its Q's, then its Λ's, then its P's, so that one view
+``(L, r, in)`` or ``(L, out, r)`` covers a group and the per-triplet means are one reduction per group —
+the number of ops depends on the number of distinct shapes, not on the number of layers.
+
+* ``exp_avg_ipt`` / ``exp_avg_unc``: Ī and Ū of every element (the persistent state: 2× the adapter
+  parameters; PEFT keeps 3×). Paper-order layers hold views into them.
+* ``scores`` (Σr): triplet scores; ``keep`` (Σr): 1 for kept, 0 for pruned, in the parameter dtype.
+
+One step is a fixed sequence of ops whose step-dependent inputs (the number of triplets to prune, whether
+to score and whether to mask) are read from a small device tensor: no host synchronisation, static
+shapes, so it can be captured in a CUDA graph with the rest of the training step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .reference.allocator import AdapterTriplet, require_grad
+
+# Slots of the per-step control tensor.
+K_PRUNE, DO_SCORE, DO_MASK = 0, 1, 2
+
+
+@dataclass
+class ShapeGroup:
+    members: list[int]  # indices into the triplet list, in layer order
+    r: int
+    in_features: int
+    out_features: int
+    a_offset: int = 0  # first element of this group's Q's in the flat element buffers
+    e_offset: int = 0
+    b_offset: int = 0
+    score_offset: int = 0  # first triplet of this group in ``scores``
+
+
+class FlatAdapterState:
+    def __init__(self, triplets: list[AdapterTriplet], beta1: float, beta2: float):
+        ref = triplets[0].lora_A
+        for t in triplets:
+            if t.lora_A.dtype != ref.dtype or t.lora_A.device != ref.device:
+                raise ValueError(
+                    f"the allocator keeps one flat state per model: every adapter must share one dtype and device, "
+                    f"but {t.name_A} is {t.lora_A.dtype} on {t.lora_A.device} and {triplets[0].name_A} is "
+                    f"{ref.dtype} on {ref.device}"
+                )
+        self.triplets, self.beta1, self.beta2 = triplets, beta1, beta2
+        self.dtype, self.device = ref.dtype, ref.device
+        self.groups = self._layout(triplets)
+        n_elements = sum(len(g.members) * g.r * (g.in_features + 1 + g.out_features) for g in self.groups)
+        n_triplets = sum(t.rank for t in triplets)
+        self.exp_avg_ipt = torch.zeros(n_elements, dtype=self.dtype, device=self.device)
+        self.exp_avg_unc = torch.zeros_like(self.exp_avg_ipt)
+        self.scores = torch.zeros(n_triplets, dtype=self.dtype, device=self.device)
+        self.keep = torch.ones(n_triplets, dtype=self.dtype, device=self.device)
+        self.masked = torch.zeros((), dtype=torch.bool, device=self.device)  # any mask yet?
+        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.control = torch.zeros(3, dtype=torch.int64, device=self.device)
+        self._control_host = torch.zeros(3, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        # The parameters in flat order (for the one gather of θ and ∇θ), and Λ with its keep column.
+        self.flat_params: list[tuple[str, torch.Tensor]] = []
+        for g in self.groups:
+            for kind in ("A", "E", "B"):
+                self.flat_params += [(getattr(triplets[i], f"name_{kind}"), getattr(triplets[i], f"lora_{kind}"))
+                                     for i in g.members]  # fmt: skip
+        self.param_list = [p for _, p in self.flat_params]
+        self.ipt_views = self._flat_views(self.exp_avg_ipt)
+        self.unc_views = self._flat_views(self.exp_avg_unc)
+        self.score_slices: list[slice] = [slice(0, 0)] * len(triplets)
+        for g in self.groups:
+            for pos, i in enumerate(g.members):
+                start = g.score_offset + pos * g.r
+                self.score_slices[i] = slice(start, start + g.r)
+        self.lambdas = [t.lora_E for t in triplets]
+        # What multiplies Λ this step (the keep mask on a masking step, ones otherwise), with one column per layer.
+        self.factor = torch.ones_like(self.keep)
+        self.factor_columns = [self.factor[s].view(-1, 1) for s in self.score_slices]
+
+    @staticmethod
+    def _layout(triplets: list[AdapterTriplet]) -> list[ShapeGroup]:
+        groups: dict[tuple, ShapeGroup] = {}
+        for i, t in enumerate(triplets):
+            key = (t.rank, t.lora_A.shape[1], t.lora_B.shape[0])
+            if key not in groups:
+                groups[key] = ShapeGroup([], *key)
+            groups[key].members.append(i)
+        offset = score = 0
+        for g in groups.values():
+            n = len(g.members)
+            g.a_offset, g.e_offset, g.b_offset = offset, offset + n * g.r * g.in_features, offset + n * g.r * (g.in_features + 1)
+            offset += n * g.r * (g.in_features + 1 + g.out_features)
+            g.score_offset, score = score, score + n * g.r
+        return list(groups.values())
+
+    def _flat_views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``buffer`` shaped like ``self.flat_params``, in the same order (made once)."""
+        views, offset = [], 0
+        for _, p in self.flat_params:
+            views.append(buffer[offset : offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        return views
+
+    # -- views held by the layers -----------------------------------------------------------------
+    def element_views(self, buffer: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
+        """{lora_A, lora_E, lora_B} views of ``buffer`` shaped like triplet ``index``'s parameters."""
+        for g in self.groups:
+            if index in g.members:
+                pos, r, k, o = g.members.index(index), g.r, g.in_features, g.out_features
+                return {
+                    "lora_A": buffer[g.a_offset + pos * r * k : g.a_offset + (pos + 1) * r * k].view(r, k),
+                    "lora_E": buffer[g.e_offset + pos * r : g.e_offset + (pos + 1) * r].view(r, 1),
+                    "lora_B": buffer[g.b_offset + pos * o * r : g.b_offset + (pos + 1) * o * r].view(o, r),
+                }
+        raise IndexError(index)
+
+    # -- one step -----------------------------------------------------------------------------------
+    def set_control(self, k_prune: int, score: bool, mask: bool) -> None:
+        """The step's inputs, copied to the device without a sync (a captured graph re-reads the pinned buffer)."""
+        self._control_host[K_PRUNE] = max(k_prune, 1)
+        self._control_host[DO_SCORE] = int(score)
+        self._control_host[DO_MASK] = int(mask)
+        self.control.copy_(self._control_host, non_blocking=True)
+
+    @torch.no_grad()
+    def update_from_gradients(self, grad_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Sensitivity and both EMAs for every element, from θ and ∇θ now; returns 'all finite' (device bool).
+
+        Multi-tensor ops over the parameter list and persistent views of the flat EMAs (one op each,
+        whatever the number of layers). A step whose sensitivity is not finite leaves the EMAs as they
+        were and is counted in ``nonfinite_steps``.
+        """
+        grads = [p.grad for _, p in self.flat_params]
+        for (name, p), g in zip(self.flat_params, grads):
+            if g is None:
+                require_grad(name, p)  # raises, naming the parameter
+        ipt = torch._foreach_mul(self.param_list, grads)
+        torch._foreach_abs_(ipt)
+        if grad_scale is not None:
+            torch._foreach_div_(ipt, grad_scale)  # scores from unscaled gradients under AMP loss scaling
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(ipt, ord=float("inf")))).all()
+        previous = (self.exp_avg_ipt.clone(), self.exp_avg_unc.clone())
+        # The references' expressions, term for term (bitwise equal in fp32):
+        # Ī ← β1·Ī + (1−β1)·I;  Ū ← β2·Ū + (1−β2)·|I − Ī|
+        avg = torch._foreach_add(torch._foreach_mul(self.ipt_views, self.beta1), torch._foreach_mul(ipt, 1 - self.beta1))
+        dev = torch._foreach_sub(ipt, avg)
+        torch._foreach_abs_(dev)
+        unc = torch._foreach_add(torch._foreach_mul(self.unc_views, self.beta2), torch._foreach_mul(dev, 1 - self.beta2))
+        torch._foreach_copy_(self.ipt_views, avg)
+        torch._foreach_copy_(self.unc_views, unc)
+        apply = finite & (self.control[DO_SCORE] != 0)
+        torch.where(apply, self.exp_avg_ipt, previous[0], out=self.exp_avg_ipt)
+        torch.where(apply, self.exp_avg_unc, previous[1], out=self.exp_avg_unc)
+        self.nonfinite_steps.add_((~finite & (self.control[DO_SCORE] != 0)).long())
+        return finite
+
+    @torch.no_grad()
+    def compute_scores(self) -> None:
+        """S = s(λ) + mean_j s(Q_ij) + mean_j s(P_ji) for every triplet, one reduction per shape group."""
+        s = self.exp_avg_ipt * self.exp_avg_unc
+        for g in self.groups:
+            n, r, k, o = len(g.members), g.r, g.in_features, g.out_features
+            s_a = torch.mean(s[g.a_offset : g.a_offset + n * r * k].view(n, r, k), dim=2)
+            s_e = s[g.e_offset : g.e_offset + n * r].view(n, r)
+            s_b = torch.mean(s[g.b_offset : g.b_offset + n * o * r].view(n, o, r), dim=1)
+            self.scores[g.score_offset : g.score_offset + n * r].view(n, r).copy_(s_e + (s_a + s_b))
+
+    @torch.no_grad()
+    def mask(self, finite: torch.Tensor | None = None) -> torch.Tensor:
+        """Where the control says so: prune every triplet scoring <= the k-th smallest (ties included) by
+        zeroing its λ. Returns the threshold (device scalar)."""
+        k = self.control[K_PRUNE : K_PRUNE + 1]
+        threshold = torch.sort(self.scores).values.index_select(0, k - 1).squeeze(0)  # = kthvalue(scores, k)
+        do_mask = self.control[DO_MASK] != 0
+        if finite is not None:
+            do_mask = do_mask & finite
+        scores_ok = torch.isfinite(self.scores).all()
+        self.nonfinite_steps.add_((do_mask & ~scores_ok).long())
+        do_mask = do_mask & scores_ok
+        new_keep = (self.scores > threshold).to(self.dtype)
+        self.keep.copy_(torch.where(do_mask, new_keep, self.keep))
+        torch.where(do_mask, self.keep, torch.ones_like(self.keep), out=self.factor)
+        torch._foreach_mul_(self.lambdas, self.factor_columns)
+        self.masked.logical_or_(do_mask)
+        return threshold
+
+    # -- reading the state (host syncs allowed: not on the hot path) --------------------------------
+    def rank_pattern(self) -> dict[str, list[bool]] | None:
+        if not bool(self.masked):
+            return None
+        keep = self.keep.detach().cpu().bool()
+        return {t.name_E: keep[s].tolist() for t, s in zip(self.triplets, self.score_slices)}
+
+    def state_dict(self) -> dict:
+        return {
+            "layout": [(t.name_E, t.rank, t.lora_A.shape[1], t.lora_B.shape[0]) for t in self.triplets],
+            "exp_avg_ipt": self.exp_avg_ipt.clone(),
+            "exp_avg_unc": self.exp_avg_unc.clone(),
+            "scores": self.scores.clone(),
+            "keep": self.keep.clone(),
+            "masked": self.masked.clone(),
+            "nonfinite_steps": self.nonfinite_steps.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        layout = [(t.name_E, t.rank, t.lora_A.shape[1], t.lora_B.shape[0]) for t in self.triplets]
+        if [tuple(x) for x in state["layout"]] != layout:
+            raise ValueError("allocator state does not match this model's adapters (names, ranks or shapes differ)")
+        for name in ("exp_avg_ipt", "exp_avg_unc", "scores", "keep", "masked", "nonfinite_steps"):
+            getattr(self, name).copy_(state[name])

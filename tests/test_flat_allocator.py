@@ -1,0 +1,259 @@
+"""The flat-state allocator: constant ops per step, paper-order parity, resume, loss scaling, accumulation,
+memory, non-finite gradients."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from adalora_fast import FastSVDLinear, RankAllocator
+from adalora_fast.discovery import find_adapter_triplets
+from adalora_fast.reference import BudgetSchedule, ReferenceRankAllocator
+
+CUDA = torch.cuda.is_available()
+
+
+def _stack(n_layers, d=16, r=4, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(n_layers):
+        layers += [FastSVDLinear(d, d, r=r, lora_alpha=r), nn.Tanh()]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, FastSVDLinear):
+                m.lora_E.normal_(std=0.5)
+    return model
+
+
+def _alloc(model, r=4, total=60, tinit=5, tfinal=15, deltaT=2, **kw):
+    return RankAllocator(model, lora_r=r, target_rank=r // 2, init_warmup=tinit, final_warmup=tfinal,
+                         mask_interval=deltaT, beta1=0.85, beta2=0.85, total_step=total, semantics="peft", **kw)  # fmt: skip
+
+
+def _params(model):
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+def _lambdas(model):
+    return [p.detach().clone() for n, p in model.named_parameters() if "lora_E" in n]
+
+
+def _data(step, n=32, d=16, micro=None):
+    g = torch.Generator().manual_seed(step)
+    x, y = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    return (x, y) if micro is None else (x[micro::2], y[micro::2])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Constant number of ops per step
+
+
+def _ops_per_step(n_layers):
+    model = _stack(n_layers)
+    alloc = _alloc(model)
+    nn.functional.mse_loss(model(_data(0)[0]), _data(0)[1]).backward()
+    alloc.update_and_mask(model, 9)  # warm-up (a budgeting step that masks)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        alloc.update_and_mask(model, 10)
+    top_level = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+    return sorted(e.name for e in top_level)
+
+
+def test_ops_per_allocator_step_do_not_grow_with_the_number_of_layers():
+    ops_8, ops_64 = _ops_per_step(8), _ops_per_step(64)
+    assert ops_8 == ops_64
+    assert len(ops_8) < 100  # PEFT launches about 70 per module
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paper order over >= 200 steps against the reference run in the same order
+
+
+@pytest.mark.parametrize("deltaT", [1, 10])
+def test_paper_order_matches_the_reference_for_200_steps(deltaT, monkeypatch):
+    monkeypatch.setenv("ADALORA_FAST_BACKEND", "reference")
+    total, tinit, tfinal = 200, 20, 40
+    fast, ref = _stack(3), _stack(3)
+    alloc = _alloc(fast, total=total, tinit=tinit, tfinal=tfinal, deltaT=deltaT, order="paper")
+    sched = BudgetSchedule(init_bgt=12, target_bgt=6, tinit=tinit, tfinal=tfinal, total_step=total, deltaT=deltaT)
+    engine = ReferenceRankAllocator(find_adapter_triplets(ref), sched, 0.85, 0.85, semantics="peft", order="paper")
+    opt_f, opt_r = torch.optim.AdamW(_params(fast), lr=1e-2), torch.optim.AdamW(_params(ref), lr=1e-2)
+    for step in range(total):
+        x, y = _data(step)
+        nn.functional.mse_loss(fast(x), y).backward()
+        nn.functional.mse_loss(ref(x), y).backward()
+        if step < sched.final_start:
+            engine.update_ipt()  # θ_t, before the optimizer step
+        opt_f.step()
+        opt_r.step()
+        alloc.update_and_mask(fast, step)
+        engine.step(step)
+        assert alloc.rank_pattern == engine.rank_pattern(), step
+        assert all(torch.equal(a, b) for a, b in zip(_lambdas(fast), _lambdas(ref))), step
+        opt_f.zero_grad()
+        opt_r.zero_grad()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume, loss scaling, gradient accumulation
+
+
+def _train(model, alloc, opt, steps, start=0, scale=None, micro_batches=1):
+    patterns = []
+    for step in range(start, start + steps):
+        for micro in range(micro_batches):
+            x, y = _data(step, micro=None if micro_batches == 1 else micro)
+            s = 1.0 if scale is None else scale(step)
+            (nn.functional.mse_loss(model(x), y) * s / micro_batches).backward()
+        if scale is None:
+            opt.step()
+        else:
+            with torch.no_grad():  # SGD on the unscaled gradient; .grad keeps the scale, as under GradScaler
+                for p in _params(model):
+                    p -= 0.05 * p.grad / scale(step)
+        alloc.update_and_mask(model, step, grad_scale=None if scale is None else scale(step))
+        patterns.append((alloc.rank_pattern, _lambdas(model)))
+        model.zero_grad()
+    return patterns
+
+
+def _same(run_a, run_b):
+    for (pa, la), (pb, lb) in zip(run_a, run_b):
+        assert pa == pb
+        assert all(torch.equal(a, b) for a, b in zip(la, lb))
+
+
+def test_resume_mid_budgeting_continues_bit_identically():
+    model = _stack(3)
+    alloc = _alloc(model)
+    opt = torch.optim.AdamW(_params(model), lr=1e-2)
+    uninterrupted = _train(model, alloc, opt, 60)
+
+    model = _stack(3)
+    alloc = _alloc(model)
+    opt = torch.optim.AdamW(_params(model), lr=1e-2)
+    first = _train(model, alloc, opt, 25)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), alloc.state_dict()))
+    model2 = _stack(3, seed=123)  # different init: everything must come from the checkpoint
+    model2.load_state_dict(saved[0])
+    opt2 = torch.optim.AdamW(_params(model2), lr=1e-2)
+    opt2.load_state_dict(saved[1])
+    alloc2 = _alloc(model2)
+    alloc2.load_state_dict(saved[2])
+    resumed = first + _train(model2, alloc2, opt2, 35, start=25)
+    _same(uninterrupted, resumed)
+
+
+def test_load_state_dict_rejects_another_model():
+    alloc = _alloc(_stack(3))
+    with pytest.raises(ValueError, match="does not match"):
+        _alloc(_stack(4)).load_state_dict(alloc.state_dict())
+
+
+def test_masks_do_not_depend_on_the_loss_scale():
+    def run(scale):
+        model = _stack(3)
+        return _train(model, _alloc(model), None, 60, scale=scale)
+
+    unscaled = run(lambda step: 1.0)
+    scaled = run(lambda step: 2.0 ** (10 + step % 3))  # a scale that moves, as GradScaler's does
+    _same(unscaled, scaled)
+    assert any(p is not None for p, _ in unscaled)
+
+
+def test_gradient_accumulation_gives_the_masks_of_one_big_batch():
+    model_a, model_b = _stack(3), _stack(3)
+    alloc_a, alloc_b = _alloc(model_a), _alloc(model_b)
+    big = _train(model_a, alloc_a, torch.optim.SGD(_params(model_a), lr=0.05), 60)
+    accumulated = _train(model_b, alloc_b, torch.optim.SGD(_params(model_b), lr=0.05), 60, micro_batches=2)
+    assert [p for p, _ in big] == [p for p, _ in accumulated]
+    for (_, la), (_, lb) in zip(big, accumulated):
+        for a, b in zip(la, lb):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory and bad input
+
+
+def test_persistent_state_is_at_most_twice_the_adapter_parameters():
+    model = _stack(6, d=64, r=12)
+    alloc = _alloc(model, r=12)
+    adapter_bytes = sum(p.numel() * p.element_size() for p in _params(model))
+    per_triplet_bytes = 3 * sum(t.rank for t in alloc.triplets) * 4 + 64  # scores, keep, factor, flags
+    assert alloc.persistent_bytes() <= 2 * adapter_bytes + per_triplet_bytes
+
+
+def _nan_run(policy):
+    model = _stack(3)
+    alloc = _alloc(model, nonfinite=policy)
+    opt = torch.optim.SGD(_params(model), lr=0.05)
+    _train(model, alloc, opt, 10)
+    before = (alloc.state.exp_avg_ipt.clone(), alloc.state.keep.clone(), _lambdas(model))
+    x, y = _data(10)
+    nn.functional.mse_loss(model(x), y).backward()
+    model[0].lora_A.grad[0, 0] = float("nan")
+    return model, alloc, before
+
+
+def test_a_nan_gradient_never_becomes_a_mask():
+    model, alloc, before = _nan_run("skip")
+    alloc.update_and_mask(model, 10)  # a masking step (10 % 2 == 0)
+    assert torch.equal(alloc.state.exp_avg_ipt, before[0]) and torch.equal(alloc.state.keep, before[1])
+    assert all(torch.equal(a, b) for a, b in zip(_lambdas(model), before[2]))
+    with pytest.warns(RuntimeWarning, match="1 step\\(s\\) had a non-finite gradient"):
+        alloc.rank_pattern
+
+
+def test_a_nan_gradient_raises_when_asked():
+    model, alloc, _ = _nan_run("raise")
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        alloc.update_and_mask(model, 10)
+
+
+def test_adapters_of_different_dtypes_are_a_clear_error():
+    model = nn.Sequential(FastSVDLinear(4, 4, r=2), FastSVDLinear(4, 4, r=2).double())
+    with pytest.raises(ValueError, match="share one dtype and device"):
+        _alloc(model, r=2)
+
+
+@pytest.mark.skipif(not CUDA, reason="device synchronisation is a GPU property")
+def test_allocator_step_has_no_host_sync_on_gpu():
+    model = _stack(8).cuda()
+    alloc = _alloc(model)
+    x, y = (t.cuda() for t in _data(0))
+    nn.functional.mse_loss(model(x), y).backward()
+    alloc.update_and_mask(model, 9)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in (10, 11, 50):  # masking, non-masking, final phase
+            alloc.update_and_mask(model, step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_paper_order_masks_do_not_depend_on_the_loss_scale(backend, monkeypatch):
+    monkeypatch.setenv("ADALORA_FAST_BACKEND", backend)
+
+    def run(scale):
+        model = _stack(2)
+        alloc = _alloc(model, total=24, tinit=2, tfinal=6, order="paper")
+        out = []
+        for step in range(24):
+            alloc.set_grad_scale(scale(step))
+            x, y = _data(step)
+            (nn.functional.mse_loss(model(x), y) * scale(step)).backward()
+            with torch.no_grad():
+                for p in _params(model):
+                    p -= 0.05 * p.grad / scale(step)
+            alloc.update_and_mask(model, step)
+            out.append((alloc.rank_pattern, _lambdas(model)))
+            model.zero_grad()
+        return out
+
+    _same(run(lambda step: 1.0), run(lambda step: 2.0 ** (8 + step % 3)))
