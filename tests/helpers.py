@@ -69,3 +69,8 @@ def peft_mlp(seed=0, **cfg):
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def lora_params(model):
+    """The adapter parameters (lora_A / lora_E / lora_B) of a model, in named_parameters() order."""
+    return [p for n, p in model.named_parameters() if "lora_" in n]

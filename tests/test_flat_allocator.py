@@ -2,11 +2,11 @@
 memory, non-finite gradients."""
 
 import copy
-import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers import lora_params
 
 from adalora_fast import FastSVDLinear, RankAllocator
 from adalora_fast.discovery import find_adapter_triplets
@@ -31,10 +31,6 @@ def _stack(n_layers, d=16, r=4, seed=0):
 def _alloc(model, r=4, total=60, tinit=5, tfinal=15, deltaT=2, **kw):
     return RankAllocator(model, lora_r=r, target_rank=r // 2, init_warmup=tinit, final_warmup=tfinal,
                          mask_interval=deltaT, beta1=0.85, beta2=0.85, total_step=total, semantics="peft", **kw)  # fmt: skip
-
-
-def _params(model):
-    return [p for n, p in model.named_parameters() if "lora_" in n]
 
 
 def _lambdas(model):
@@ -80,7 +76,7 @@ def test_paper_order_matches_the_reference_for_200_steps(deltaT, monkeypatch):
     alloc = _alloc(fast, total=total, tinit=tinit, tfinal=tfinal, deltaT=deltaT, order="paper")
     sched = BudgetSchedule(init_bgt=12, target_bgt=6, tinit=tinit, tfinal=tfinal, total_step=total, deltaT=deltaT)
     engine = ReferenceRankAllocator(find_adapter_triplets(ref), sched, 0.85, 0.85, semantics="peft", order="paper")
-    opt_f, opt_r = torch.optim.AdamW(_params(fast), lr=1e-2), torch.optim.AdamW(_params(ref), lr=1e-2)
+    opt_f, opt_r = torch.optim.AdamW(lora_params(fast), lr=1e-2), torch.optim.AdamW(lora_params(ref), lr=1e-2)
     for step in range(total):
         x, y = _data(step)
         nn.functional.mse_loss(fast(x), y).backward()
@@ -112,7 +108,7 @@ def _train(model, alloc, opt, steps, start=0, scale=None, micro_batches=1):
             opt.step()
         else:
             with torch.no_grad():  # SGD on the unscaled gradient; .grad keeps the scale, as under GradScaler
-                for p in _params(model):
+                for p in lora_params(model):
                     p -= 0.05 * p.grad / scale(step)
         alloc.update_and_mask(model, step, grad_scale=None if scale is None else scale(step))
         patterns.append((alloc.rank_pattern, _lambdas(model)))
@@ -129,17 +125,17 @@ def _same(run_a, run_b):
 def test_resume_mid_budgeting_continues_bit_identically():
     model = _stack(3)
     alloc = _alloc(model)
-    opt = torch.optim.AdamW(_params(model), lr=1e-2)
+    opt = torch.optim.AdamW(lora_params(model), lr=1e-2)
     uninterrupted = _train(model, alloc, opt, 60)
 
     model = _stack(3)
     alloc = _alloc(model)
-    opt = torch.optim.AdamW(_params(model), lr=1e-2)
+    opt = torch.optim.AdamW(lora_params(model), lr=1e-2)
     first = _train(model, alloc, opt, 25)
     saved = copy.deepcopy((model.state_dict(), opt.state_dict(), alloc.state_dict()))
     model2 = _stack(3, seed=123)  # different init: everything must come from the checkpoint
     model2.load_state_dict(saved[0])
-    opt2 = torch.optim.AdamW(_params(model2), lr=1e-2)
+    opt2 = torch.optim.AdamW(lora_params(model2), lr=1e-2)
     opt2.load_state_dict(saved[1])
     alloc2 = _alloc(model2)
     alloc2.load_state_dict(saved[2])
@@ -167,8 +163,8 @@ def test_masks_do_not_depend_on_the_loss_scale():
 def test_gradient_accumulation_gives_the_masks_of_one_big_batch():
     model_a, model_b = _stack(3), _stack(3)
     alloc_a, alloc_b = _alloc(model_a), _alloc(model_b)
-    big = _train(model_a, alloc_a, torch.optim.SGD(_params(model_a), lr=0.05), 60)
-    accumulated = _train(model_b, alloc_b, torch.optim.SGD(_params(model_b), lr=0.05), 60, micro_batches=2)
+    big = _train(model_a, alloc_a, torch.optim.SGD(lora_params(model_a), lr=0.05), 60)
+    accumulated = _train(model_b, alloc_b, torch.optim.SGD(lora_params(model_b), lr=0.05), 60, micro_batches=2)
     assert [p for p, _ in big] == [p for p, _ in accumulated]
     for (_, la), (_, lb) in zip(big, accumulated):
         for a, b in zip(la, lb):
@@ -182,7 +178,7 @@ def test_gradient_accumulation_gives_the_masks_of_one_big_batch():
 def test_persistent_state_is_at_most_twice_the_adapter_parameters():
     model = _stack(6, d=64, r=12)
     alloc = _alloc(model, r=12)
-    adapter_bytes = sum(p.numel() * p.element_size() for p in _params(model))
+    adapter_bytes = sum(p.numel() * p.element_size() for p in lora_params(model))
     per_triplet_bytes = 3 * sum(t.rank for t in alloc.triplets) * 4 + 64  # scores, keep, factor, flags
     assert alloc.persistent_bytes() <= 2 * adapter_bytes + per_triplet_bytes
 
@@ -190,7 +186,7 @@ def test_persistent_state_is_at_most_twice_the_adapter_parameters():
 def _nan_run(policy):
     model = _stack(3)
     alloc = _alloc(model, nonfinite=policy)
-    opt = torch.optim.SGD(_params(model), lr=0.05)
+    opt = torch.optim.SGD(lora_params(model), lr=0.05)
     _train(model, alloc, opt, 10)
     before = (alloc.state.exp_avg_ipt.clone(), alloc.state.keep.clone(), _lambdas(model))
     x, y = _data(10)
@@ -249,7 +245,7 @@ def test_paper_order_masks_do_not_depend_on_the_loss_scale(backend, monkeypatch)
             x, y = _data(step)
             (nn.functional.mse_loss(model(x), y) * scale(step)).backward()
             with torch.no_grad():
-                for p in _params(model):
+                for p in lora_params(model):
                     p -= 0.05 * p.grad / scale(step)
             alloc.update_and_mask(model, step)
             out.append((alloc.rank_pattern, _lambdas(model)))

@@ -4,11 +4,11 @@ Checked against the reference allocator run in the same order (``update_ipt()`` 
 ``optimizer.step()``), on the fused kernels (interpreter on a CPU) and on the reference path (hooks).
 """
 
-import copy
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers import lora_params
 
 from adalora_fast import FastSVDLinear, RankAllocator
 from adalora_fast.discovery import find_adapter_triplets
@@ -25,10 +25,6 @@ def _model(seed=0):
         for m in (model[0], model[2]):
             m.lora_E.normal_(std=0.5)
     return model.to(DEVICE)
-
-
-def _params(model):
-    return [p for n, p in model.named_parameters() if "lora_" in n]
 
 
 def _allocator(model, order, **kw):
@@ -62,8 +58,8 @@ def _run_paper_order(backend, monkeypatch, steps=SCHEDULE["total"], tol=None):
     fast, ref = _model(), _model()
     alloc = _allocator(fast, "paper")
     engine = _reference_engine(ref)
-    opt_f = torch.optim.SGD(_params(fast), lr=0.05)
-    opt_r = torch.optim.SGD(_params(ref), lr=0.05)
+    opt_f = torch.optim.SGD(lora_params(fast), lr=0.05)
+    opt_r = torch.optim.SGD(lora_params(ref), lr=0.05)
     emitted = 0
     for step in range(steps):
         x, y = _batch(step)
@@ -125,7 +121,7 @@ def test_emission_leaves_the_gradients_unchanged(monkeypatch):
     x, y = _batch(0)
     _loss(plain, x, y).backward()
     _loss(emitting, x, y).backward()
-    for a, b in zip(_params(plain), _params(emitting)):
+    for a, b in zip(lora_params(plain), lora_params(emitting)):
         assert torch.equal(a.grad, b.grad)
 
 
@@ -157,7 +153,12 @@ def test_unknown_order():
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_emitted_scores_match_the_reference_functions(dtype, dropout, monkeypatch):
     from adalora_fast.importance import ImportanceState
-    from adalora_fast.reference import element_score, sensitivity, triplet_score, update_importance_ema
+    from adalora_fast.reference import (
+        element_score,
+        sensitivity,
+        triplet_score,
+        update_importance_ema,
+    )
 
     monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")
     torch.manual_seed(0)
