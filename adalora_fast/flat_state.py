@@ -9,9 +9,9 @@ the number of ops depends on the number of distinct shapes, not on the number of
   parameters; PEFT keeps 3×). Paper-order layers hold views into them.
 * ``scores`` (Σr): triplet scores; ``keep`` (Σr): 1 for kept, 0 for pruned, in the parameter dtype.
 
-One step is a fixed sequence of ops whose step-dependent inputs (the number of triplets to prune, whether
-to score and whether to mask) are read from a small device tensor: no host synchronisation, static
-shapes, so it can be captured in a CUDA graph with the rest of the training step.
+One step is a fixed sequence of ops (per phase) whose step-dependent inputs (the number of triplets to
+prune, whether to score and whether to mask) are read from a small device tensor: no host
+synchronisation and static shapes, the preconditions for capturing the step in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ class FlatAdapterState:
         self.masked = torch.zeros((), dtype=torch.bool, device=self.device)  # any mask yet?
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
         self.control = torch.zeros(3, dtype=torch.int64, device=self.device)
-        self._control_host = torch.zeros(3, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         # The parameters in flat order (for the one gather of θ and ∇θ), and Λ with its keep column.
         self.flat_params: list[tuple[str, torch.Tensor]] = []
         for g in self.groups:
@@ -119,11 +118,14 @@ class FlatAdapterState:
 
     # -- one step -----------------------------------------------------------------------------------
     def set_control(self, k_prune: int, score: bool, mask: bool) -> None:
-        """The step's inputs, copied to the device without a sync (a captured graph re-reads the pinned buffer)."""
-        self._control_host[K_PRUNE] = max(k_prune, 1)
-        self._control_host[DO_SCORE] = int(score)
-        self._control_host[DO_MASK] = int(mask)
-        self.control.copy_(self._control_host, non_blocking=True)
+        """The step's inputs, copied to the device without a sync.
+
+        A fresh pinned buffer each step: the caching host allocator keeps it until the asynchronous copy
+        has run, so a host that runs ahead of the device cannot overwrite a step's control.
+        """
+        host = torch.tensor([max(k_prune, 1), int(score), int(mask)], dtype=torch.int64,
+                            pin_memory=self.device.type == "cuda")  # fmt: skip
+        self.control.copy_(host, non_blocking=True)
 
     @torch.no_grad()
     def update_from_gradients(self, grad_scale: torch.Tensor | float | None = None) -> torch.Tensor:
