@@ -66,7 +66,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["adalora_fast", "adalora_fast.reference", "adalora_fast.kernels"],
+    packages=["adalora_fast", "adalora_fast.reference", "adalora_fast.integrations", "adalora_fast.kernels"],
     package_dir={"adalora_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -6,11 +6,14 @@ Public API (drop-in for loralib's AdaLoRA):
 * :class:`RankAllocator` — the importance-driven budget allocator.
 * :func:`compute_orth_regu` — the orthogonality penalty.
 * :func:`env_report` — which backend each op runs on here.
+* :func:`patch_peft` / :func:`unpatch_peft` — PEFT's AdaLoRA on these kernels;
+  ``adalora_fast.integrations.trainer.AdaLoraCallback`` for the Hugging Face Trainer.
 
 The PyTorch reference of every op lives in :mod:`adalora_fast.reference`.
 """
 
 from .allocator import RankAllocator
+from .integrations.peft import patch_peft, unpatch_peft
 from .dispatch import env_report
 from .penalty import compute_orth_regu
 from .svd_linear import FastSVDLinear, convert_linear_layers, mark_only_lora_as_trainable
@@ -23,5 +26,7 @@ __all__ = [
     "convert_linear_layers",
     "env_report",
     "mark_only_lora_as_trainable",
+    "patch_peft",
+    "unpatch_peft",
     "__version__",
 ]

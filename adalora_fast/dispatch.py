@@ -4,9 +4,10 @@
 
 * unset or ``auto``: the fused Triton kernels for the adapter when they can run
   on the input (a CUDA tensor of a supported dtype, one dtype for the input and
-  the layer, no autocast, with Triton importable), and
-  the compiled extension for the penalty when it loaded (CPU always, CUDA when
-  built with it); otherwise the reference;
+  the layer, no autocast, with Triton importable), and the compiled extension for
+  the penalty on CUDA tensors when it was built with CUDA; otherwise the
+  reference (on a CPU the reference penalty is as fast as the extension's CPU
+  build and equal to PEFT's bit for bit; the CPU build runs when asked for);
 * ``reference``: every op runs its PyTorch reference;
 * ``triton``: the adapter always runs the kernels, with a clear error when they
   cannot; with ``TRITON_INTERPRET=1`` this includes CPU tensors (how the test
@@ -103,11 +104,22 @@ def penalty_unavailable_reason(device_type: str) -> str | None:
     return None
 
 
-def penalty_backend(t: torch.Tensor) -> str:
-    """``"extension"`` or ``"reference"`` for one penalty call on tensors like ``t``."""
-    if requested_backend() == "reference":
+def penalty_backend(t: torch.Tensor, requested: str | None = None) -> str:
+    """``"extension"`` or ``"reference"`` for one penalty call on tensors like ``t``.
+
+    ``requested="extension"`` asks for the compiled op on any device it was built for (an error names
+    the reason when it cannot run); None lets the dispatcher choose.
+    """
+    if requested not in (None, "extension", "reference"):
+        raise ValueError(f"penalty backend must be 'extension' or 'reference', got {requested!r}")
+    if requested == "extension":
+        reason = penalty_unavailable_reason(t.device.type)
+        if reason is not None:
+            raise RuntimeError(f"the penalty extension cannot run: {reason}")
+        return "extension"
+    if requested == "reference" or requested_backend() == "reference":
         return "reference"
-    if penalty_unavailable_reason(t.device.type) is None:
+    if t.is_cuda and penalty_unavailable_reason(t.device.type) is None:
         return "extension"
     if load_extension()[0] is None:
         warn_extension_fallback("the orthogonality penalty")
@@ -142,7 +154,11 @@ def env_report() -> dict:
     forced_reference = os.environ.get(BACKEND_ENV, "").strip().lower() == "reference"
     if forced_reference:
         report["orth_penalty"] = f"reference ({BACKEND_ENV}=reference)"
+    elif reason is not None:
+        report["orth_penalty"] = f"reference ({reason})"
+    elif probe.is_cuda:
+        report["orth_penalty"] = "extension (adalora_fast._C, CUDA)"
     else:
-        report["orth_penalty"] = "extension (adalora_fast._C)" if reason is None else f"reference ({reason})"
+        report["orth_penalty"] = "reference on CPU tensors (the extension's CPU build is loaded, used on request)"
     report["rank_allocator"] = "reference"
     return report

@@ -64,11 +64,14 @@ def _register_op_python_parts() -> bool:
 _OP_REGISTERED = _register_op_python_parts()
 
 
-def orth_penalty(factors: Sequence[torch.Tensor], is_right: Sequence[bool], mode: str = "fro") -> torch.Tensor:
+def orth_penalty(
+    factors: Sequence[torch.Tensor], is_right: Sequence[bool], mode: str = "fro", backend: str | None = None
+) -> torch.Tensor:
     """Mean over the factors of ‖G − I‖_F (``fro``) or ‖G − I‖²_F (``fro2``), G = QQᵀ or PᵀP.
 
     ``is_right[k]`` is True for a lora_A (Q, r × in) and False for a lora_B
     (P, out × r). Factors of several dtypes or devices are grouped, one op call per group.
+    ``backend``: None (the dispatcher chooses), ``"extension"`` or ``"reference"``.
     """
     check_penalty_mode(mode)
     if not factors:
@@ -81,7 +84,7 @@ def orth_penalty(factors: Sequence[torch.Tensor], is_right: Sequence[bool], mode
     total = None
     for idx in groups.values():
         fs, rights = [factors[k] for k in idx], [bool(is_right[k]) for k in idx]
-        if dispatch.penalty_backend(fs[0]) == "extension":
+        if dispatch.penalty_backend(fs[0], backend) == "extension":
             loss, _, _ = torch.ops.adalora_fast.orth_penalty_forward(fs, [int(r) for r in rights], mode)
             part = loss * len(idx)
         else:

@@ -36,14 +36,18 @@ def _peft_loop(factors, is_right):
     return orth_penalty_sum(list(zip(factors, is_right))) / len(factors)
 
 
-PROVIDERS = {"adalora_fast": orth_penalty, "peft_loop": _peft_loop}
+def _extension(factors, is_right):
+    return orth_penalty(factors, is_right, backend="extension")
+
+
+PROVIDERS = {"adalora_fast": _extension, "peft_loop": _peft_loop}
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_orth_penalty_all_modules(benchmark, provider):
     factors, is_right = _factors()
     if provider == "adalora_fast":
-        assert dispatch.penalty_backend(factors[0]) == "extension"
+        assert dispatch.penalty_backend(factors[0], "extension") == "extension"
     benchmark.group = f"orth_penalty fwd+bwd {len(factors) // 2} modules r={RANK} {str(DTYPE)[6:]}"
     fn = PROVIDERS[provider]
 

@@ -45,7 +45,7 @@ def _reference(factors, is_right, mode):
 def _op(factors, is_right, mode):
     for f in factors:
         f.grad = None
-    loss = orth_penalty(factors, is_right, mode)
+    loss = orth_penalty(factors, is_right, mode, backend="extension")
     loss.backward()
     return loss.detach(), [f.grad for f in factors]
 
@@ -58,7 +58,6 @@ TOLERANCES = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, to
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_cpu_op_matches_reference(mode, dtype):
     factors, is_right = _factors(dtype)
-    assert adalora_fast.dispatch.penalty_backend(factors[0]) == "extension"
     loss, grads = _op(factors, is_right, mode)
     ref_loss, ref_grads = _reference(factors, is_right, mode)
     tol = TOLERANCES[dtype]
@@ -74,7 +73,7 @@ def test_cpu_op_matches_reference(mode, dtype):
 def test_cpu_op_gradcheck_float64(mode):
     factors = [torch.randn(3, 7, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64), torch.randn(1, 4, dtype=torch.float64)]
     factors = [f.requires_grad_() for f in factors]
-    assert torch.autograd.gradcheck(lambda *fs: orth_penalty(fs, [True, False, True], mode), tuple(factors))
+    assert torch.autograd.gradcheck(lambda *fs: orth_penalty(fs, [True, False, True], mode, "extension"), tuple(factors))
 
 
 @requires_ext
@@ -111,7 +110,7 @@ def test_cpu_op_is_bitwise_deterministic():
 def test_torch_compile_fullgraph_matches_eager():
     factors, is_right = _factors(torch.float32)
     eager_loss, eager_grads = _op(factors, is_right, "fro")
-    compiled = torch.compile(lambda fs: orth_penalty(fs, is_right, "fro"), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda fs: orth_penalty(fs, is_right, "fro", "extension"), fullgraph=True, backend="aot_eager")
     for f in factors:
         f.grad = None
     loss = compiled(factors)
@@ -146,17 +145,24 @@ def test_forced_reference_backend(monkeypatch):
     assert adalora_fast.env_report()["orth_penalty"].startswith("reference")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-side dispatch rule")
+def test_cpu_tensors_run_the_reference_unless_the_extension_is_asked_for():
+    assert adalora_fast.dispatch.penalty_backend(torch.randn(2, 2)) == "reference"
+    if extension.load_extension()[0] is not None:
+        assert adalora_fast.dispatch.penalty_backend(torch.randn(2, 2), "extension") == "extension"
+
+
 def test_missing_extension_falls_back_with_one_warning_naming_the_cause(monkeypatch):
     monkeypatch.setattr(extension, "_EXTENSION", (None, ImportError("libfoo.so: cannot open shared object file")))
     extension.warn_extension_fallback.cache_clear()
     a = torch.randn(3, 8, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loss1 = orth_penalty([a], [True], "fro")
-        orth_penalty([a], [True], "fro")
+        loss1 = orth_penalty([a.cuda() if torch.cuda.is_available() else a], [True], "fro")
+        orth_penalty([a.cuda() if torch.cuda.is_available() else a], [True], "fro")
     messages = [str(w.message) for w in caught if "adalora_fast._C" in str(w.message)]
     assert len(messages) == 1 and "libfoo.so: cannot open shared object file" in messages[0]
-    torch.testing.assert_close(loss1, orth_penalty_reference([a], [], "fro"))
+    torch.testing.assert_close(loss1.cpu(), orth_penalty_reference([a], [], "fro"))
     assert "libfoo.so" in adalora_fast.env_report()["orth_penalty"]
     extension.warn_extension_fallback.cache_clear()
 
@@ -219,7 +225,7 @@ def _cuda_launches(n_layers):
         f.grad = None  # so the profiled backward assigns gradients instead of accumulating them
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        orth_penalty(factors, is_right, "fro").backward()
+        orth_penalty(factors, is_right, "fro", "extension").backward()
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 

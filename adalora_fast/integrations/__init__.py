@@ -1,0 +1,1 @@
+"""Integrations: PEFT (``patch_peft``) and the Hugging Face ``Trainer`` (``AdaLoraCallback``)."""

@@ -1,0 +1,248 @@
+"""One-line switch of PEFT's AdaLoRA onto adalora-fast.
+
+``patch_peft()`` makes every PEFT AdaLoRA model created afterwards use
+
+* the fast layer: PEFT's ``SVDLinear`` on ``nn.Linear`` bases becomes ``FastPeftSVDLinear``, whose forward
+  runs :func:`adalora_fast.functional.svd_linear` (the fused kernels on a GPU, the reference elsewhere);
+* the fast allocator: ``AdaLoraModel.update_and_allocate`` runs :class:`adalora_fast.RankAllocator`
+  (``semantics="peft"``: the same masks step for step) on flat state, with no host syncs;
+  ``peft_config.rank_pattern`` is written when it is needed (at T − tfinal and on save), not every step;
+* the fast penalty in ``AdaLoraModel.forward``.
+
+``unpatch_peft()`` undoes it; ``patch_peft(peft_model)`` converts an existing model in place, keeping its
+weights, masks and allocator state.
+
+Where PEFT's behaviour is a known bug, the patched path does the right thing: the orthogonality penalty is
+added also when ``task_type`` is None (plain ``PeftModel.forward`` bypasses ``AdaLoraModel.forward``), and
+a final phase reached without an earlier mask computes one instead of crashing. For the Trainer, which
+never calls ``update_and_allocate``, use :class:`adalora_fast.integrations.trainer.AdaLoraCallback`.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn as nn
+
+from ..allocator import RankAllocator
+from ..discovery import _selected
+from ..functional import svd_linear
+from ..penalty import orth_penalty
+
+_ORIGINALS: dict[str, object] = {}
+
+
+def _peft():
+    from peft import PeftModel
+    from peft.tuners.adalora import AdaLoraModel, SVDLinear
+
+    return PeftModel, AdaLoraModel, SVDLinear
+
+
+def _fast_layer_class():
+    _, _, SVDLinear = _peft()
+
+    class FastPeftSVDLinear(SVDLinear):
+        """PEFT's SVDLinear (same parameters, state dict, merge, repr) with adalora-fast's forward."""
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            active = [a for a in self.active_adapters if a in self.lora_A.keys()]
+            base = self.get_base_layer()
+            if self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or type(base) is not nn.Linear:
+                return super().forward(x, *args, **kwargs)  # PEFT's own path covers everything else
+            a = active[0]
+            dropout = self.lora_dropout[a]
+            return svd_linear(
+                x, base.weight, base.bias, self.lora_A[a], self.lora_E[a], self.lora_B[a], None, self.scaling[a],
+                self.ranknum[a], dropout_p=dropout.p if isinstance(dropout, nn.Dropout) else 0.0, training=self.training,
+            )  # fmt: skip
+
+    return FastPeftSVDLinear
+
+
+_FAST_LAYER = None
+
+
+def fast_layer_class():
+    global _FAST_LAYER
+    if _FAST_LAYER is None:
+        _FAST_LAYER = _fast_layer_class()
+    return _FAST_LAYER
+
+
+# ---------------------------------------------------------------------------------------------
+# The patched AdaLoraModel methods
+# ---------------------------------------------------------------------------------------------
+
+
+def _allocator(self) -> RankAllocator:
+    """The AdaLoraModel's adalora-fast allocator, made on first use (after any load-time resize)."""
+    alloc = getattr(self, "_adalora_fast_allocator", None)
+    if alloc is None:
+        cfg = self.peft_config[self.trainable_adapter_name]
+        alloc = RankAllocator(
+            self.model, lora_r=cfg.init_r, target_rank=cfg.target_r, init_warmup=cfg.tinit, final_warmup=cfg.tfinal,
+            mask_interval=cfg.deltaT, beta1=cfg.beta1, beta2=cfg.beta2, total_step=cfg.total_step,
+            adapter_name=self.trainable_adapter_name, semantics="peft",
+        )  # fmt: skip
+        self._adalora_fast_allocator = alloc
+    return alloc
+
+
+def fast_update_and_allocate(self, global_step: int) -> None:
+    """PEFT's ``update_and_allocate`` on adalora-fast's allocator (same masks, no per-module syncs)."""
+    cfg = self.peft_config[self.trainable_adapter_name]
+    alloc = _allocator(self)
+    alloc.update_and_mask(None, global_step)
+    if global_step == cfg.total_step - cfg.tfinal:
+        cfg.rank_pattern = alloc.rank_pattern  # the final pattern, once (PEFT writes it at every mask)
+
+
+def sync_rank_pattern(model) -> None:
+    """Write the allocator's current pattern into ``peft_config.rank_pattern`` (what save and resize read)."""
+    alloc = getattr(model, "_adalora_fast_allocator", None)
+    if alloc is not None and alloc.rank_pattern is not None:
+        model.peft_config[model.trainable_adapter_name].rank_pattern = alloc.rank_pattern
+
+
+def _orth_factors(self) -> tuple[list[torch.Tensor], list[bool]]:
+    name = self.trainable_adapter_name
+    factors, right = [], []
+    for n, p in self.model.named_parameters():
+        if _selected(n, "lora_A", name) or _selected(n, "lora_B", name):
+            factors.append(p)
+            right.append("lora_A" in n)
+    return factors, right
+
+
+def fast_forward(self, *args, **kwargs):
+    """``AdaLoraModel.forward``: the model's outputs, plus ``orth_reg_weight ·`` the mean penalty on the loss."""
+    outputs = self.model.forward(*args, **kwargs)
+    if getattr(outputs, "loss", None) is not None and isinstance(outputs.loss, torch.Tensor):
+        weight = self.peft_config[self.trainable_adapter_name].orth_reg_weight
+        if weight < 0:
+            raise ValueError("orth_reg_weight should be greater than or equal to 0. ")
+        factors, right = _orth_factors(self)
+        if factors and weight > 0:
+            outputs.loss += weight * orth_penalty(factors, right)
+    return outputs
+
+
+def _through_adalora_forward(self, *args, **kwargs):
+    """Plain ``PeftModel.forward``, but through ``AdaLoraModel.forward`` (PEFT calls the raw model and skips the penalty)."""
+    with self._enable_peft_forward_hooks(*args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+        return self.base_model(*args, **kwargs)
+
+
+def _peft_model_forward(self, *args, **kwargs):
+    _, AdaLoraModel, _ = _peft()
+    if isinstance(self.base_model, AdaLoraModel) and hasattr(self.base_model, "trainable_adapter_name"):
+        return _through_adalora_forward(self, *args, **kwargs)
+    return _ORIGINALS["PeftModel.forward"](self, *args, **kwargs)
+
+
+def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+    sync_rank_pattern(model)  # the lazily kept pattern is what the saved, resized adapter must carry
+    return _ORIGINALS["AdaLoraModel._get_adapter_state_dict"].__func__(
+        cls, model, config, adapter_name, state_dict, unwanted_adapter_names
+    )
+
+
+def _create_new_module(lora_config, adapter_name, target, device_map=None, **kwargs):
+    create = _ORIGINALS["AdaLoraModel._create_new_module"].__func__
+    module = create(lora_config, adapter_name, target, device_map=device_map, **kwargs)
+    _, _, SVDLinear = _peft()
+    if type(module) is SVDLinear:
+        module.__class__ = fast_layer_class()
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# patch / unpatch
+# ---------------------------------------------------------------------------------------------
+
+
+def patch_peft(peft_model=None):
+    """Switch PEFT's AdaLoRA onto adalora-fast: for every model created afterwards, or for ``peft_model`` in place."""
+    if peft_model is not None:
+        return _patch_model(peft_model)
+    PeftModel, AdaLoraModel, _ = _peft()
+    if "AdaLoraModel.forward" in _ORIGINALS:
+        return None  # already patched
+    _ORIGINALS["AdaLoraModel.forward"] = AdaLoraModel.forward
+    _ORIGINALS["AdaLoraModel.update_and_allocate"] = AdaLoraModel.update_and_allocate
+    _ORIGINALS["AdaLoraModel._create_new_module"] = AdaLoraModel.__dict__["_create_new_module"]  # the staticmethod
+    _ORIGINALS["PeftModel.forward"] = PeftModel.forward
+    AdaLoraModel.forward = fast_forward
+    AdaLoraModel.update_and_allocate = fast_update_and_allocate
+    AdaLoraModel._create_new_module = staticmethod(_create_new_module)
+    PeftModel.forward = _peft_model_forward
+    _install_save_hook()
+    return None
+
+
+def _install_save_hook() -> None:
+    """Saving reads ``peft_config.rank_pattern``: refresh it from a fast allocator first.
+
+    Installed on the class (saving calls the tuner class's classmethod) and left in place by
+    ``unpatch_peft`` while models converted in place may exist; for models without a fast allocator it
+    does nothing.
+    """
+    _, AdaLoraModel, _ = _peft()
+    if "AdaLoraModel._get_adapter_state_dict" not in _ORIGINALS:
+        _ORIGINALS["AdaLoraModel._get_adapter_state_dict"] = AdaLoraModel.__dict__["_get_adapter_state_dict"]
+        AdaLoraModel._get_adapter_state_dict = classmethod(_get_adapter_state_dict)
+
+
+def unpatch_peft() -> None:
+    """Restore PEFT's own classes (models converted in place keep their fast layers)."""
+    if "AdaLoraModel.forward" not in _ORIGINALS:
+        return
+    PeftModel, AdaLoraModel, _ = _peft()
+    AdaLoraModel.forward = _ORIGINALS.pop("AdaLoraModel.forward")
+    AdaLoraModel.update_and_allocate = _ORIGINALS.pop("AdaLoraModel.update_and_allocate")
+    AdaLoraModel._create_new_module = _ORIGINALS.pop("AdaLoraModel._create_new_module")
+    PeftModel.forward = _ORIGINALS.pop("PeftModel.forward")
+
+
+def _patch_model(peft_model):
+    """Convert an existing PEFT AdaLoRA model in place: layers, allocator (with its scores and masks), penalty."""
+    PeftModel, AdaLoraModel, SVDLinear = _peft()
+    tuner = peft_model.base_model if isinstance(peft_model, PeftModel) else peft_model
+    if not isinstance(tuner, AdaLoraModel):
+        raise TypeError(f"patch_peft expects a PEFT AdaLoRA model, got {type(peft_model).__name__}")
+    for module in tuner.model.modules():
+        if type(module) is SVDLinear:
+            module.__class__ = fast_layer_class()
+    _install_save_hook()
+    tuner.forward = types.MethodType(fast_forward, tuner)
+    tuner.update_and_allocate = types.MethodType(fast_update_and_allocate, tuner)
+    if isinstance(peft_model, PeftModel) and type(peft_model) is PeftModel:
+        peft_model.forward = types.MethodType(_through_adalora_forward, peft_model)
+    if hasattr(tuner, "trainable_adapter_name"):
+        _import_peft_allocator_state(tuner)
+    return peft_model
+
+
+@torch.no_grad()
+def _import_peft_allocator_state(tuner) -> None:
+    """Carry PEFT's EMA dicts and rank_pattern into the flat state of the fast allocator."""
+    alloc = _allocator(tuner)
+    peft_alloc = tuner.rankallocator
+    state = alloc.state
+    for i, t in enumerate(alloc.triplets):
+        for buffer, source in ((state.exp_avg_ipt, peft_alloc.exp_avg_ipt), (state.exp_avg_unc, peft_alloc.exp_avg_unc)):
+            views = state.element_views(buffer, i)
+            for kind, name in (("lora_A", t.name_A), ("lora_E", t.name_E), ("lora_B", t.name_B)):
+                if name in source:
+                    views[kind].copy_(source[name])
+    pattern = tuner.peft_config[tuner.trainable_adapter_name].rank_pattern
+    if pattern:
+        adapter = tuner.trainable_adapter_name
+        for t, s in zip(alloc.triplets, state.score_slices):
+            keep = pattern.get(t.name_E, pattern.get(t.name_E.replace(f".{adapter}", "")))
+            if keep is not None:
+                state.keep[s].copy_(torch.tensor(keep, dtype=state.keep.dtype))
+        state.masked.fill_(True)

@@ -1,0 +1,189 @@
+"""PEFT on adalora-fast: the patched path reproduces stock PEFT AdaLoRA and stays compatible with it."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import adalora_fast
+from adalora_fast.integrations.peft import fast_layer_class
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+def _adalora(seed=0, task_type="CAUSAL_LM", **kw):
+    from peft import AdaLoraConfig, get_peft_model
+
+    args = dict(init_r=6, target_r=3, tinit=10, tfinal=30, deltaT=5, total_step=200, lora_alpha=8, target_modules=TARGETS,
+                orth_reg_weight=0.5)  # fmt: skip
+    args.update(kw)
+    model = get_peft_model(_llama(seed), AdaLoraConfig(task_type=task_type, **args))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_E" in n:
+                p.normal_(std=0.1)
+    return model
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(step)
+    return torch.randint(0, 64, (4, 16), generator=g)
+
+
+def _pattern(model):
+    alloc = getattr(model.base_model, "_adalora_fast_allocator", None)
+    return alloc.rank_pattern if alloc is not None else model.peft_config["default"].rank_pattern
+
+
+@pytest.fixture
+def global_patch():
+    adalora_fast.patch_peft()
+    yield
+    adalora_fast.unpatch_peft()
+
+
+def test_patched_llama_reproduces_stock_peft_for_200_steps():
+    stock, fast = _adalora(), _adalora()
+    adalora_fast.patch_peft(fast)
+    assert sum(type(m) is fast_layer_class() for m in fast.modules()) == 14
+    opt_s = torch.optim.AdamW([p for p in stock.parameters() if p.requires_grad], lr=1e-2)
+    opt_f = torch.optim.AdamW([p for p in fast.parameters() if p.requires_grad], lr=1e-2)
+    masked = 0
+    for step in range(200):
+        ids = _batch(step)
+        loss_s = stock(input_ids=ids, labels=ids).loss
+        loss_f = fast(input_ids=ids, labels=ids).loss
+        torch.testing.assert_close(loss_f, loss_s, rtol=1e-5, atol=0, msg=f"loss at step {step}")
+        loss_s.backward()
+        loss_f.backward()
+        for opt, model in ((opt_s, stock), (opt_f, fast)):
+            opt.step()
+            model.base_model.update_and_allocate(step)
+            opt.zero_grad()
+        assert _pattern(fast) == _pattern(stock), f"rank_pattern at step {step}"
+        masked += _pattern(stock) is not None
+    assert masked > 150 and sum(sum(v) for v in _pattern(fast).values()) <= 3 * 14
+
+
+def test_penalty_is_added_when_task_type_is_none():
+    from peft import AdaLoraConfig, get_peft_model
+
+    stock = _adalora(task_type=None)
+    fast = adalora_fast.patch_peft(_adalora(task_type=None))
+    ids = _batch(0)
+    plain = stock(input_ids=ids, labels=ids).loss  # PEFT's bug: no penalty without a task_type
+    with_penalty = fast(input_ids=ids, labels=ids).loss
+    from adalora_fast import compute_orth_regu
+
+    expected = plain + compute_orth_regu(fast.base_model.model, 0.5, adapter_name="default")
+    torch.testing.assert_close(with_penalty, expected, rtol=1e-6, atol=1e-6)
+    assert with_penalty > plain
+
+
+def test_global_patch_and_unpatch(global_patch):
+    from peft.tuners.adalora import AdaLoraModel, SVDLinear
+
+    model = _adalora()
+    assert all(type(m) is fast_layer_class() for m in model.modules() if isinstance(m, SVDLinear))
+    assert AdaLoraModel.update_and_allocate.__name__ == "fast_update_and_allocate"
+    adalora_fast.unpatch_peft()
+    assert AdaLoraModel.update_and_allocate.__name__ == "update_and_allocate"
+    assert all(type(m) is SVDLinear for m in _adalora().modules() if isinstance(m, SVDLinear))
+    adalora_fast.patch_peft()  # the fixture unpatches again
+
+
+def _train(model, steps, start=0):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(start, start + steps):
+        ids = _batch(step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("direction", ["fast_to_stock", "stock_to_fast"])
+def test_save_pretrained_and_from_pretrained_both_ways(direction, tmp_path):
+    from peft import PeftModel
+
+    trained = _adalora(total_step=60, tinit=5, tfinal=10, deltaT=2)
+    if direction == "fast_to_stock":
+        adalora_fast.patch_peft(trained)
+    _train(trained, 60)  # ends in the final phase: the saved adapter is resized by rank_pattern
+    trained.save_pretrained(tmp_path)
+    if direction == "stock_to_fast":
+        adalora_fast.patch_peft()
+    try:
+        loaded = PeftModel.from_pretrained(_llama(), tmp_path)
+        if direction == "stock_to_fast":
+            assert any(type(m) is fast_layer_class() for m in loaded.modules())
+    finally:
+        adalora_fast.unpatch_peft()
+    ranks = [m.lora_A["default"].shape[0] for m in loaded.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert sum(ranks) == sum(sum(v) for v in trained.peft_config["default"].rank_pattern.values()) <= 3 * 14
+    trained.eval()
+    loaded.eval()
+    ids = _batch(999)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_matches_stock():
+    stock, fast = _adalora(), _adalora()
+    adalora_fast.patch_peft(fast)
+    ids = _batch(3)
+    with torch.no_grad():
+        expected = stock(input_ids=ids).logits
+        torch.testing.assert_close(fast(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+        merged = fast.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_converting_a_model_mid_training_keeps_its_masks_and_scores():
+    stock, converted = _adalora(total_step=80, tinit=5, tfinal=20, deltaT=3), _adalora(total_step=80, tinit=5, tfinal=20, deltaT=3)
+    _train(stock, 30)
+    _train(converted, 30)
+    adalora_fast.patch_peft(converted)
+    assert _pattern(converted) == stock.peft_config["default"].rank_pattern
+    opt_s = torch.optim.AdamW([p for p in stock.parameters() if p.requires_grad], lr=1e-2)
+    opt_c = torch.optim.AdamW([p for p in converted.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(30, 36):
+        for model, opt in ((stock, opt_s), (converted, opt_c)):
+            ids = _batch(step)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            model.base_model.update_and_allocate(step)
+            opt.zero_grad()
+        assert _pattern(converted) == _pattern(stock), step
+
+
+def test_trainer_callback_allocates_once_per_optimizer_step(tmp_path):
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from adalora_fast.integrations.trainer import AdaLoraCallback
+
+    class Ids(Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            ids = _batch(i)[0]
+            return {"input_ids": ids, "labels": ids}
+
+    model = adalora_fast.patch_peft(_adalora(total_step=8, tinit=1, tfinal=2, deltaT=1))
+    calls = []
+    original = model.base_model.update_and_allocate
+    model.base_model.update_and_allocate = lambda step: (calls.append(step), original(step))[1]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             max_steps=8, learning_rate=1e-2, report_to=[], save_strategy="no", logging_strategy="no",
+                             use_cpu=True)  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=Ids(), callbacks=[AdaLoraCallback()]).train()
+    assert calls == list(range(8))
+    assert model.peft_config["default"].rank_pattern is not None  # the final pattern was written at T − tfinal
