@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-BASELINES = ("frozen_linear", "peft_loop", "peft_update_and_allocate")
+BASELINES = ("frozen_linear", "peft_loop", "peft_update_and_allocate", "peft_lora")
 
 
 def pytest_terminal_summary(terminalreporter):
