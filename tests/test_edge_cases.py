@@ -1,0 +1,113 @@
+"""Edge cases of the adapter on both backends: input layouts, grad modes, pruned-then-regrown triplets,
+and property-based comparisons of the kernels with the reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adalora_fast import FastSVDLinear
+from adalora_fast.kernels.svd_adapter import svd_adapter_dropout_mask, svd_linear_triton
+from adalora_fast.reference import svd_linear_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _layer(in_f=12, out_f=7, r=4, dtype=torch.float32):
+    layer = FastSVDLinear(in_f, out_f, r=r, lora_alpha=8).to(DEVICE, dtype)
+    with torch.no_grad():
+        layer.lora_E.normal_()
+    return layer
+
+
+@pytest.fixture(params=["reference", "triton"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("ADALORA_FAST_BACKEND", request.param)
+    return request.param
+
+
+def _reference(layer, x):
+    return svd_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_E, layer.lora_B,
+                                layer.triplet_mask, layer.scaling, layer.ranknum)  # fmt: skip
+
+
+def test_four_d_and_channels_last_inputs(backend):
+    layer = _layer(in_f=6)
+    x = torch.randn(2, 6, 3, 5, device=DEVICE).permute(0, 2, 3, 1)  # channels-last view, last dim = features
+    assert not x.is_contiguous()
+    torch.testing.assert_close(layer(x), _reference(layer, x), rtol=1e-4, atol=1e-5)
+    assert layer(x).shape == (2, 3, 5, 7)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_forward_without_autograd(backend, mode):
+    layer = _layer()
+    x = torch.randn(5, 12, device=DEVICE)
+    with mode():
+        y = layer(x)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, _reference(layer, x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_only_for_the_input_or_only_for_the_adapter(backend):
+    layer = _layer()
+    x = torch.randn(5, 12, device=DEVICE, requires_grad=True)
+    layer.requires_grad_(False)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.lora_A.grad is None
+    layer.lora_A.requires_grad_(True)
+    layer.lora_E.requires_grad_(True)
+    layer.lora_B.requires_grad_(True)
+    layer(x.detach()).sum().backward()
+    assert all(p.grad is not None for p in (layer.lora_A, layer.lora_E, layer.lora_B))
+
+
+def test_a_fully_pruned_layer_regrows_through_its_gradient(backend):
+    layer = _layer()
+    with torch.no_grad():
+        layer.lora_E.zero_()  # every λ pruned, as the allocator leaves them
+    x = torch.randn(9, 12, device=DEVICE)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
+    opt = torch.optim.SGD([layer.lora_E], lr=0.1)
+    layer(x).square().sum().backward()
+    assert torch.count_nonzero(layer.lora_E.grad) > 0  # the gradient reaches a zeroed λ
+    opt.step()
+    assert torch.count_nonzero(layer.lora_E) > 0
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    in_f=st.integers(1, 70),
+    out_f=st.integers(1, 70),
+    r=st.sampled_from([1, 3, 8, 12, 16, 33]),
+    dropout=st.sampled_from([0.0, 0.3]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    masked=st.integers(0, 2**16),
+    seed=st.integers(0, 2**20),
+)
+def test_kernels_match_the_reference_on_random_problems(n, in_f, out_f, r, dropout, dtype, masked, seed):
+    g = torch.Generator().manual_seed(seed)
+    to = dict(device=DEVICE, dtype=dtype)
+    x = torch.randn(n, in_f, generator=g).to(**to).requires_grad_()
+    W, b = (torch.randn(out_f, in_f, generator=g) / in_f**0.5).to(**to), torch.randn(out_f, generator=g).to(**to)
+    A = (torch.randn(r, in_f, generator=g) / in_f**0.5).to(**to).requires_grad_()
+    E = torch.randn(r, 1, generator=g).to(**to).requires_grad_()
+    B = (torch.randn(out_f, r, generator=g) / r**0.5).to(**to).requires_grad_()
+    mask = torch.tensor([(masked >> i) & 1 for i in range(r)], dtype=dtype, device=DEVICE)
+    ranknum = torch.tensor([float(r)], **to)
+    keep = svd_adapter_dropout_mask(seed, n, in_f, dropout, DEVICE)
+    gy = torch.randn(n, out_f, generator=g).to(**to)
+
+    def run(fn, **kw):
+        for t in (x, A, E, B):
+            t.grad = None
+        y = fn(x, W, b, A, E, B, mask, 8.0, ranknum, dropout_p=dropout, **kw)
+        y.backward(gy)
+        return [y.detach()] + [t.grad.clone() for t in (x, A, E, B)]
+
+    fast = run(svd_linear_triton, training=True, seed=seed)
+    ref = run(svd_linear_reference, dropout_keep=keep)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for a, e in zip(fast, ref):
+        torch.testing.assert_close(a.float(), e.float(), rtol=tol, atol=tol * max(1.0, e.abs().max().item()))
