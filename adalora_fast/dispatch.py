@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -77,6 +78,18 @@ def triton_unavailable_reason(x: torch.Tensor | None = None, *params: torch.Tens
     return None
 
 
+_ADAPTER_FALLBACK_WARNED = False
+
+
+def _warn_adapter_fallback(reason: str) -> None:
+    """Once: a CUDA input runs the reference adapter because the kernels could not be loaded."""
+    global _ADAPTER_FALLBACK_WARNED
+    if not _ADAPTER_FALLBACK_WARNED:
+        _ADAPTER_FALLBACK_WARNED = True
+        warnings.warn(f"adalora_fast: the SVD adapter runs its PyTorch reference on CUDA tensors because {reason}",
+                      RuntimeWarning, stacklevel=4)  # fmt: skip
+
+
 def adapter_backend(x: torch.Tensor, *params: torch.Tensor) -> str:
     """``"triton"`` or ``"reference"`` for one adapter call on ``x`` with the layer's ``params``."""
     forced = requested_backend()
@@ -85,6 +98,8 @@ def adapter_backend(x: torch.Tensor, *params: torch.Tensor) -> str:
     if forced is None and not x.is_cuda:
         return "reference"  # the interpreter runs CPU tensors only when asked for: it is a test tool
     reason = triton_unavailable_reason(x, *params)
+    if reason is not None and forced is None and _import_adapter_kernels()[0] is None:
+        _warn_adapter_fallback(reason)
     if forced == "triton":
         if reason is not None:
             raise RuntimeError(f"{BACKEND_ENV}=triton, but the Triton backend cannot run: {reason}")

@@ -35,3 +35,22 @@ def test_env_report_names_a_backend_for_every_op():
     for key in ("torch", "triton", "svd_adapter", "orth_penalty", "rank_allocator"):
         assert key in report
     assert report["svd_adapter"].split()[0] in ("reference", "triton")
+
+
+def test_cuda_inputs_warn_once_when_the_kernels_cannot_load(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(dispatch, "_ADAPTER_KERNELS", (None, ImportError("No module named 'triton'")))
+    monkeypatch.setattr(dispatch, "_ADAPTER_FALLBACK_WARNED", False)
+
+    class FakeCuda:
+        is_cuda = True
+        device = torch.device("cpu")
+        dtype = torch.float32
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dispatch.adapter_backend(FakeCuda()) == "reference"
+        assert dispatch.adapter_backend(FakeCuda()) == "reference"
+    messages = [str(w.message) for w in caught if "SVD adapter runs its PyTorch reference" in str(w.message)]
+    assert len(messages) == 1 and "No module named 'triton'" in messages[0]
