@@ -175,5 +175,5 @@ def env_report() -> dict:
         report["orth_penalty"] = "extension (adalora_fast._C, CUDA)"
     else:
         report["orth_penalty"] = "reference on CPU tensors (the extension's CPU build is loaded, used on request)"
-    report["rank_allocator"] = "reference"
+    report["rank_allocator"] = "flat state, a constant number of ops per step (adalora_fast.flat_state)"
     return report
