@@ -72,7 +72,7 @@ class OracleRankAllocator:
 
     def mask_to_target_rank(self, model, curr_rank):
         combine, singular = {}, {}
-        for n, p in model.named_parameters():
+        for n, _ in model.named_parameters():
             if "lora_A" in n or "lora_B" in n:
                 score = self.exp_avg_ipt[n] * self.exp_avg_unc[n]
                 comb = torch.mean(score, dim=1, keepdim=True) if "lora_A" in n else torch.mean(score, dim=0).view(-1, 1)

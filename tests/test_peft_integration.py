@@ -72,7 +72,6 @@ def test_patched_llama_reproduces_stock_peft_for_200_steps():
 
 
 def test_penalty_is_added_when_task_type_is_none():
-    from peft import AdaLoraConfig, get_peft_model
 
     stock = _adalora(task_type=None)
     fast = adalora_fast.patch_peft(_adalora(task_type=None))

@@ -4,7 +4,6 @@ AdaLoRA on a small sentiment task shipped with the tests, stock PEFT vs the patc
 import csv
 import os
 
-import pytest
 import torch
 
 import adalora_fast
