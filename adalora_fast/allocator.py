@@ -157,18 +157,18 @@ class RankAllocator:
             raise ValueError(f"step {global_step}: a budget of {budget} of {self.total_rank} prunes nothing")
         state = self.state
         state.set_control(self.total_rank - budget, score_now, mask_now)
-        finite = None
         if self.order == "reference" and score_now:
-            finite = state.update_from_gradients(grad_scale if grad_scale is not None else self.grad_scale)
-            if self.nonfinite == "raise" and score_now and not bool(finite):
+            state.update_from_gradients(grad_scale if grad_scale is not None else self.grad_scale)
+        if self.order == "reference":
+            state.compute_scores()
+            finite = state._step_finite
+            if self.nonfinite == "raise" and finite is not None and not bool(finite):
                 raise FloatingPointError(
                     f"RankAllocator: non-finite gradient or sensitivity at step {global_step}; no score or mask was written"
                 )
-        if self.order == "reference":
-            state.compute_scores()
         else:
             self._check_emitted(global_step, score_now)
-        threshold = state.mask(finite)
+        threshold = state.mask()
         if self.importance_states is not None:
             for s in self.importance_states:
                 s.end_step()

@@ -60,6 +60,8 @@ class FlatAdapterState:
         self.masked = torch.zeros((), dtype=torch.bool, device=self.device)  # any mask yet?
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
         self.control = torch.zeros(3, dtype=torch.int64, device=self.device)
+        self._step_finite: torch.Tensor | None = None
+        self._previous = None
         # The parameters in flat order (for the one gather of θ and ∇θ), and Λ with its keep column.
         self.flat_params: list[tuple[str, torch.Tensor]] = []
         for g in self.groups:
@@ -126,6 +128,7 @@ class FlatAdapterState:
         host = torch.tensor([max(k_prune, 1), int(score), int(mask)], dtype=torch.int64,
                             pin_memory=self.device.type == "cuda")  # fmt: skip
         self.control.copy_(host, non_blocking=True)
+        self._step_finite = None  # set when this step scores
 
     @torch.no_grad()
     def update_from_gradients(self, grad_scale: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -135,16 +138,26 @@ class FlatAdapterState:
         whatever the number of layers). A step whose sensitivity is not finite leaves the EMAs as they
         were and is counted in ``nonfinite_steps``.
         """
+        finite = self._update_emas(grad_scale)
+        self._settle(finite)
+        return finite
+
+    def _gradient_lists(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         grads = [p.grad for _, p in self.flat_params]
         for (name, p), g in zip(self.flat_params, grads):
             if g is None:
                 require_grad(name, p)  # raises, naming the parameter
-        ipt = torch._foreach_mul(self.param_list, grads)
+        return self.param_list, grads
+
+    def _update_emas(self, grad_scale) -> torch.Tensor:
+        """Write the new Ī, Ū (keeping the previous ones aside); returns whether this shard's I was finite."""
+        params, grads = self._gradient_lists()
+        ipt = torch._foreach_mul(params, grads)
         torch._foreach_abs_(ipt)
         if grad_scale is not None:
             torch._foreach_div_(ipt, grad_scale)  # scores from unscaled gradients under AMP loss scaling
         finite = torch.isfinite(torch.stack(torch._foreach_norm(ipt, ord=float("inf")))).all()
-        previous = (self.exp_avg_ipt.clone(), self.exp_avg_unc.clone())
+        self._previous = (self.exp_avg_ipt.clone(), self.exp_avg_unc.clone())
         # The references' expressions, term for term (bitwise equal in fp32):
         # Ī ← β1·Ī + (1−β1)·I;  Ū ← β2·Ū + (1−β2)·|I − Ī|
         avg = torch._foreach_add(torch._foreach_mul(self.ipt_views, self.beta1), torch._foreach_mul(ipt, 1 - self.beta1))
@@ -153,11 +166,17 @@ class FlatAdapterState:
         unc = torch._foreach_add(torch._foreach_mul(self.unc_views, self.beta2), torch._foreach_mul(dev, 1 - self.beta2))
         torch._foreach_copy_(self.ipt_views, avg)
         torch._foreach_copy_(self.unc_views, unc)
-        apply = finite & (self.control[DO_SCORE] != 0)
-        torch.where(apply, self.exp_avg_ipt, previous[0], out=self.exp_avg_ipt)
-        torch.where(apply, self.exp_avg_unc, previous[1], out=self.exp_avg_unc)
-        self.nonfinite_steps.add_((~finite & (self.control[DO_SCORE] != 0)).long())
         return finite
+
+    def _settle(self, finite: torch.Tensor) -> None:
+        """Keep the new EMAs only on a scoring step whose sensitivity was finite everywhere."""
+        scoring = self.control[DO_SCORE] != 0
+        apply = finite & scoring
+        torch.where(apply, self.exp_avg_ipt, self._previous[0], out=self.exp_avg_ipt)
+        torch.where(apply, self.exp_avg_unc, self._previous[1], out=self.exp_avg_unc)
+        self._previous = None
+        self.nonfinite_steps.add_((~finite & scoring).long())
+        self._step_finite = finite
 
     @torch.no_grad()
     def compute_scores(self) -> None:
@@ -171,23 +190,26 @@ class FlatAdapterState:
             self.scores[g.score_offset : g.score_offset + n * r].view(n, r).copy_(s_e + (s_a + s_b))
 
     @torch.no_grad()
-    def mask(self, finite: torch.Tensor | None = None) -> torch.Tensor:
+    def mask(self) -> torch.Tensor:
         """Where the control says so: prune every triplet scoring <= the k-th smallest (ties included) by
-        zeroing its λ. Returns the threshold (device scalar)."""
+        zeroing its λ; never on a step whose sensitivity was not finite. Returns the threshold (device scalar)."""
         k = self.control[K_PRUNE : K_PRUNE + 1]
         threshold = torch.sort(self.scores).values.index_select(0, k - 1).squeeze(0)  # = kthvalue(scores, k)
         do_mask = self.control[DO_MASK] != 0
-        if finite is not None:
-            do_mask = do_mask & finite
+        if self._step_finite is not None:
+            do_mask = do_mask & self._step_finite
         scores_ok = torch.isfinite(self.scores).all()
         self.nonfinite_steps.add_((do_mask & ~scores_ok).long())
         do_mask = do_mask & scores_ok
         new_keep = (self.scores > threshold).to(self.dtype)
         self.keep.copy_(torch.where(do_mask, new_keep, self.keep))
         torch.where(do_mask, self.keep, torch.ones_like(self.keep), out=self.factor)
-        torch._foreach_mul_(self.lambdas, self.factor_columns)
+        self._multiply_lambdas()
         self.masked.logical_or_(do_mask)
         return threshold
+
+    def _multiply_lambdas(self) -> None:
+        torch._foreach_mul_(self.lambdas, self.factor_columns)
 
     # -- reading the state (host syncs allowed: not on the hot path) --------------------------------
     def rank_pattern(self) -> dict[str, list[bool]] | None:
