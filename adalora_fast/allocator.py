@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from .discovery import find_adapter_triplets
-from .flat_state import FlatAdapterState
+from .flat_state import FlatAdapterState, ShardedAdapterState, is_sharded
 from .importance import ImportanceState
 from .reference.allocator import ORDERS, SEMANTICS, BudgetSchedule, check_betas
 from .svd_linear import FastSVDLinear
@@ -102,7 +102,10 @@ class RankAllocator:
             raise ValueError("RankAllocator: the model has no AdaLoRA adapters (no lora_A / lora_E / lora_B parameters)")
         self.total_rank = sum(t.rank for t in self.triplets)
         self.target_rank = target_total_rank if target_total_rank is not None else target_rank * len(self.triplets)
-        self.state = FlatAdapterState(self.triplets, beta1, beta2)
+        sharded = is_sharded(self.triplets[0].lora_A)
+        if sharded and order == "paper":
+            raise ValueError("order='paper' is not supported with sharded (FSDP2) adapters yet; use order='reference'")
+        self.state = (ShardedAdapterState if sharded else FlatAdapterState)(self.triplets, beta1, beta2)
         self.importance_states = (
             self._attach_importance(model, grad_accumulation_steps) if order == "paper" else None
         )
@@ -210,7 +213,7 @@ class RankAllocator:
             s.emissions = max(s.emissions, self._emissions_seen[self.importance_states.index(s)])
 
     def persistent_bytes(self) -> int:
-        """Bytes of allocator state kept between steps."""
+        """Bytes of allocator state kept between steps (on this rank)."""
         st = self.state
         tensors = (st.exp_avg_ipt, st.exp_avg_unc, st.scores, st.keep, st.factor, st.masked, st.nonfinite_steps, st.control)
         return sum(t.numel() * t.element_size() for t in tensors)

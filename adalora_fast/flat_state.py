@@ -235,3 +235,131 @@ class FlatAdapterState:
             raise ValueError("allocator state does not match this model's adapters (names, ranks or shapes differ)")
         for name in ("exp_avg_ipt", "exp_avg_unc", "scores", "keep", "masked", "nonfinite_steps"):
             getattr(self, name).copy_(state[name])
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor parameter (FSDP2's ``fully_shard``)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _dim0_shard(p) -> tuple[int, int]:
+    """(first global row, local rows) of a DTensor sharded along dim 0 as FSDP2 does (torch.chunk split)."""
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(p.placements)
+    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise ValueError(f"sharded adapters must be sharded along dim 0 on a 1-D mesh (FSDP2), got {placements}")
+    mesh = p.device_mesh
+    n, world, rank = p.shape[0], mesh.size(), mesh.get_local_rank()
+    chunk = -(-n // world)
+    start = min(rank * chunk, n)
+    local = p.to_local().shape[0]
+    if local != max(0, min(chunk, n - start)):
+        raise ValueError(f"unexpected shard layout: {local} local rows of {n} on rank {rank} of {world}")
+    return start, local
+
+
+class ShardedAdapterState(FlatAdapterState):
+    """The flat state for FSDP2 (``fully_shard``): adapters are DTensors sharded along dim 0.
+
+    Ī and Ū cover the local shards only. Each rank scores its elements and scatters them into a
+    replicated (Σr,) vector — λ_i and whole rows of Q where it holds them, column partial sums of P
+    over its rows of P — and one all-reduce per step (not per layer) sums them, the finiteness flag
+    riding along, so every rank thresholds the same scores and masks its shard of Λ the same way.
+    """
+
+    def __init__(self, triplets: list[AdapterTriplet], beta1: float, beta2: float):
+        import torch.distributed as dist
+
+        ref = triplets[0].lora_A
+        self.triplets, self.beta1, self.beta2 = triplets, beta1, beta2
+        self.dtype, self.device = ref.dtype, ref.to_local().device
+        self.group = ref.device_mesh.get_group()
+        self._dist = dist
+        self.flat_params = []
+        for t in triplets:
+            self.flat_params += [(t.name_A, t.lora_A), (t.name_E, t.lora_E), (t.name_B, t.lora_B)]
+        sizes = [p.to_local().numel() for _, p in self.flat_params]
+        n_triplets = sum(t.rank for t in triplets)
+        self.exp_avg_ipt = torch.zeros(sum(sizes), dtype=self.dtype, device=self.device)
+        self.exp_avg_unc = torch.zeros_like(self.exp_avg_ipt)
+        self.scores = torch.zeros(n_triplets, dtype=self.dtype, device=self.device)
+        self.keep = torch.ones(n_triplets, dtype=self.dtype, device=self.device)
+        self.factor = torch.ones_like(self.keep)
+        self.masked = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.control = torch.zeros(3, dtype=torch.int64, device=self.device)
+        self._step_finite, self._previous = None, None
+        self.score_slices, slot_index, weights, lambda_slots = [], [], [], []
+        offset = 0
+        for t in triplets:
+            r, in_f, out_f = t.rank, t.lora_A.shape[1], t.lora_B.shape[0]
+            self.score_slices.append(slice(offset, offset + r))
+            a0, a_rows = _dim0_shard(t.lora_A)
+            e0, e_rows = _dim0_shard(t.lora_E)
+            _, b_rows = _dim0_shard(t.lora_B)
+            rows = torch.arange(a0, a0 + a_rows)
+            slot_index += [(offset + rows).repeat_interleave(in_f), offset + torch.arange(e0, e0 + e_rows),
+                           (offset + torch.arange(r)).repeat(b_rows)]  # fmt: skip
+            weights += [torch.full((a_rows * in_f,), 1.0 / in_f), torch.ones(e_rows), torch.full((b_rows * r,), 1.0 / out_f)]
+            lambda_slots.append(offset + torch.arange(e0, e0 + e_rows))
+            offset += r
+        self.slot_index = torch.cat(slot_index).to(self.device)
+        self.slot_weight = torch.cat(weights).to(self.device, self.dtype)
+        self.lambda_index = torch.cat(lambda_slots).to(self.device)
+        self.lambda_factor = torch.ones(len(self.lambda_index), dtype=self.dtype, device=self.device)
+        self.lambdas = [t.lora_E.to_local() for t in triplets]
+        self.lambda_factor_columns, start = [], 0
+        for lam in self.lambdas:
+            self.lambda_factor_columns.append(self.lambda_factor[start : start + lam.shape[0]].view(-1, 1))
+            start += lam.shape[0]
+        self.param_list = [p.to_local() for _, p in self.flat_params]
+        self.ipt_views = self._flat_views(self.exp_avg_ipt)
+        self.unc_views = self._flat_views(self.exp_avg_unc)
+
+    def _flat_views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        views, offset = [], 0
+        for local in self.param_list:
+            views.append(buffer[offset : offset + local.numel()].view(local.shape))
+            offset += local.numel()
+        return views
+
+    def element_views(self, buffer, index):
+        raise NotImplementedError("order='paper' is not supported with sharded (FSDP2) adapters yet")
+
+    def _gradient_lists(self):
+        grads = []
+        for name, p in self.flat_params:
+            grads.append(require_grad(name, p).to_local())
+        return [p.to_local() for _, p in self.flat_params], grads
+
+    @torch.no_grad()
+    def update_from_gradients(self, grad_scale=None) -> None:
+        """The local shards' EMAs; whether to keep them is decided with the other ranks in compute_scores."""
+        self._pending_finite = self._update_emas(grad_scale)
+
+    @torch.no_grad()
+    def compute_scores(self) -> None:
+        s = self.exp_avg_ipt * self.exp_avg_unc
+        contrib = torch.zeros(len(self.scores) + 1, dtype=torch.float32, device=self.device)
+        contrib[:-1].index_add_(0, self.slot_index, (s * self.slot_weight).float())
+        pending = getattr(self, "_pending_finite", None)
+        if pending is not None:
+            contrib[-1] = (~pending).float()
+        self._dist.all_reduce(contrib, group=self.group)  # the one collective of the step
+        new_scores = contrib[:-1].to(self.dtype)
+        if pending is not None:
+            self._pending_finite = None
+            finite = contrib[-1] == 0  # finite on every rank
+            self._settle(finite)
+            new_scores = torch.where(finite, new_scores, self.scores)  # a skipped step keeps the last scores
+        self.scores.copy_(new_scores)
+
+    def _multiply_lambdas(self) -> None:
+        torch.index_select(self.factor, 0, self.lambda_index, out=self.lambda_factor)
+        torch._foreach_mul_([t.lora_E.to_local() for t in self.triplets], self.lambda_factor_columns)
+

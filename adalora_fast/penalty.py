@@ -18,6 +18,7 @@ import torch.nn as nn
 from . import dispatch
 from .discovery import find_orth_matrices
 from .extension import load_extension
+from .flat_state import is_sharded
 from .reference.penalty import check_penalty_mode, orth_penalty_sum
 
 
@@ -78,6 +79,8 @@ def orth_penalty(
         raise ValueError("orthogonality penalty: no lora_A / lora_B matrices were given")
     if len(factors) != len(is_right):
         raise ValueError(f"{len(factors)} factors but {len(is_right)} is_right flags")
+    # Sharded factors (FSDP2 DTensors) are gathered, differentiably: every rank computes the whole penalty.
+    factors = [f.full_tensor() if is_sharded(f) else f for f in factors]
     groups: dict[tuple, list[int]] = {}
     for k, f in enumerate(factors):
         groups.setdefault((f.device, f.dtype), []).append(k)

@@ -1,9 +1,15 @@
-"""DDP: every rank computes the same scores and masks with no extra communication (2 gloo processes on CPU),
-equal to a single-process run over the same global batch."""
+"""Data parallel training on 2 gloo processes (CPU): every rank ends each step with the same masks, equal
+to a single-process run over the same global batch.
+
+DDP: the gradients are already all-reduced, so the ranks score identically with no extra communication.
+FSDP2 (``fully_shard``): the adapters are sharded DTensors; the allocator scores the local shards and
+combines the triplet scores with one all-reduce per step, and the penalty runs on the sharded P and Q.
+"""
 
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -23,12 +29,12 @@ def _model():
     return model
 
 
-def _run(model, rank=0, world=1):
+def _run(model, rank=0, world=1, sharded=False):
     from adalora_fast import RankAllocator, compute_orth_regu
 
-    alloc = RankAllocator(model.module if world > 1 else model, 4, 2, 4, 10, 2, 0.85, 0.85, total_step=STEPS)
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    alloc = RankAllocator(inner, 4, 2, 4, 10, 2, 0.85, 0.85, total_step=STEPS)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    inner = model.module if world > 1 else model
     history = []
     for step in range(STEPS):
         g = torch.Generator().manual_seed(step)
@@ -38,17 +44,29 @@ def _run(model, rank=0, world=1):
         loss.backward()  # DDP averages the gradients: the global batch's mean
         opt.step()
         alloc.update_and_mask(inner, step)
-        history.append((alloc.rank_pattern, [m.lora_E.detach().clone() for m in (inner[0], inner[2])]))
+        lambdas = [m.lora_E.detach() for m in (inner[0], inner[2])]
+        if sharded:
+            lambdas = [lam.full_tensor() for lam in lambdas]
+        history.append((alloc.rank_pattern, [lam.clone() for lam in lambdas]))
         opt.zero_grad()
     return history
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, port, out_dir, mode):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = nn.parallel.DistributedDataParallel(_model())
-        torch.save(_run(model, rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+        if mode == "ddp":
+            history = _run(nn.parallel.DistributedDataParallel(_model()), rank, world)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            model = _model()
+            for layer in (model[0], model[2]):
+                fully_shard(layer)
+            fully_shard(model)
+            history = _run(model, rank, world, sharded=True)
+        torch.save(history, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -59,8 +77,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_ranks_agree_with_each_other_and_with_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_ranks_agree_with_each_other_and_with_one_process(tmp_path, mode):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), mode), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     single = _run(_model())
     for step, ((p0, l0), (p1, l1), (ps, ls)) in enumerate(zip(rank0, rank1, single)):
