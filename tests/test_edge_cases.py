@@ -111,3 +111,43 @@ def test_kernels_match_the_reference_on_random_problems(n, in_f, out_f, r, dropo
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for a, e in zip(fast, ref):
         torch.testing.assert_close(a.float(), e.float(), rtol=tol, atol=tol * max(1.0, e.abs().max().item()))
+
+
+def test_nan_input_propagates_like_the_reference(backend):
+    layer = _layer()
+    x = torch.randn(4, 12, device=DEVICE)
+    x[1, 3] = float("nan")
+    y, ref = layer(x), _reference(layer, x)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
+
+
+def test_autocast_matches_peft(monkeypatch):
+    from helpers import twin_layers
+
+    ours, theirs = twin_layers(24, 10, 6, device=DEVICE)
+    x = torch.randn(5, 24, device=DEVICE)
+    dtype = torch.bfloat16
+    with torch.autocast(DEVICE, dtype=dtype):
+        y1, y2 = ours(x), theirs(x)
+    assert y1.dtype == y2.dtype
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+def test_adapters_without_requires_grad_are_a_clear_allocator_error():
+    from adalora_fast import RankAllocator
+
+    model = torch.nn.Sequential(_layer(), _layer(in_f=7, out_f=5))
+    model[0].lora_B.requires_grad_(False)
+    alloc = RankAllocator(model, 4, 2, 1, 2, 1, 0.85, 0.85, total_step=10)
+    model(torch.randn(3, 12, device=DEVICE)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"0\.lora_B has no gradient.*requires_grad=True"):
+        alloc.update_and_mask(model, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a launch grid past 65,535 row blocks needs a GPU's memory")
+def test_very_large_batches_launch_past_65535_blocks():
+    layer = _layer(in_f=16, out_f=16, dtype=torch.bfloat16)
+    x = torch.randn(65536 * 128 + 3, 16, device=DEVICE, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x[-1000:]), _reference(layer, x[-1000:]), rtol=4e-2, atol=4e-2)
+    y = layer(x)
+    torch.testing.assert_close(y[-1000:], _reference(layer, x[-1000:]), rtol=4e-2, atol=4e-2)
