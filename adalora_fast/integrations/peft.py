@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 
 from ..allocator import RankAllocator
-from ..discovery import _selected
 from ..functional import svd_linear
 from ..penalty import orth_penalty
 
@@ -107,13 +106,20 @@ def sync_rank_pattern(model) -> None:
 
 
 def _orth_factors(self) -> tuple[list[torch.Tensor], list[bool]]:
+    """Every lora_A and lora_B of the trainable adapter, in PEFT's order (A then B per module).
+
+    The adapted modules are found once and cached (PEFT walks every named parameter on every forward);
+    the parameters are read from them on each call, so a load-time resize is picked up.
+    """
+    from peft.tuners.adalora import AdaLoraLayer
+
     name = self.trainable_adapter_name
-    factors, right = [], []
-    for n, p in self.model.named_parameters():
-        if _selected(n, "lora_A", name) or _selected(n, "lora_B", name):
-            factors.append(p)
-            right.append("lora_A" in n)
-    return factors, right
+    modules = getattr(self, "_adalora_fast_layers", None)
+    if modules is None or any(name not in m.lora_A for m in modules):
+        modules = [m for m in self.model.modules() if isinstance(m, AdaLoraLayer) and name in m.lora_A]
+        self._adalora_fast_layers = modules
+    factors = [p for m in modules for p in (m.lora_A[name], m.lora_B[name])]
+    return factors, [True, False] * len(modules)
 
 
 def fast_forward(self, *args, **kwargs):
