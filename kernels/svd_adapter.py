@@ -12,13 +12,15 @@ Forward (2 kernels + the base GEMM):
   shrink   H = dropout(x)·Qᵀ                               one pass over x
   expand   y = (H·diag(sΛm))·Pᵀ + b                        writes y once
   cuBLAS   y += x·W0ᵀ   (addmm with beta = 1: the adapter term is read in the GEMM's epilogue)
-Backward (4 kernels + the base dx GEMM):
-  grad_h   G = dY·P, and per row tile the partial dPᵀ = dYᵀ·(H·diag(sΛm))   one pass over dY
+Backward (5 launches + the base dx GEMM):
+  grad_h   G = dY·P, and per row tile the partial dP = dYᵀ·(H·diag(sΛm))   one pass over dY
            epilogue: Gs = G·diag(sΛm), partial Σ H⊙G for dΛ
-  grad_p   dP = Σ over row tiles of the partials, in tile order (deterministic, no atomics)
+  reduce   dP = Σ of those partials in tile order (deterministic, no atomics)
+  grad_q   dQᵀ partials = dropout(x)ᵀ·Gs per token split × input tile   one pass over x
+  reduce   dQ = Σ of the split partials in order
   grad_x   dx = dropout'(Gs·Q), then cuBLAS dx += dY·W0 (beta = 1)
-  grad_q   dQ = Gsᵀ·dropout(x)                                one pass over x
   dΛ = s·m·Σ_tiles (Σ H⊙G): an r-sized reduction in fixed order.
+Paper-order importance is emitted by the two ``reduce`` launches, where dP and dQ become final.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def _svd_adapter_grad_h_kernel(
         p = tl.load(P_ptr + cols[:, None] * stride_pn + ranks[None, :] * stride_pr,
                     mask=(cols[:, None] < OUT) & (ranks[None, :] < R), other=0.0)  # fmt: skip
         g = tile_dot(dy, p, g, UPCAST, DOT_PRECISION)
-        # This row tile's share of dP = dYᵀ·(H·diag(sΛm)), summed over tiles by the grad_p kernel.
+        # This row tile's share of dP = dYᵀ·(H·diag(sΛm)), summed over tiles by the reduce kernel.
         part = tile_dot(tl.trans(dy), u, tl.zeros((BLOCK_N, R_PAD), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
         tl.store(WSP_ptr + (tile * OUT + cols[:, None]) * R_PAD + ranks[None, :], part, mask=cols[:, None] < OUT)
     tl.store(GS_ptr + rows[:, None] * R_PAD + ranks[None, :], g * lam[None, :], mask=rows[:, None] < N)
@@ -128,26 +130,31 @@ def _svd_adapter_grad_h_kernel(
 
 
 @triton.jit
-def _svd_adapter_grad_p_kernel(
-    WSP_ptr, DP_ptr, W_ptr, PREV_ptr, IPT_ptr, UNC_ptr, SP_ptr, INV_SCALE_ptr, OUT, R, n_tiles, stride_pn, stride_pr,
-    beta1, one_minus_beta1, beta2, one_minus_beta2,
-    BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, EMIT: tl.constexpr,
+def _factor_grad_reduce_kernel(
+    WS_ptr, DG_ptr, W_ptr, PREV_ptr, IPT_ptr, UNC_ptr, SCORE_ptr, INV_SCALE_ptr, ROWS, R, n_parts,
+    stride_row, stride_rank, beta1, one_minus_beta1, beta2, one_minus_beta2,
+    BLOCK_ROWS: tl.constexpr, R_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, EMIT: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
+    """A factor's gradient (P, or Q seen as Qᵀ) = Σ of n_parts partials (n_parts × ROWS × R_PAD), in order.
+
+    Where the gradient is final, the paper-order epilogue: sensitivity, both EMAs in place, and this
+    tile's per-rank sums of the element scores (over P's rows, or Q's columns).
+    """
     tile = tl.program_id(0).to(tl.int64)
-    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     ranks = tl.arange(0, R_PAD)
-    acc = tl.zeros((BLOCK_N, R_PAD), dtype=ACC_DTYPE)
-    for t in range(0, n_tiles):  # fixed order: bitwise reproducible
-        acc += tl.load(WSP_ptr + (t * OUT + cols[:, None]) * R_PAD + ranks[None, :], mask=cols[:, None] < OUT, other=0.0)
-    offs = cols[:, None] * stride_pn + ranks[None, :] * stride_pr
-    valid = (cols[:, None] < OUT) & (ranks[None, :] < R)
-    tl.store(DP_ptr + offs, acc.to(DP_ptr.dtype.element_ty), mask=valid)
-    if EMIT:  # dP is final here: sensitivity, EMAs, and this tile's column sums of the element scores
+    acc = tl.zeros((BLOCK_ROWS, R_PAD), dtype=ACC_DTYPE)
+    for t in range(0, n_parts):  # fixed order: bitwise reproducible
+        acc += tl.load(WS_ptr + (t * ROWS + rows[:, None]) * R_PAD + ranks[None, :], mask=rows[:, None] < ROWS, other=0.0)
+    offs = rows[:, None] * stride_row + ranks[None, :] * stride_rank
+    valid = (rows[:, None] < ROWS) & (ranks[None, :] < R)
+    tl.store(DG_ptr + offs, acc.to(DG_ptr.dtype.element_ty), mask=valid)
+    if EMIT:
         g = gradient_total(acc, PREV_ptr + offs, valid, ACCUMULATE) * tl.load(INV_SCALE_ptr)
         w = tl.load(W_ptr + offs, mask=valid, other=0.0)
         score = update_importance(w, g, IPT_ptr + offs, UNC_ptr + offs, valid, beta1, one_minus_beta1, beta2, one_minus_beta2)
-        tl.store(SP_ptr + tile * R_PAD + ranks, tl.sum(score, axis=0))
+        tl.store(SCORE_ptr + tile * R_PAD + ranks, tl.sum(score, axis=0))
 
 
 @triton.jit
@@ -172,29 +179,23 @@ def _svd_adapter_grad_x_kernel(
 
 @triton.jit
 def _svd_adapter_grad_q_kernel(
-    X_ptr, GS_ptr, DQ_ptr, W_ptr, PREV_ptr, IPT_ptr, UNC_ptr, SQ_ptr, INV_SCALE_ptr, N, K, R, seed, dropout_p, keep_scale,
-    stride_xm, stride_xk, stride_qr, stride_qk, beta1, one_minus_beta1, beta2, one_minus_beta2,
+    X_ptr, GS_ptr, WSQ_ptr, N, K, R, rows_per_split, seed, dropout_p, keep_scale, stride_xm, stride_xk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, EMIT: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0).to(tl.int64)
-    cols = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+    """One split of the tokens' share of dQ = Gsᵀ·dropout(x), stored as dQᵀ partials (split, K, R_PAD)."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1).to(tl.int64)
+    start = split * rows_per_split
+    end = tl.minimum(start + rows_per_split, N)
     ranks = tl.arange(0, R_PAD)
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=ACC_DTYPE)
-    for m0 in range(0, N, BLOCK_M):
+    for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        x = _load_input_tile(X_ptr, rows, cols, N, K, stride_xm, stride_xk, seed, dropout_p, keep_scale, HAS_DROPOUT)
-        gs_t = tl.load(GS_ptr + rows[None, :] * R_PAD + ranks[:, None], mask=rows[None, :] < N, other=0.0).to(x.dtype)
+        x = _load_input_tile(X_ptr, rows, cols, end, K, stride_xm, stride_xk, seed, dropout_p, keep_scale, HAS_DROPOUT)
+        gs_t = tl.load(GS_ptr + rows[None, :] * R_PAD + ranks[:, None], mask=rows[None, :] < end, other=0.0).to(x.dtype)
         acc = tile_dot(gs_t, x, acc, UPCAST, DOT_PRECISION)
-    offs = ranks[:, None] * stride_qr + cols[None, :] * stride_qk
-    valid = (ranks[:, None] < R) & (cols[None, :] < K)
-    tl.store(DQ_ptr + offs, acc.to(DQ_ptr.dtype.element_ty), mask=valid)
-    if EMIT:  # dQ is final here: sensitivity, EMAs, and this tile's row sums of the element scores
-        g = gradient_total(acc, PREV_ptr + offs, valid, ACCUMULATE) * tl.load(INV_SCALE_ptr)
-        w = tl.load(W_ptr + offs, mask=valid, other=0.0)
-        score = update_importance(w, g, IPT_ptr + offs, UNC_ptr + offs, valid, beta1, one_minus_beta1, beta2, one_minus_beta2)
-        tl.store(SQ_ptr + tile * R_PAD + ranks, tl.sum(score, axis=1))
+    tl.store(WSQ_ptr + (split * K + cols[None, :]) * R_PAD + ranks[:, None], acc, mask=cols[None, :] < K)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,14 +212,17 @@ OUTPUT_TILE_CONFIGS = tile_configs(
 GRAD_X_CONFIGS = tile_configs(
     ("BLOCK_M", "BLOCK_K"), [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4)], (16, 32, 4, 1)
 )
-# grad_h's BLOCK_M sets the number of dP partials, and grad_p's BLOCK_N / grad_q's BLOCK_K the number of
-# score partials (all allocated before the launch), so the launcher fixes those and the rest is tuned.
+GRAD_Q_CONFIGS = tile_configs(
+    ("BLOCK_M", "BLOCK_K"), [(128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3)], (16, 32, 4, 1)
+)
+# grad_h's BLOCK_M sets the number of dP partials, and the reduction's BLOCK_ROWS the number of score
+# partials (both allocated before the launch), so the launcher fixes those and the rest is tuned.
 GRAD_H_BLOCK_M = 16 if interpreting() else 64
 GRAD_H_CONFIGS = tile_configs(("BLOCK_N",), [(64, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3)], (32, 4, 1))
-GRAD_P_BLOCK_N = 32 if interpreting() else 64
-GRAD_P_CONFIGS = tile_configs((), [(4, 1), (2, 1), (8, 1)], (4, 1))
-GRAD_Q_BLOCK_K = 32 if interpreting() else 64
-GRAD_Q_CONFIGS = tile_configs(("BLOCK_M",), [(128, 4, 3), (64, 4, 3), (256, 8, 3), (128, 8, 4)], (32, 4, 1))
+REDUCE_BLOCK_ROWS = 32 if interpreting() else 64
+REDUCE_CONFIGS = tile_configs((), [(4, 1), (2, 1), (8, 1)], (4, 1))
+# grad_q splits the tokens so that in × splits fills the GPU; the splits' dQ partials are reduced in order.
+GRAD_Q_MIN_ROWS_PER_SPLIT = 16 if interpreting() else 512
 
 # The autotuned entry points; the raw jit functions above are what the ahead-of-time compile test builds.
 svd_adapter_shrink = triton.autotune(ROW_TILE_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_shrink_kernel)
@@ -226,13 +230,11 @@ svd_adapter_expand = triton.autotune(OUTPUT_TILE_CONFIGS, key=["OUT", "R_PAD", "
 svd_adapter_grad_h = triton.autotune(GRAD_H_CONFIGS, key=["OUT", "R_PAD"])(_svd_adapter_grad_h_kernel)
 # The importance EMAs are updated in place: autotuning restores them after each trial.
 _EMA_ARGS = ["IPT_ptr", "UNC_ptr"]
-svd_adapter_grad_p = triton.autotune(GRAD_P_CONFIGS, key=["OUT", "R_PAD", "EMIT"], restore_value=_EMA_ARGS)(
-    _svd_adapter_grad_p_kernel
+factor_grad_reduce = triton.autotune(REDUCE_CONFIGS, key=["ROWS", "R_PAD", "EMIT"], restore_value=_EMA_ARGS)(
+    _factor_grad_reduce_kernel
 )
 svd_adapter_grad_x = triton.autotune(GRAD_X_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_grad_x_kernel)
-svd_adapter_grad_q = triton.autotune(
-    GRAD_Q_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT", "EMIT"], restore_value=_EMA_ARGS
-)(_svd_adapter_grad_q_kernel)
+svd_adapter_grad_q = triton.autotune(GRAD_Q_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_grad_q_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +299,30 @@ def _inverse_grad_scale(importance, device) -> torch.Tensor:
     return torch.full((1,), 1.0 / scale, device=device, dtype=torch.float32)
 
 
+def _token_splits(n: int, k: int, device) -> int:
+    """How many token splits grad_q uses: enough programs to fill the device, each with a useful share of rows."""
+    if device.type == "cuda":
+        programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        programs_wanted = 8
+    in_tiles = triton.cdiv(k, 64)
+    return max(1, min(triton.cdiv(n, GRAD_Q_MIN_ROWS_PER_SPLIT), triton.cdiv(programs_wanted, in_tiles)))
+
+
+def _reduce_factor_grad(ws, grad, param, name, rows, r, r_pad, stride_row, stride_rank, importance, inv_scale,
+                        betas, acc_dtype):  # fmt: skip
+    """grad = Σ of the partials in ``ws`` (n_parts × rows × r_pad); with ``importance``, the epilogue scores
+    the final gradient and returns the per-tile score sums (tiles × r_pad)."""
+    w, prev, ipt, unc, emit, accumulate = _importance_operands(importance, name, param, grad)
+    tiles = triton.cdiv(rows, REDUCE_BLOCK_ROWS)
+    scores = torch.empty((tiles, r_pad), device=grad.device, dtype=torch.float32)
+    factor_grad_reduce[(tiles,)](
+        ws, grad, w, prev, ipt, unc, scores, inv_scale, rows, r, ws.shape[0], stride_row, stride_rank, *betas,
+        BLOCK_ROWS=REDUCE_BLOCK_ROWS, R_PAD=r_pad, ACC_DTYPE=acc_dtype, EMIT=emit, ACCUMULATE=accumulate,
+    )  # fmt: skip
+    return scores
+
+
 def _beta_args(importance) -> tuple[float, float, float, float]:
     if importance is None:
         return 0.0, 1.0, 0.0, 1.0
@@ -308,9 +334,9 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
                          base_gemm: bool = True):  # fmt: skip
     """(dx or None, dQ, dΛ, dP) for an upstream gradient dY (N × out).
 
-    With an ``importance`` state (paper order, on the step-completing micro-batch) the grad_p and
-    grad_q epilogues also update the sensitivity EMAs of P and Q and sum their element scores per
-    rank; Λ's r elements and the triplet score are finished on the host side of the launch.
+    With an ``importance`` state (paper order, on the step-completing micro-batch) the two reductions'
+    epilogues also update the sensitivity EMAs of P and Q and sum their element scores per rank; Λ's
+    r elements and the triplet score are finished on the host side of the launch.
     """
     n, k = x2d.shape
     r, out = lora_A.shape[0], lora_B.shape[0]
@@ -333,27 +359,25 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
     )  # fmt: skip
     betas = _beta_args(importance)
     inv_scale = _inverse_grad_scale(importance, dev)
+    # dP = Σ of grad_h's row-tile partials.
     d_b = torch.empty_like(lora_B)
-    w_b, prev_b, ipt_b, unc_b, emit, accumulate_b = _importance_operands(importance, "lora_B", lora_B, d_b)
-    p_tiles = triton.cdiv(out, GRAD_P_BLOCK_N)
-    score_p = torch.empty((p_tiles, r_pad), device=dev, dtype=torch.float32)
-    svd_adapter_grad_p[(p_tiles,)](
-        ws_p, d_b, w_b, prev_b, ipt_b, unc_b, score_p, inv_scale, out, r, n_tiles, d_b.stride(0), d_b.stride(1), *betas,
-        BLOCK_N=GRAD_P_BLOCK_N, R_PAD=r_pad, ACC_DTYPE=dots["ACC_DTYPE"], EMIT=emit, ACCUMULATE=accumulate_b,
-    )  # fmt: skip
+    score_p = _reduce_factor_grad(ws_p, d_b, lora_B, "lora_B", out, r, r_pad, d_b.stride(0), d_b.stride(1),
+                                  importance, inv_scale, betas, dots["ACC_DTYPE"])  # fmt: skip
     # dΛ_i = s·m_i·Σ_m H_mi·G_mi: the tile partials summed in a fixed order.
     scale = scaling / (ranknum.to(acc) + 1e-5)
     d_e = (ws_l.sum(dim=0)[:r] * triplet_mask.to(acc) * scale).view(r, 1).to(lora_E.dtype)
-    d_a = torch.empty_like(lora_A)
-    w_a, prev_a, ipt_a, unc_a, emit, accumulate_a = _importance_operands(importance, "lora_A", lora_A, d_a)
-    q_tiles = triton.cdiv(k, GRAD_Q_BLOCK_K)
-    score_q = torch.empty((q_tiles, r_pad), device=dev, dtype=torch.float32)
-    svd_adapter_grad_q[(q_tiles,)](
-        x2d, gs, d_a, w_a, prev_a, ipt_a, unc_a, score_q, inv_scale, n, k, r, seed, p, keep_scale,
-        x2d.stride(0), x2d.stride(1), d_a.stride(0), d_a.stride(1), *betas,
-        BLOCK_K=GRAD_Q_BLOCK_K, R_PAD=r_pad, HAS_DROPOUT=has_dropout, EMIT=emit, ACCUMULATE=accumulate_a, **dots,
+    # dQ = Gsᵀ·dropout(x): token splits × input tiles, then Σ of the splits' dQᵀ partials.
+    n_splits = _token_splits(n, k, dev)
+    rows_per_split = triton.cdiv(n, n_splits)
+    ws_q = torch.empty((n_splits, k, r_pad), device=dev, dtype=acc)
+    svd_adapter_grad_q[lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), n_splits)](
+        x2d, gs, ws_q, n, k, r, rows_per_split, seed, p, keep_scale, x2d.stride(0), x2d.stride(1),
+        R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots,
     )  # fmt: skip
-    if emit:
+    d_a = torch.empty_like(lora_A)
+    score_q = _reduce_factor_grad(ws_q, d_a, lora_A, "lora_A", k, r, r_pad, d_a.stride(1), d_a.stride(0),
+                                  importance, inv_scale, betas, dots["ACC_DTYPE"])  # fmt: skip
+    if importance is not None:
         importance.finish_from_kernels(d_e, score_q.sum(dim=0), score_p.sum(dim=0))
     dx = None
     if needs_dx:
