@@ -108,3 +108,19 @@ def test_dropout_range(p):
 def test_unknown_semantics():
     with pytest.raises(ValueError, match="semantics"):
         _alloc(_model(), semantics="paper", total_step=20)
+
+
+def test_input_on_another_device_than_the_layer():
+    layer = FastSVDLinear(6, 4, r=2)
+    with pytest.raises(ValueError, match="the input is on meta but the layer's weights are on cpu"):
+        layer(torch.empty(3, 6, device="meta"))
+
+
+def test_allocator_reports_gradients_kept_outside_param_grad():
+    # DeepSpeed ZeRO keeps gradients in its own buffers: param.grad is empty when the allocator runs.
+    model = _model()
+    alloc = _alloc(model, total_step=20)
+    model(torch.randn(3, 6)).sum().backward()
+    model[1].lora_B.grad = None
+    with pytest.raises(RuntimeError, match=r"1\.lora_B has no gradient"):
+        alloc.update_and_mask(model, 0)
