@@ -45,17 +45,19 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_ADAPTER_KERNELS = None
+def _try_import_adapter_kernels():
+    try:
+        return importlib.import_module("adalora_fast.kernels.svd_adapter"), None
+    except Exception as exc:  # ImportError, or a Triton that fails on import
+        return None, exc
+
+
+# Tried once, when the package loads: a plain module global, so torch.compile reads it as a constant.
+_ADAPTER_KERNELS = _try_import_adapter_kernels()
 
 
 def _import_adapter_kernels():
-    """The Triton adapter module, or the exception that stopped it from importing (tried once)."""
-    global _ADAPTER_KERNELS
-    if _ADAPTER_KERNELS is None:
-        try:
-            _ADAPTER_KERNELS = importlib.import_module("adalora_fast.kernels.svd_adapter"), None
-        except Exception as exc:  # ImportError, or a Triton that fails on import
-            _ADAPTER_KERNELS = None, exc
+    """The Triton adapter module, or the exception that stopped it from importing."""
     return _ADAPTER_KERNELS
 
 

@@ -417,13 +417,93 @@ class SVDLinearFunction(torch.autograd.Function):
             dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, ctx.scaling, h,
             ctx.fan_in_fan_out, ctx.dropout_p, ctx.seed, needs[0], ctx.importance,
         )  # fmt: skip
-        d_w = None
-        if needs[1]:  # a trainable base weight (unusual for AdaLoRA, but supported)
-            d_w = dy2d.t().mm(x2d)
-            d_w = d_w.t() if ctx.fan_in_fan_out else d_w
-        d_bias = dy2d.sum(dim=0) if ctx.has_bias and needs[2] else None
+        d_w, d_bias = _base_param_grads(dy2d, x2d, needs[1], ctx.has_bias and needs[2], ctx.fan_in_fan_out)
         dx = dx.view(ctx.x_shape) if dx is not None else None
         return dx, d_w, d_bias, d_a, d_e, d_b, None, None, None, None, None, None, None
+
+
+def _base_param_grads(dy2d, x2d, needs_weight: bool, needs_bias: bool, fan_in_fan_out: bool):
+    """Gradients of a trainable base weight / bias (unusual for AdaLoRA, but supported)."""
+    d_w = None
+    if needs_weight:
+        d_w = dy2d.t().mm(x2d)
+        d_w = d_w.t() if fan_in_fan_out else d_w
+    return d_w, (dy2d.sum(dim=0) if needs_bias else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops: the same launchers as opaque custom ops with fake implementations, so that
+# torch.compile(fullgraph=True) traces a FastSVDLinear without a graph break.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("adalora_fast::svd_linear_forward", mutates_args=())
+def svd_linear_forward_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_E: torch.Tensor,
+    lora_B: torch.Tensor, triplet_mask: torch.Tensor, ranknum: torch.Tensor, scaling: float, fan_in_fan_out: bool,
+    dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(y, H, the dropout seed as a CPU int64 scalar). ``seed < 0`` draws one from torch's CPU generator."""
+    if seed < 0:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
+    x2d = x.reshape(-1, x.shape[-1])
+    y, h = svd_adapter_forward(
+        x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, fan_in_fan_out, dropout_p, seed
+    )
+    return y.view(*x.shape[:-1], y.shape[-1]), h, torch.tensor(seed, dtype=torch.int64)
+
+
+@svd_linear_forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, fan_in_fan_out, dropout_p, seed):
+    n = x.numel() // x.shape[-1]
+    y = x.new_empty((*x.shape[:-1], lora_B.shape[0]))
+    h = x.new_empty((n, rank_pad(lora_A.shape[0])), dtype=accumulate_dtype(x.dtype))
+    return y, h, torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("adalora_fast::svd_linear_backward", mutates_args=())
+def svd_linear_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_E: torch.Tensor,
+    lora_B: torch.Tensor, triplet_mask: torch.Tensor, ranknum: torch.Tensor, h: torch.Tensor, seed: torch.Tensor,
+    scaling: float, fan_in_fan_out: bool, dropout_p: float, needs_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dx, dQ, dΛ, dP); dx is empty when not needed (a custom op returns tensors only)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    dx, d_a, d_e, d_b = svd_adapter_backward(
+        dy.reshape(-1, dy.shape[-1]), x2d, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, h,
+        fan_in_fan_out, dropout_p, int(seed), needs_dx,
+    )  # fmt: skip
+    return (dx.view(x.shape) if dx is not None else x.new_empty(0)), d_a, d_e, d_b
+
+
+@svd_linear_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, h, seed, scaling, fan_in_fan_out, dropout_p,
+      needs_dx):  # fmt: skip
+    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
+
+
+def _forward_op_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, fan_in_fan_out, dropout_p, _ = inputs
+    _, h, seed = output
+    ctx.mark_non_differentiable(h, seed)
+    ctx.save_for_backward(x, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, h, seed)
+    ctx.scaling, ctx.fan_in_fan_out, ctx.dropout_p, ctx.has_bias = scaling, fan_in_fan_out, dropout_p, bias is not None
+
+
+def _forward_op_backward(ctx, dy, _dh, _dseed):
+    x, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, h, seed = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx, d_a, d_e, d_b = svd_linear_backward_op(
+        dy, x, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, h, seed, ctx.scaling, ctx.fan_in_fan_out,
+        ctx.dropout_p, needs[0],
+    )  # fmt: skip
+    d_w, d_bias = _base_param_grads(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), needs[1],
+                                    ctx.has_bias and needs[2], ctx.fan_in_fan_out)  # fmt: skip
+    return (dx if needs[0] else None), d_w, d_bias, d_a, d_e, d_b, None, None, None, None, None, None
+
+
+svd_linear_forward_op.register_autograd(_forward_op_backward, setup_context=_forward_op_setup_context)
 
 
 def svd_linear_triton(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum, *,
@@ -438,6 +518,13 @@ def svd_linear_triton(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, sca
     if triplet_mask is None:
         triplet_mask = torch.ones(lora_A.shape[0], device=lora_A.device, dtype=lora_A.dtype)
     p = dropout_p if training else 0.0
+    if importance is None:  # the torch.library op: traced by torch.compile as one node
+        y, _, _ = svd_linear_forward_op(
+            x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, float(scaling), fan_in_fan_out, p,
+            -1 if seed is None else seed,
+        )  # fmt: skip
+        return y
+    # Emitting the importance needs the ImportanceState in the backward: the autograd.Function carries it.
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0
     return SVDLinearFunction.apply(
