@@ -44,15 +44,16 @@ def _record(benchmark, nbytes):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_adapter_forward_kernels_bandwidth(benchmark, shape):
-    from adalora_fast.kernels.svd_adapter import svd_adapter_forward
+    from adalora_fast.kernels.svd_adapter import dropout_seed, svd_adapter_forward
 
     tokens, in_f, out_f = shape
     layer, x = _tensors(tokens, in_f, out_f)
+    seed = dropout_seed(0.0, x.device)
     benchmark.group = f"adapter forward kernels {tokens}x{in_f}->{out_f} r={RANK} bf16"
 
     def run():
         svd_adapter_forward(x, layer.weight, None, layer.lora_A, layer.lora_E, layer.lora_B, layer.triplet_mask,
-                            layer.ranknum, layer.scaling, False, 0.0, 0, base_gemm=False)  # fmt: skip
+                            layer.ranknum, layer.scaling, False, 0.0, seed, base_gemm=False)  # fmt: skip
         torch.cuda.synchronize()
 
     run()
@@ -63,17 +64,18 @@ def test_adapter_forward_kernels_bandwidth(benchmark, shape):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_adapter_backward_kernels_bandwidth(benchmark, shape):
-    from adalora_fast.kernels.svd_adapter import GRAD_H_BLOCK_M, svd_adapter_backward, svd_adapter_forward
+    from adalora_fast.kernels.svd_adapter import GRAD_H_BLOCK_M, dropout_seed, svd_adapter_backward, svd_adapter_forward
 
     tokens, in_f, out_f = shape
     layer, x = _tensors(tokens, in_f, out_f)
     args = (layer.weight, layer.lora_A, layer.lora_E, layer.lora_B, layer.triplet_mask, layer.ranknum, layer.scaling)
-    _, h = svd_adapter_forward(x, layer.weight, None, *args[1:], False, 0.0, 0, base_gemm=False)
+    seed = dropout_seed(0.0, x.device)
+    _, h = svd_adapter_forward(x, layer.weight, None, *args[1:], False, 0.0, seed, base_gemm=False)
     dy = torch.randn(tokens, out_f, device="cuda", dtype=torch.bfloat16)
     benchmark.group = f"adapter backward kernels {tokens}x{in_f}->{out_f} r={RANK} bf16"
 
     def run():
-        svd_adapter_backward(dy, x, *args, h, False, 0.0, 0, True, None, base_gemm=False)
+        svd_adapter_backward(dy, x, *args, h, False, 0.0, seed, True, None, base_gemm=False)
         torch.cuda.synchronize()
 
     run()

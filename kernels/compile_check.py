@@ -60,6 +60,8 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name == "SEED_ptr":
+            sig[name] = "*i64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32" if name in _FP32_BUFFERS else f"*{dtype}"
         elif name in _FLOAT_SCALARS:

@@ -50,19 +50,19 @@ def _effective_singular_values(E_ptr, stride_e, mask_ptr, ranknum_ptr, scaling, 
 
 
 @triton.jit
-def _load_input_tile(X_ptr, rows, cols, N, K, stride_xm, stride_xk, seed, dropout_p, keep_scale,
+def _load_input_tile(X_ptr, rows, cols, N, K, stride_xm, stride_xk, SEED_ptr, dropout_p, keep_scale,
                      HAS_DROPOUT: tl.constexpr):  # fmt: skip
     """dropout(x)[rows, cols]: the forward and the backward draw the same mask from (seed, row, col)."""
     x = tl.load(X_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                 mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)  # fmt: skip
     if HAS_DROPOUT:
-        x = dropout_tile(x, rows, cols, K, seed, dropout_p, keep_scale)
+        x = dropout_tile(x, rows, cols, K, SEED_ptr, dropout_p, keep_scale)
     return x
 
 
 @triton.jit
 def _svd_adapter_shrink_kernel(
-    X_ptr, Q_ptr, H_ptr, N, K, R, seed, dropout_p, keep_scale,
+    X_ptr, Q_ptr, H_ptr, N, K, R, SEED_ptr, dropout_p, keep_scale,
     stride_xm, stride_xk, stride_qr, stride_qk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -72,7 +72,7 @@ def _svd_adapter_shrink_kernel(
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = _load_input_tile(X_ptr, rows, cols, N, K, stride_xm, stride_xk, seed, dropout_p, keep_scale, HAS_DROPOUT)
+        x = _load_input_tile(X_ptr, rows, cols, N, K, stride_xm, stride_xk, SEED_ptr, dropout_p, keep_scale, HAS_DROPOUT)
         q_t = tl.load(Q_ptr + ranks[None, :] * stride_qr + cols[:, None] * stride_qk,
                       mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)  # fmt: skip
         acc = tile_dot(x, q_t, acc, UPCAST, DOT_PRECISION)
@@ -159,7 +159,7 @@ def _factor_grad_reduce_kernel(
 
 @triton.jit
 def _svd_adapter_grad_x_kernel(
-    GS_ptr, Q_ptr, DX_ptr, N, K, R, seed, dropout_p, keep_scale,
+    GS_ptr, Q_ptr, DX_ptr, N, K, R, SEED_ptr, dropout_p, keep_scale,
     stride_qr, stride_qk, stride_dxm, stride_dxk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -172,14 +172,14 @@ def _svd_adapter_grad_x_kernel(
     gs = tl.load(GS_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=rows[:, None] < N, other=0.0).to(q.dtype)
     du = tile_dot(gs, q, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
     if HAS_DROPOUT:
-        du = dropout_tile(du, rows, cols, K, seed, dropout_p, keep_scale)
+        du = dropout_tile(du, rows, cols, K, SEED_ptr, dropout_p, keep_scale)
     tl.store(DX_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, du.to(DX_ptr.dtype.element_ty),
              mask=(rows[:, None] < N) & (cols[None, :] < K))  # fmt: skip
 
 
 @triton.jit
 def _svd_adapter_grad_q_kernel(
-    X_ptr, GS_ptr, WSQ_ptr, N, K, R, rows_per_split, seed, dropout_p, keep_scale, stride_xm, stride_xk,
+    X_ptr, GS_ptr, WSQ_ptr, N, K, R, rows_per_split, SEED_ptr, dropout_p, keep_scale, stride_xm, stride_xk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
@@ -192,7 +192,7 @@ def _svd_adapter_grad_q_kernel(
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=ACC_DTYPE)
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        x = _load_input_tile(X_ptr, rows, cols, end, K, stride_xm, stride_xk, seed, dropout_p, keep_scale, HAS_DROPOUT)
+        x = _load_input_tile(X_ptr, rows, cols, end, K, stride_xm, stride_xk, SEED_ptr, dropout_p, keep_scale, HAS_DROPOUT)
         gs_t = tl.load(GS_ptr + rows[None, :] * R_PAD + ranks[:, None], mask=rows[None, :] < end, other=0.0).to(x.dtype)
         acc = tile_dot(gs_t, x, acc, UPCAST, DOT_PRECISION)
     tl.store(WSQ_ptr + (split * K + cols[None, :]) * R_PAD + ranks[:, None], acc, mask=cols[None, :] < K)
@@ -246,12 +246,29 @@ def _dropout_args(dropout_p: float) -> tuple[float, float, bool]:
     return dropout_p, (1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0), dropout_p > 0
 
 
+def dropout_seed(dropout_p: float, device, seed: int | None = None) -> torch.Tensor:
+    """The one-element int64 tensor on ``device`` that the kernels read the dropout seed from.
+
+    ``seed=None`` draws it on the device from torch's generator (reproducible under
+    ``torch.manual_seed``; no host sync; inside a CUDA graph each replay draws a fresh one).
+    Left uninitialised without dropout: the kernels do not read it then.
+    """
+    if dropout_p <= 0:
+        return torch.empty(1, dtype=torch.int64, device=device)
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+    return torch.full((1,), int(seed), dtype=torch.int64, device=device)
+
+
 def svd_adapter_forward(x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling,
-                        fan_in_fan_out: bool, dropout_p: float, seed: int, base_gemm: bool = True):  # fmt: skip
+                        fan_in_fan_out: bool, dropout_p: float, seed: torch.Tensor, base_gemm: bool = True):  # fmt: skip
     """y (N × out) and H = dropout(x)·Qᵀ (N × R_PAD, fp32, kept for the backward).
+
+    ``seed``: the dropout seed tensor (:func:`dropout_seed`).
 
     ``base_gemm=False`` leaves out x·W0ᵀ (the adapter kernels alone, for bandwidth measurements).
     """
+    _check_seed(seed)
     n, k = x2d.shape
     r, out = lora_A.shape[0], lora_B.shape[0]
     r_pad = rank_pad(r)
@@ -274,6 +291,11 @@ def svd_adapter_forward(x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask,
     if base_gemm:  # the base GEMM accumulates onto the adapter term (beta = 1): no separate pass over y
         y.addmm_(x2d, weight if fan_in_fan_out else weight.t())
     return y, h
+
+
+def _check_seed(seed) -> None:
+    if not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1):
+        raise TypeError(f"the dropout seed must be a one-element int64 tensor (see dropout_seed()), got {seed!r}")
 
 
 def _importance_operands(importance, name: str, param: torch.Tensor, grad: torch.Tensor):
@@ -330,7 +352,7 @@ def _beta_args(importance) -> tuple[float, float, float, float]:
 
 
 def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, h,
-                         fan_in_fan_out: bool, dropout_p: float, seed: int, needs_dx: bool, importance=None,
+                         fan_in_fan_out: bool, dropout_p: float, seed: torch.Tensor, needs_dx: bool, importance=None,
                          base_gemm: bool = True):  # fmt: skip
     """(dx or None, dQ, dΛ, dP) for an upstream gradient dY (N × out).
 
@@ -338,6 +360,7 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
     epilogues also update the sensitivity EMAs of P and Q and sum their element scores per rank; Λ's
     r elements and the triplet score are finished on the host side of the launch.
     """
+    _check_seed(seed)
     n, k = x2d.shape
     r, out = lora_A.shape[0], lora_B.shape[0]
     r_pad = rank_pad(r)
@@ -443,14 +466,13 @@ def svd_linear_forward_op(
     lora_B: torch.Tensor, triplet_mask: torch.Tensor, ranknum: torch.Tensor, scaling: float, fan_in_fan_out: bool,
     dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(y, H, the dropout seed as a CPU int64 scalar). ``seed < 0`` draws one from torch's CPU generator."""
-    if seed < 0:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
+    """(y, H, the dropout seed tensor the backward reuses). ``seed < 0`` draws one on the device."""
+    seed_t = dropout_seed(dropout_p, x.device, None if seed < 0 else seed)
     x2d = x.reshape(-1, x.shape[-1])
     y, h = svd_adapter_forward(
-        x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, fan_in_fan_out, dropout_p, seed
+        x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, fan_in_fan_out, dropout_p, seed_t
     )
-    return y.view(*x.shape[:-1], y.shape[-1]), h, torch.tensor(seed, dtype=torch.int64)
+    return y.view(*x.shape[:-1], y.shape[-1]), h, seed_t
 
 
 @svd_linear_forward_op.register_fake
@@ -458,7 +480,7 @@ def _(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, f
     n = x.numel() // x.shape[-1]
     y = x.new_empty((*x.shape[:-1], lora_B.shape[0]))
     h = x.new_empty((n, rank_pad(lora_A.shape[0])), dtype=accumulate_dtype(x.dtype))
-    return y, h, torch.empty((), dtype=torch.int64)
+    return y, h, x.new_empty((1,), dtype=torch.int64)
 
 
 @torch.library.custom_op("adalora_fast::svd_linear_backward", mutates_args=())
@@ -471,7 +493,7 @@ def svd_linear_backward_op(
     x2d = x.reshape(-1, x.shape[-1])
     dx, d_a, d_e, d_b = svd_adapter_backward(
         dy.reshape(-1, dy.shape[-1]), x2d, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, h,
-        fan_in_fan_out, dropout_p, int(seed), needs_dx,
+        fan_in_fan_out, dropout_p, seed, needs_dx,
     )  # fmt: skip
     return (dx.view(x.shape) if dx is not None else x.new_empty(0)), d_a, d_e, d_b
 
@@ -511,8 +533,8 @@ def svd_linear_triton(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, sca
                       seed: int | None = None, importance=None):  # fmt: skip
     """``base(x) + s·dropout(x)·Qᵀ·diag(Λ⊙mask)·Pᵀ`` on the fused kernels (the dispatcher's Triton entry point).
 
-    The dropout mask is drawn from ``seed``; by default the seed comes from
-    torch's CPU generator (reproducible under ``torch.manual_seed``, no device sync).
+    The dropout mask is drawn from ``seed``; by default the seed is drawn on the input's device
+    (:func:`dropout_seed`: reproducible under ``torch.manual_seed``, no host sync, CUDA-graph safe).
     ``importance``: an ImportanceState whose sensitivity this call's backward emits (paper order).
     """
     if triplet_mask is None:
@@ -525,26 +547,25 @@ def svd_linear_triton(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, sca
         )  # fmt: skip
         return y
     # Emitting the importance needs the ImportanceState in the backward: the autograd.Function carries it.
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0 else 0
     return SVDLinearFunction.apply(
-        x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, float(scaling), fan_in_fan_out, p, seed,
-        importance,
+        x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, float(scaling), fan_in_fan_out, p,
+        dropout_seed(p, x.device, seed), importance,
     )
 
 
 @triton.jit
-def _dropout_keep_mask_kernel(OUT_ptr, N, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dropout_keep_mask_kernel(OUT_ptr, N, K, SEED_ptr, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     ones = tl.full((BLOCK_M, BLOCK_K), 1.0, dtype=tl.float32)
-    keep = dropout_tile(ones, rows, cols, K, seed, dropout_p, 1.0)
+    keep = dropout_tile(ones, rows, cols, K, SEED_ptr, dropout_p, 1.0)
     tl.store(OUT_ptr + rows[:, None] * K + cols[None, :], keep, mask=(rows[:, None] < N) & (cols[None, :] < K))
 
 
-def svd_adapter_dropout_mask(seed: int, n: int, k: int, dropout_p: float, device) -> torch.Tensor:
+def svd_adapter_dropout_mask(seed: int | torch.Tensor, n: int, k: int, dropout_p: float, device) -> torch.Tensor:
     """The (n × k) keep mask the kernels draw for ``seed``: lets a reference replay the same dropout."""
     out = torch.empty((n, k), device=device, dtype=torch.float32)
+    seed_t = torch.as_tensor(seed, dtype=torch.int64).to(device).reshape(1)
     if n and k:
-        _dropout_keep_mask_kernel[(triton.cdiv(n, 32), triton.cdiv(k, 32))](out, n, k, seed, dropout_p, BLOCK_M=32, BLOCK_K=32)
+        _dropout_keep_mask_kernel[(triton.cdiv(n, 32), triton.cdiv(k, 32))](out, n, k, seed_t, dropout_p, BLOCK_M=32, BLOCK_K=32)
     return out.bool()

@@ -61,8 +61,12 @@ def tile_dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def dropout_tile(x, rows, cols, n_cols, seed, p, keep_scale):
-    """Inverted dropout of an x tile, drawn from (seed, row·n_cols + col): the backward regenerates it exactly."""
+def dropout_tile(x, rows, cols, n_cols, SEED_ptr, p, keep_scale):
+    """Inverted dropout of an x tile, drawn from (seed, row·n_cols + col): the backward regenerates it exactly.
+
+    The seed is read from device memory (one int64) rather than passed by value, so that a CUDA graph
+    replays the kernel with each replay's fresh seed instead of the one seen at capture.
+    """
     offsets = rows[:, None] * n_cols + cols[None, :]
-    keep = tl.rand(seed, offsets) >= p
+    keep = tl.rand(tl.load(SEED_ptr), offsets) >= p
     return tl.where(keep, x * keep_scale, 0.0).to(x.dtype)

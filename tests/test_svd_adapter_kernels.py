@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from adalora_fast import FastSVDLinear, dispatch
-from adalora_fast.kernels.svd_adapter import SVDLinearFunction, svd_adapter_dropout_mask, svd_linear_triton
+from adalora_fast.kernels.svd_adapter import (
+    SVDLinearFunction,
+    dropout_seed,
+    svd_adapter_dropout_mask,
+    svd_linear_triton,
+)
 from adalora_fast.reference import svd_linear_reference
 
 CUDA = torch.cuda.is_available()
@@ -128,9 +133,10 @@ def test_empty_batch():
 def test_gradcheck_float64_through_the_kernels(dropout_p):
     W, b, A, E, B, mask, ranknum = _layer_tensors(21, 13, 5, torch.float64)
     x = torch.randn(6, 21, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    seed = dropout_seed(dropout_p, DEVICE, 77)
 
     def f(x, A, E, B, b):
-        return SVDLinearFunction.apply(x, W, b, A, E, B, mask, ranknum, ALPHA, False, dropout_p, 77, None)
+        return SVDLinearFunction.apply(x, W, b, A, E, B, mask, ranknum, ALPHA, False, dropout_p, seed, None)
 
     b = b.requires_grad_()
     assert torch.autograd.gradcheck(f, (x, A, E, B, b), eps=1e-6, atol=1e-5)
@@ -205,8 +211,8 @@ def _saved_activation_bytes(fn, x, params):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         fn(x, params)
     param_ptrs = {t.data_ptr() for t in params if isinstance(t, torch.Tensor)}
-    # 0-d tensors (the dropout seed) are bookkeeping, not activations.
-    storages = {t.data_ptr(): t.untyped_storage().nbytes() for t in saved if t.data_ptr() not in param_ptrs and t.dim() > 0}
+    # One-element tensors (the dropout seed) are bookkeeping, not activations.
+    storages = {t.data_ptr(): t.untyped_storage().nbytes() for t in saved if t.data_ptr() not in param_ptrs and t.numel() > 1}
     return sum(storages.values())
 
 
