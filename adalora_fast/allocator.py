@@ -38,6 +38,16 @@ unscaled. A non-finite sensitivity never becomes a mask: with
 ``nonfinite="skip"`` (default) the step's scoring and masking are skipped on the
 device and a warning names the count when the state is next read; with
 ``"raise"`` the step checks on the host (one sync) and raises.
+
+``capturable=True`` makes the step graph-safe, so that a whole training step
+(forward, penalty, backward, optimizer, allocator) can be captured once in a
+CUDA graph and replayed: the step number lives on the device (a counter that
+starts at 0, advances once per call, and is saved in ``state_dict``), the
+schedule is a device table built by ``set_total_step``, and every step runs the
+same ops whatever its phase. ``global_step`` is then only checked against the
+counter's known start (use ``set_step`` to resume), and the budget is returned
+as a device scalar. It needs ``order="reference"``, ``nonfinite="skip"``, no
+TensorBoard writer and unsharded adapters.
 """
 
 from __future__ import annotations
@@ -54,6 +64,16 @@ from .reference.allocator import ORDERS, SEMANTICS, BudgetSchedule, check_betas
 from .svd_linear import FastSVDLinear
 
 NONFINITE_POLICIES = ("skip", "raise")
+
+
+def _check_capturable(order: str, nonfinite: str, tb_writter) -> None:
+    """What a graph-safe step cannot do: each of these needs the host in the middle of the step."""
+    if order != "reference":
+        raise ValueError("capturable=True needs order='reference' (paper order counts emissions on the host)")
+    if nonfinite != "skip":
+        raise ValueError("capturable=True needs nonfinite='skip' ('raise' reads the device every step)")
+    if tb_writter is not None:
+        raise ValueError("capturable=True cannot log to TensorBoard inside the step; read rank_pattern outside it")
 
 
 class RankAllocator:
@@ -77,6 +97,7 @@ class RankAllocator:
         order: str = "reference",
         grad_accumulation_steps: int = 1,
         nonfinite: str = "skip",
+        capturable: bool = False,
     ):
         if semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
@@ -97,6 +118,9 @@ class RankAllocator:
         self.semantics, self.order, self.nonfinite = semantics, order, nonfinite
         self.tb_writter = tb_writter
         self.log_interval = tb_writter_loginterval
+        if capturable:
+            _check_capturable(order, nonfinite, tb_writter)
+        self.capturable = capturable
         self.triplets = find_adapter_triplets(model, adapter_name)
         if not self.triplets:
             raise ValueError("RankAllocator: the model has no AdaLoRA adapters (no lora_A / lora_E / lora_B parameters)")
@@ -105,6 +129,8 @@ class RankAllocator:
         sharded = is_sharded(self.triplets[0].lora_A)
         if sharded and order == "paper":
             raise ValueError("order='paper' is not supported with sharded (FSDP2) adapters yet; use order='reference'")
+        if sharded and capturable:
+            raise ValueError("capturable=True is not supported with sharded (FSDP2) adapters")
         self.state = (ShardedAdapterState if sharded else FlatAdapterState)(self.triplets, beta1, beta2)
         self.importance_states = (
             self._attach_importance(model, grad_accumulation_steps) if order == "paper" else None
@@ -113,7 +139,9 @@ class RankAllocator:
         self._nonfinite_reported = 0
         self.grad_scale = None
         self.schedule: BudgetSchedule | None = None
+        self.schedule_table: torch.Tensor | None = None  # capturable: one row of step control per step
         self.total_step = None
+        self._first_step = 0  # capturable: the counter's value as last set on the host (checked on the next call)
         if total_step is not None:
             self.set_total_step(total_step)
 
@@ -128,6 +156,26 @@ class RankAllocator:
             deltaT=self.mask_interval,
         )
         self.total_step = total_step
+        if self.capturable:
+            # Rows for steps 0..T; the last row (the final phase) stands for every later step.
+            rows = [self._step_control(step) for step in range(total_step + 1)]
+            self.schedule_table = torch.tensor(
+                [[max(k, 1), int(score), int(mask), budget] for budget, k, score, mask in rows],
+                dtype=torch.int64, device=self.state.device,
+            )  # fmt: skip
+
+    def set_step(self, step: int) -> None:
+        """Capturable mode: set the device step counter (to resume at ``step`` without a state dict)."""
+        if not self.capturable:
+            raise RuntimeError("set_step is for capturable=True; otherwise pass global_step to update_and_mask")
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        self.state.step.fill_(step)
+        self._first_step = step
+
+    def step_count(self) -> int:
+        """Capturable mode: the device step counter (reads the device: not for the hot path)."""
+        return int(self.state.step)
 
     def set_grad_scale(self, scale: torch.Tensor | float | None) -> None:
         """The loss scale the gradients carry (AMP without unscale_), divided out of every sensitivity.
@@ -150,16 +198,13 @@ class RankAllocator:
         """One allocator step; returns (budget, threshold as a device scalar, or None when nothing was masked).
 
         ``model`` is accepted for loralib compatibility; the adapters were found at construction.
+        With ``capturable=True`` the step is the device counter's and the budget a device scalar.
         """
-        sched = self._require_schedule()
-        budget, mask_now = sched(global_step)
-        score_now = global_step < sched.final_start
-        if global_step > sched.final_start or (global_step == sched.final_start and self.semantics == "peft"):
-            mask_now = True  # the final pattern: forced at T − tfinal (PEFT), then every step (both)
-        if mask_now and self.total_rank - budget < 1:
-            raise ValueError(f"step {global_step}: a budget of {budget} of {self.total_rank} prunes nothing")
+        if self.capturable:
+            return self._update_and_mask_capturable(global_step, grad_scale)
+        budget, k_prune, score_now, mask_now = self._step_control(global_step)
         state = self.state
-        state.set_control(self.total_rank - budget, score_now, mask_now)
+        state.set_control(k_prune, score_now, mask_now)
         if self.order == "reference" and score_now:
             state.update_from_gradients(grad_scale if grad_scale is not None else self.grad_scale)
         if self.order == "reference":
@@ -175,10 +220,37 @@ class RankAllocator:
         if self.importance_states is not None:
             for s in self.importance_states:
                 s.end_step()
-                s.enabled = global_step + 1 < sched.final_start  # no scoring in the final phase
+                s.enabled = global_step + 1 < self.schedule.final_start  # no scoring in the final phase
         if self.tb_writter is not None and global_step % self.log_interval == 0:
             self._log(global_step, budget, threshold if mask_now else None)
         return budget, threshold if mask_now else None
+
+    def _step_control(self, global_step: int) -> tuple[int, int, bool, bool]:
+        """(budget, triplets to prune, score?, mask?) at ``global_step``."""
+        sched = self._require_schedule()
+        budget, mask_now = sched(global_step)
+        score_now = global_step < sched.final_start
+        if global_step > sched.final_start or (global_step == sched.final_start and self.semantics == "peft"):
+            mask_now = True  # the final pattern: forced at T − tfinal (PEFT), then every step (both)
+        if mask_now and self.total_rank - budget < 1:
+            raise ValueError(f"step {global_step}: a budget of {budget} of {self.total_rank} prunes nothing")
+        return budget, self.total_rank - budget, score_now, mask_now
+
+    def _update_and_mask_capturable(self, global_step, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same step with every phase running the same ops, the phase chosen on the device."""
+        self._require_schedule()
+        if self._first_step is not None:  # the one point where the host knows the device counter
+            if global_step is not None and global_step != self._first_step:
+                raise ValueError(
+                    f"capturable RankAllocator: the device step counter is at {self._first_step} but global_step is "
+                    f"{global_step}; to resume, call set_step({global_step}) or load_state_dict() first"
+                )
+            self._first_step = None
+        state = self.state
+        budget = state.advance_control(self.schedule_table)
+        state.update_from_gradients(grad_scale if grad_scale is not None else self.grad_scale)
+        state.compute_scores()
+        return budget, state.mask()
 
     # -- reading the state (these synchronise with the device) ------------------------------------
     @property
@@ -207,6 +279,8 @@ class RankAllocator:
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.state.load_state_dict(state_dict["flat"])
+        if self.capturable:
+            self._first_step = int(self.state.step)
         self._emissions_seen = list(state_dict["emissions_seen"])
         for s, n in zip(self.importance_states or [], state_dict["importance_forwards"]):
             s._forwards = n
@@ -215,7 +289,10 @@ class RankAllocator:
     def persistent_bytes(self) -> int:
         """Bytes of allocator state kept between steps (on this rank)."""
         st = self.state
-        tensors = (st.exp_avg_ipt, st.exp_avg_unc, st.scores, st.keep, st.factor, st.masked, st.nonfinite_steps, st.control)
+        tensors = (st.exp_avg_ipt, st.exp_avg_unc, st.scores, st.keep, st.factor, st.masked, st.nonfinite_steps, st.control,
+                   st.step)  # fmt: skip
+        if self.schedule_table is not None:
+            tensors += (self.schedule_table,)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- internals -----------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ the number of ops depends on the number of distinct shapes, not on the number of
   parameters; PEFT keeps 3×). Paper-order layers hold views into them.
 * ``scores`` (Σr): triplet scores; ``keep`` (Σr): 1 for kept, 0 for pruned, in the parameter dtype.
 
-One step is a fixed sequence of ops (per phase) whose step-dependent inputs (the number of triplets to
-prune, whether to score and whether to mask) are read from a small device tensor: no host
-synchronisation and static shapes, the preconditions for capturing the step in a CUDA graph.
+One step is a fixed sequence of ops whose step-dependent inputs (the number of triplets to prune,
+whether to score and whether to mask) are read from a small device tensor: no host synchronisation
+and static shapes. In the graph-safe form (:meth:`FlatAdapterState.advance_control`) that tensor is
+looked up on the device from a per-step schedule table with a device step counter, and every step
+runs the same ops whatever its phase, so one captured CUDA graph replays any step.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 
 from .reference.allocator import AdapterTriplet, require_grad
 
-# Slots of the per-step control tensor.
-K_PRUNE, DO_SCORE, DO_MASK = 0, 1, 2
+# Slots of the per-step control tensor (and columns of the schedule table, which adds the budget).
+K_PRUNE, DO_SCORE, DO_MASK, BUDGET = 0, 1, 2, 3
 
 
 @dataclass
@@ -60,6 +62,7 @@ class FlatAdapterState:
         self.masked = torch.zeros((), dtype=torch.bool, device=self.device)  # any mask yet?
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
         self.control = torch.zeros(3, dtype=torch.int64, device=self.device)
+        self.step = torch.zeros((), dtype=torch.int64, device=self.device)  # advanced by advance_control
         self._step_finite: torch.Tensor | None = None
         self._previous = None
         # The parameters in flat order (for the one gather of θ and ∇θ), and Λ with its keep column.
@@ -130,6 +133,16 @@ class FlatAdapterState:
         self.control.copy_(host, non_blocking=True)
         self._step_finite = None  # set when this step scores
 
+    def advance_control(self, table: torch.Tensor) -> torch.Tensor:
+        """The graph-safe form of :meth:`set_control`: this step's row of ``table`` (steps × 4: k, score,
+        mask, budget; the last row stands for every later step), found on the device from the step
+        counter, which then advances. Returns the step's budget (device scalar)."""
+        row = table.index_select(0, torch.clamp(self.step, max=table.shape[0] - 1).view(1)).view(-1)
+        self.control.copy_(row[:BUDGET])
+        self.step.add_(1)
+        self._step_finite = None
+        return row[BUDGET]
+
     @torch.no_grad()
     def update_from_gradients(self, grad_scale: torch.Tensor | float | None = None) -> torch.Tensor:
         """Sensitivity and both EMAs for every element, from θ and ∇θ now; returns 'all finite' (device bool).
@@ -176,7 +189,7 @@ class FlatAdapterState:
         torch.where(apply, self.exp_avg_unc, self._previous[1], out=self.exp_avg_unc)
         self._previous = None
         self.nonfinite_steps.add_((~finite & scoring).long())
-        self._step_finite = finite
+        self._step_finite = finite | ~scoring  # a step that does not score is not held back by its gradients
 
     @torch.no_grad()
     def compute_scores(self) -> None:
@@ -227,6 +240,7 @@ class FlatAdapterState:
             "keep": self.keep.clone(),
             "masked": self.masked.clone(),
             "nonfinite_steps": self.nonfinite_steps.clone(),
+            "step": self.step.clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -235,6 +249,8 @@ class FlatAdapterState:
             raise ValueError("allocator state does not match this model's adapters (names, ranks or shapes differ)")
         for name in ("exp_avg_ipt", "exp_avg_unc", "scores", "keep", "masked", "nonfinite_steps"):
             getattr(self, name).copy_(state[name])
+        if "step" in state:
+            self.step.copy_(state["step"])
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -293,6 +309,7 @@ class ShardedAdapterState(FlatAdapterState):
         self.masked = torch.zeros((), dtype=torch.bool, device=self.device)
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
         self.control = torch.zeros(3, dtype=torch.int64, device=self.device)
+        self.step = torch.zeros((), dtype=torch.int64, device=self.device)
         self._step_finite, self._previous = None, None
         self.score_slices, slot_index, weights, lambda_slots = [], [], [], []
         offset = 0

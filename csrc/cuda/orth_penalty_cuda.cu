@@ -9,10 +9,13 @@
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 #include "../orth_penalty_plan.h"
 
@@ -27,6 +30,16 @@ struct DeviceTables {
   at::Tensor storage;  // keeps the device copy alive for the launches (stream-ordered reuse)
 };
 
+// A CUDA graph's copy node reads its host source at every replay, so a table uploaded while a stream is
+// being captured must never return to the pinned-memory cache: it is held for the life of the process
+// (a few hundred bytes per factor, once per capture), whatever the torch version's host allocator does.
+void hold_for_graph_replays(const at::Tensor& host) {
+  static std::mutex mutex;
+  static std::vector<at::Tensor> held;
+  const std::lock_guard<std::mutex> lock(mutex);
+  held.push_back(host);
+}
+
 // Both tables in one pinned buffer, copied to the device asynchronously: one H2D copy per call, no sync.
 DeviceTables upload_tables(const PenaltyPlan& plan, const at::Device& device) {
   const size_t factor_bytes = plan.factors.size() * sizeof(FactorView);
@@ -37,6 +50,9 @@ DeviceTables upload_tables(const PenaltyPlan& plan, const at::Device& device) {
   std::memcpy(h, plan.factors.data(), factor_bytes);
   std::memcpy(h + factor_bytes, plan.items.data(), item_bytes);
   at::Tensor dev = host.to(device, /*non_blocking=*/true);
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    hold_for_graph_replays(host);
+  }
   const auto* d = static_cast<const uint8_t*>(dev.data_ptr());
   return {reinterpret_cast<const FactorView*>(d), reinterpret_cast<const WorkItem*>(d + factor_bytes), dev};
 }

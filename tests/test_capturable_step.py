@@ -1,0 +1,262 @@
+"""A whole training step as one CUDA graph: the graph-safe allocator (``capturable=True``) and, on a GPU,
+capture and replay of forward, penalty, backward, optimizer and allocator against the same steps run eagerly.
+
+On a CPU the graph-safety preconditions are checked directly: the step runs the same ops in every phase,
+never reads the device from the host, takes its step number from the device, and gives bitwise the same
+result as the eager allocator.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import lora_params
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from adalora_fast import FastSVDLinear, RankAllocator, compute_orth_regu
+
+CUDA = torch.cuda.is_available()
+TOTAL, TINIT, TFINAL, DELTA_T = 40, 4, 10, 3
+
+
+def _stack(n_layers=3, d=16, r=4, dropout=0.0, device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(n_layers):
+        layers += [FastSVDLinear(d, d, r=r, lora_alpha=r, lora_dropout=dropout), nn.Tanh()]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, FastSVDLinear):
+                m.lora_E.normal_(std=0.5)
+                m.lora_B.normal_(std=0.3)
+    return model.to(device=device, dtype=dtype)
+
+
+def _alloc(model, r=4, semantics="peft", **kw):
+    return RankAllocator(model, lora_r=r, target_rank=r // 2, init_warmup=TINIT, final_warmup=TFINAL,
+                         mask_interval=DELTA_T, beta1=0.85, beta2=0.85, total_step=TOTAL, semantics=semantics,
+                         **kw)  # fmt: skip
+
+
+def _batch(step, n=32, d=16, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(step)
+    x, y = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    return x.to(device, dtype), y.to(device, dtype)
+
+
+def _lambdas(model):
+    return [p.detach().clone() for n, p in model.named_parameters() if "lora_E" in n]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The graph-safe allocator on any device
+
+
+@pytest.mark.parametrize("semantics", ["peft", "loralib"])
+def test_capturable_allocator_matches_the_eager_one_bitwise(semantics):
+    eager_model, graph_model = _stack(), _stack()
+    eager, safe = _alloc(eager_model, semantics=semantics), _alloc(graph_model, semantics=semantics, capturable=True)
+    opt_e = torch.optim.AdamW(lora_params(eager_model), lr=1e-2)
+    opt_g = torch.optim.AdamW(lora_params(graph_model), lr=1e-2)
+    masked_steps = 0
+    for step in range(TOTAL + 4):  # past T: the last schedule row stands for every later step
+        x, y = _batch(step)
+        for model, opt in ((eager_model, opt_e), (graph_model, opt_g)):
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        budget, threshold = eager.update_and_mask(eager_model, step)
+        # The step number is the device counter's: what the host passes after the first call is not used.
+        budget_t, threshold_t = safe.update_and_mask(graph_model, step if step == 0 else None)
+        opt_e.zero_grad()
+        opt_g.zero_grad()
+        assert int(budget_t) == budget, step
+        if threshold is not None:
+            masked_steps += 1
+            assert torch.equal(threshold_t, threshold), step
+        assert all(torch.equal(a, b) for a, b in zip(_lambdas(eager_model), _lambdas(graph_model))), step
+        assert torch.equal(safe.state.keep, eager.state.keep), step
+        assert torch.equal(safe.state.exp_avg_unc, eager.state.exp_avg_unc), step
+    assert masked_steps > TFINAL
+    assert safe.rank_pattern == eager.rank_pattern and safe.rank_pattern is not None
+    assert safe.step_count() == TOTAL + 4
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# Reading a device value on the host: what a captured step must never do.
+_HOST_READS = ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal")
+
+
+def test_capturable_step_runs_the_same_ops_in_every_phase_and_never_reads_the_device():
+    model = _stack()
+    alloc = _alloc(model, capturable=True)
+    sequences = {}
+    for step in range(TOTAL + 2):  # warm-up, budgeting (masking and not), forced mask, final phase, past T
+        x, y = _batch(step)
+        nn.functional.mse_loss(model(x), y).backward()
+        with _OpRecorder() as rec:
+            alloc.update_and_mask(model, None)
+        model.zero_grad()
+        sequences[step] = rec.ops
+    first = sequences[0]
+    assert all(ops == first for ops in sequences.values())
+    assert not [op for op in first if op.startswith(_HOST_READS)]
+    # and the eager allocator does differ between phases (so the check above can fail)
+    eager_model = _stack()
+    eager = _alloc(eager_model)
+    eager_ops = []
+    for step in (1, TOTAL - 1):
+        nn.functional.mse_loss(eager_model(_batch(step)[0]), _batch(step)[1]).backward()
+        with _OpRecorder() as rec:
+            eager.update_and_mask(eager_model, step)
+        eager_ops.append(rec.ops)
+    assert eager_ops[0] != eager_ops[1]
+
+
+def test_capturable_allocator_resumes_from_its_state_dict_or_set_step():
+    def run(steps, alloc, model, opt):
+        for step in steps:
+            x, y = _batch(step)
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            alloc.update_and_mask(model, step)
+            opt.zero_grad()
+
+    straight = _stack()
+    a = _alloc(straight, capturable=True)
+    opt = torch.optim.SGD(lora_params(straight), lr=0.1)
+    run(range(TOTAL), a, straight, opt)
+
+    first = _stack()
+    b = _alloc(first, capturable=True)
+    opt_b = torch.optim.SGD(lora_params(first), lr=0.1)
+    run(range(20), b, first, opt_b)
+    resumed = copy.deepcopy(first)
+    c = _alloc(resumed, capturable=True)
+    c.load_state_dict(b.state_dict())
+    assert c.step_count() == 20
+    opt_c = torch.optim.SGD(lora_params(resumed), lr=0.1)
+    run(range(20, TOTAL), c, resumed, opt_c)
+    assert all(torch.equal(p, q) for p, q in zip(_lambdas(straight), _lambdas(resumed)))
+    assert c.rank_pattern == a.rank_pattern
+
+    # A resumed step number that the counter does not know is an error, not a silent restart at 0.
+    model_d = copy.deepcopy(first)
+    d = _alloc(model_d, capturable=True)
+    with pytest.raises(ValueError, match="device step counter is at 0 but global_step is 20"):
+        d.update_and_mask(model_d, 20)
+    d.set_step(20)
+    nn.functional.mse_loss(model_d(_batch(20)[0]), _batch(20)[1]).backward()
+    d.update_and_mask(model_d, 20)
+    assert d.step_count() == 21
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"order": "paper"}, "order='reference'"),
+        ({"nonfinite": "raise"}, "nonfinite='skip'"),
+        ({"tb_writter": object()}, "TensorBoard"),
+    ],
+)
+def test_capturable_rejects_what_needs_the_host_mid_step(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _alloc(_stack(), capturable=True, **kwargs)
+
+
+def test_set_step_is_only_for_the_capturable_allocator():
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        _alloc(_stack()).set_step(3)
+    with pytest.raises(ValueError, match=">= 0"):
+        _alloc(_stack(), capturable=True).set_step(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Capture and replay on a GPU
+
+
+def _train_step(model, opt, alloc, x, y):
+    loss = nn.functional.mse_loss(model(x), y) + compute_orth_regu(model, regu_weight=0.1)
+    loss.backward()
+    opt.step()
+    alloc.update_and_mask(model, None)
+    return loss.detach()
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_full_training_step_captured_as_a_cuda_graph_replays_like_eager(dtype):
+    eager_model = _stack(d=64, r=8, device="cuda", dtype=dtype)
+    graph_model = copy.deepcopy(eager_model)
+    runs = {}
+    for name, model in (("eager", eager_model), ("graph", graph_model)):
+        opt = torch.optim.AdamW(lora_params(model), lr=1e-2, capturable=True)
+        alloc = _alloc(model, r=8, capturable=True)
+        runs[name] = (model, opt, alloc)
+
+    model, opt, alloc = runs["eager"]
+    eager_losses = []
+    for step in range(TOTAL + 2):
+        x, y = _batch(step, d=64, device="cuda", dtype=dtype)
+        eager_losses.append(_train_step(model, opt, alloc, x, y).float().item())
+        opt.zero_grad(set_to_none=True)
+
+    model, opt, alloc = runs["graph"]
+    static_x, static_y = _batch(0, d=64, device="cuda", dtype=dtype)
+    warmup = 3  # real steps (autotuning, cuBLAS workspaces), on a side stream as capture requires
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph_losses = []
+    with torch.cuda.stream(side):
+        for step in range(warmup):
+            x, y = _batch(step, d=64, device="cuda", dtype=dtype)
+            static_x.copy_(x)
+            static_y.copy_(y)
+            graph_losses.append(_train_step(model, opt, alloc, static_x, static_y).float().item())
+            opt.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = _train_step(model, opt, alloc, static_x, static_y)
+    for step in range(warmup, TOTAL + 2):
+        x, y = _batch(step, d=64, device="cuda", dtype=dtype)
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        graph_losses.append(static_loss.float().item())
+
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=tol, atol=tol)
+    assert runs["graph"][2].step_count() == TOTAL + 2
+    pattern = runs["graph"][2].rank_pattern
+    assert pattern is not None and pattern == runs["eager"][2].rank_pattern
+    assert sum(sum(keep) for keep in pattern.values()) == 3 * 8 // 2  # the target budget was reached
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_dropout_draws_a_fresh_mask_at_every_graph_replay():
+    layer = FastSVDLinear(64, 64, r=8, lora_alpha=8, lora_dropout=0.5).cuda()
+    with torch.no_grad():
+        layer.lora_E.fill_(1.0)
+        layer.lora_B.normal_()
+    x = torch.randn(32, 64, device="cuda")
+    layer(x)  # warm-up (autotuning) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    outputs = []
+    for _ in range(3):
+        graph.replay()
+        outputs.append(out.clone())
+    assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
