@@ -81,21 +81,16 @@ class ImportanceState:
         self.triplet_score.copy_(triplet_score(*scores))
         self.emissions += 1
 
-    # -- the kernel path: Q and P were done in the kernels' epilogues ------------------------------
+    # -- the kernel path: Q, Λ and P were done in the kernels' epilogues -----------------------------
     @torch.no_grad()
-    def finish_from_kernels(self, d_e_new: torch.Tensor, score_sum_A: torch.Tensor, score_sum_B: torch.Tensor) -> None:
-        """Λ's update (r elements) and the triplet score from the kernels' per-rank score sums."""
+    def finish_from_kernels(self, score_E: torch.Tensor, score_sum_A: torch.Tensor, score_sum_B: torch.Tensor) -> None:
+        """The triplet score from the kernels' per-rank element scores (Λ) and score sums (Q, P)."""
         E = self.params["lora_E"]
-        g = d_e_new if E.grad is None else E.grad + d_e_new  # what autograd will accumulate
-        avg, unc = update_importance_ema(self.exp_avg_ipt["lora_E"], self.exp_avg_unc["lora_E"], sensitivity(E, self._unscaled(g)),
-                                         self.beta1, self.beta2)  # fmt: skip
-        self.exp_avg_ipt["lora_E"].copy_(avg)
-        self.exp_avg_unc["lora_E"].copy_(unc)
         r = E.shape[0]
         in_f, out_f = self.params["lora_A"].shape[1], self.params["lora_B"].shape[0]
         s_A = (score_sum_A[:r] / in_f).to(E.dtype)
         s_B = (score_sum_B[:r] / out_f).to(E.dtype)
-        self.triplet_score.copy_(element_score(avg, unc).view(-1) + (s_A + s_B))
+        self.triplet_score.copy_(score_E[:r].to(E.dtype) + (s_A + s_B))
         self.emissions += 1
 
     def _unscaled(self, g: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,8 @@ KERNELS = {
     "shrink": (sa.svd_adapter_shrink, True, {"HAS_DROPOUT": True}),
     "expand": (sa.svd_adapter_expand, True, {"HAS_BIAS": True}),
     "grad_h": (sa.svd_adapter_grad_h, True, {"BLOCK_M": sa.GRAD_H_BLOCK_M}),
-    "reduce": (sa.factor_grad_reduce, False, {"BLOCK_ROWS": sa.REDUCE_BLOCK_ROWS, "EMIT": True, "ACCUMULATE": True}),
+    "reduce": (sa.factor_grad_reduce, False,
+               {"BLOCK_ROWS": sa.REDUCE_BLOCK_ROWS, "EMIT": True, "ACCUMULATE": True, "RANK_SCALE": True}),
     "grad_x": (sa.svd_adapter_grad_x, True, {"HAS_DROPOUT": True}),
     "grad_q": (sa.svd_adapter_grad_q, True, {"HAS_DROPOUT": True}),
 }

@@ -38,15 +38,20 @@ from .utils import accumulate_dtype, dot_settings, dropout_tile, interpreting, r
 
 
 @triton.jit
+def _rank_scale(mask_ptr, ranknum_ptr, scaling, R, R_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """m·s/(ranknum + 1e-5) as a [R_PAD] vector in the accumulation dtype, zero in the padding."""
+    ranks = tl.arange(0, R_PAD)
+    keep = tl.load(mask_ptr + ranks, mask=ranks < R, other=0.0).to(ACC_DTYPE)
+    return keep * (scaling / (tl.load(ranknum_ptr).to(ACC_DTYPE) + 1e-5))
+
+
+@triton.jit
 def _effective_singular_values(E_ptr, stride_e, mask_ptr, ranknum_ptr, scaling, R, R_PAD: tl.constexpr,
                                ACC_DTYPE: tl.constexpr):  # fmt: skip
     """s·Λ⊙m as a [R_PAD] vector in the accumulation dtype, zero in the padding."""
     ranks = tl.arange(0, R_PAD)
-    valid = ranks < R
-    lam = tl.load(E_ptr + ranks * stride_e, mask=valid, other=0.0).to(ACC_DTYPE)
-    keep = tl.load(mask_ptr + ranks, mask=valid, other=0.0).to(ACC_DTYPE)
-    scale = scaling / (tl.load(ranknum_ptr).to(ACC_DTYPE) + 1e-5)
-    return lam * keep * scale
+    lam = tl.load(E_ptr + ranks * stride_e, mask=ranks < R, other=0.0).to(ACC_DTYPE)
+    return lam * _rank_scale(mask_ptr, ranknum_ptr, scaling, R, R_PAD, ACC_DTYPE)
 
 
 @triton.jit
@@ -131,15 +136,16 @@ def _svd_adapter_grad_h_kernel(
 
 @triton.jit
 def _factor_grad_reduce_kernel(
-    WS_ptr, DG_ptr, W_ptr, PREV_ptr, IPT_ptr, UNC_ptr, SCORE_ptr, INV_SCALE_ptr, ROWS, R, n_parts,
-    stride_row, stride_rank, beta1, one_minus_beta1, beta2, one_minus_beta2,
+    WS_ptr, DG_ptr, W_ptr, PREV_ptr, IPT_ptr, UNC_ptr, SCORE_ptr, INV_SCALE_ptr, mask_ptr, ranknum_ptr, scaling,
+    ROWS, R, n_parts, stride_row, stride_rank, beta1, one_minus_beta1, beta2, one_minus_beta2,
     BLOCK_ROWS: tl.constexpr, R_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, EMIT: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, RANK_SCALE: tl.constexpr,
 ):  # fmt: skip
-    """A factor's gradient (P, or Q seen as Qᵀ) = Σ of n_parts partials (n_parts × ROWS × R_PAD), in order.
+    """A factor's gradient = Σ of n_parts partials (n_parts × ROWS × R_PAD), in order: P, Q seen as Qᵀ,
+    or Λ seen as one row (with RANK_SCALE, the sum is multiplied by m·s/(ranknum + 1e-5) per rank).
 
     Where the gradient is final, the paper-order epilogue: sensitivity, both EMAs in place, and this
-    tile's per-rank sums of the element scores (over P's rows, or Q's columns).
+    tile's per-rank sums of the element scores (over P's rows, or Q's columns; Λ's own scores).
     """
     tile = tl.program_id(0).to(tl.int64)
     rows = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -147,6 +153,8 @@ def _factor_grad_reduce_kernel(
     acc = tl.zeros((BLOCK_ROWS, R_PAD), dtype=ACC_DTYPE)
     for t in range(0, n_parts):  # fixed order: bitwise reproducible
         acc += tl.load(WS_ptr + (t * ROWS + rows[:, None]) * R_PAD + ranks[None, :], mask=rows[:, None] < ROWS, other=0.0)
+    if RANK_SCALE:
+        acc *= _rank_scale(mask_ptr, ranknum_ptr, scaling, R, R_PAD, ACC_DTYPE)[None, :]
     offs = rows[:, None] * stride_row + ranks[None, :] * stride_rank
     valid = (rows[:, None] < ROWS) & (ranks[None, :] < R)
     tl.store(DG_ptr + offs, acc.to(DG_ptr.dtype.element_ty), mask=valid)
@@ -312,8 +320,11 @@ def _importance_operands(importance, name: str, param: torch.Tensor, grad: torch
 
 
 def _inverse_grad_scale(importance, device) -> torch.Tensor:
-    """1 / the loss scale the gradients carry (a one-element fp32 device tensor; no host sync)."""
-    scale = None if importance is None else importance.grad_scale
+    """1 / the loss scale the gradients carry (a one-element fp32 device tensor; no host sync); None
+    when nothing is emitted."""
+    if importance is None:
+        return None
+    scale = importance.grad_scale
     if scale is None:
         return torch.ones(1, device=device, dtype=torch.float32)
     if isinstance(scale, torch.Tensor):
@@ -332,17 +343,21 @@ def _token_splits(n: int, k: int, device) -> int:
 
 
 def _reduce_factor_grad(ws, grad, param, name, rows, r, r_pad, stride_row, stride_rank, importance, inv_scale,
-                        betas, acc_dtype):  # fmt: skip
-    """grad = Σ of the partials in ``ws`` (n_parts × rows × r_pad); with ``importance``, the epilogue scores
-    the final gradient and returns the per-tile score sums (tiles × r_pad)."""
+                        betas, acc_dtype, rank_scale=None):  # fmt: skip
+    """grad = Σ of the partials in ``ws`` (n_parts × rows × r_pad), times ``rank_scale = (mask, ranknum,
+    scaling)``'s m·s/(ranknum + 1e-5) when given; with ``importance``, the epilogue scores the final
+    gradient and returns the per-tile score sums (tiles × r_pad), else None."""
     w, prev, ipt, unc, emit, accumulate = _importance_operands(importance, name, param, grad)
     tiles = triton.cdiv(rows, REDUCE_BLOCK_ROWS)
-    scores = torch.empty((tiles, r_pad), device=grad.device, dtype=torch.float32)
+    scores = torch.empty((tiles, r_pad), device=grad.device, dtype=torch.float32) if emit else ws
+    mask, ranknum, scaling = rank_scale if rank_scale is not None else (ws, ws, 0.0)  # dummies: not read
     factor_grad_reduce[(tiles,)](
-        ws, grad, w, prev, ipt, unc, scores, inv_scale, rows, r, ws.shape[0], stride_row, stride_rank, *betas,
+        ws, grad, w, prev, ipt, unc, scores, inv_scale if emit else ws, mask, ranknum, float(scaling), rows, r, ws.shape[0],
+        stride_row, stride_rank, *betas,
         BLOCK_ROWS=REDUCE_BLOCK_ROWS, R_PAD=r_pad, ACC_DTYPE=acc_dtype, EMIT=emit, ACCUMULATE=accumulate,
+        RANK_SCALE=rank_scale is not None,
     )  # fmt: skip
-    return scores
+    return scores if emit else None
 
 
 def _beta_args(importance) -> tuple[float, float, float, float]:
@@ -386,9 +401,11 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
     d_b = torch.empty_like(lora_B)
     score_p = _reduce_factor_grad(ws_p, d_b, lora_B, "lora_B", out, r, r_pad, d_b.stride(0), d_b.stride(1),
                                   importance, inv_scale, betas, dots["ACC_DTYPE"])  # fmt: skip
-    # dΛ_i = s·m_i·Σ_m H_mi·G_mi: the tile partials summed in a fixed order.
-    scale = scaling / (ranknum.to(acc) + 1e-5)
-    d_e = (ws_l.sum(dim=0)[:r] * triplet_mask.to(acc) * scale).view(r, 1).to(lora_E.dtype)
+    # dΛ_i = s·m_i/(ranknum + 1e-5)·Σ_m H_mi·G_mi: grad_h's tile partials, reduced as a one-row factor.
+    d_e = torch.empty_like(lora_E)
+    score_e = _reduce_factor_grad(ws_l.view(n_tiles, 1, r_pad), d_e, lora_E, "lora_E", 1, r, r_pad, 0, d_e.stride(0),
+                                  importance, inv_scale, betas, dots["ACC_DTYPE"],
+                                  rank_scale=(triplet_mask, ranknum, scaling))  # fmt: skip
     # dQ = Gsᵀ·dropout(x): token splits × input tiles, then Σ of the splits' dQᵀ partials.
     n_splits = _token_splits(n, k, dev)
     rows_per_split = triton.cdiv(n, n_splits)
@@ -401,7 +418,7 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
     score_q = _reduce_factor_grad(ws_q, d_a, lora_A, "lora_A", k, r, r_pad, d_a.stride(1), d_a.stride(0),
                                   importance, inv_scale, betas, dots["ACC_DTYPE"])  # fmt: skip
     if importance is not None:
-        importance.finish_from_kernels(d_e, score_q.sum(dim=0), score_p.sum(dim=0))
+        importance.finish_from_kernels(score_e[0], score_q.sum(dim=0), score_p.sum(dim=0))
     dx = None
     if needs_dx:
         dx = torch.empty_like(x2d, memory_format=torch.contiguous_format)
