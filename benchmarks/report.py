@@ -4,7 +4,9 @@
     python benchmarks/report.py bench.json --out BENCHMARKS.md --plots benchmarks/plots --command "<the command>"
 
 Every table row is one benchmark group, measured in one run: each provider's median and its ratio to the
-group's baseline (the frozen nn.Linear, PEFT's loop, PEFT's update_and_allocate, or PEFT LoRA).
+group's baseline (the frozen nn.Linear, PEFT's loop, PEFT's update_and_allocate, or PEFT LoRA). Benchmarks
+that store the final ``ranks`` of a fine-tune also get a layer × matrix table. Plots: one bar chart of ratios
+per benchmark family, the training step by model size, the layer by token count, and the rank heatmap.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import argparse
 import datetime
 import json
 import os
+import re
+import textwrap
 from collections import defaultdict
 
 BASELINES = ("frozen_linear", "peft_loop", "peft_update_and_allocate", "peft_lora")
@@ -37,9 +41,48 @@ def markdown(groups: dict, machine: dict, command: str) -> str:
         baseline = next((b for b in BASELINES if b in providers), None)
         for provider, row in sorted(providers.items()):
             ratio = f"{row['median_ms'] / providers[baseline]['median_ms']:.2f}×" if baseline else ""
-            extra = ", ".join(f"{k}={v}" for k, v in row.items() if k != "median_ms")
+            extra = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("median_ms", "ranks"))
             lines.append(f"| {group} | {provider} | {row['median_ms']:.3f} | {ratio} | {extra} |")
+    for group, (provider, ranks) in allocated_ranks(groups).items():
+        layers, matrices, grid = rank_grid(ranks)
+        lines += ["", f"Ranks allocated per layer ({group}, {provider}):", ""]
+        lines += ["| matrix | " + " | ".join(f"layer {layer}" for layer in layers) + " |", "|---|" + "---|" * len(layers)]
+        lines += [f"| {m} | " + " | ".join(str(v) for v in row) + " |" for m, row in zip(matrices, grid)]
     return "\n".join(lines) + "\n"
+
+
+def allocated_ranks(groups: dict) -> dict[str, tuple[str, dict]]:
+    """group → (provider, {module: rank}) for groups whose benchmarks stored ``ranks`` (adalora_fast first)."""
+    found = {}
+    for group, providers in sorted(groups.items()):
+        with_ranks = [p for p in sorted(providers) if "ranks" in providers[p]]
+        if with_ranks:
+            provider = "adalora_fast" if "adalora_fast" in with_ranks else with_ranks[0]
+            found[group] = (provider, providers[provider]["ranks"])
+    return found
+
+
+def rank_grid(ranks: dict[str, int]) -> tuple[list[int], list[str], list[list[int]]]:
+    """(layers, matrices, ranks[matrix][layer]) from module names: the first all-digit component is the
+    layer, what follows it names the matrix (``attention.self.query``, ``mlp.up_proj``)."""
+    cells, layers, matrices = {}, set(), []
+    for name, rank in ranks.items():
+        parts = name.split(".")
+        at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        layer, matrix = (int(parts[at]), ".".join(parts[at + 1 :])) if at is not None else (0, name)
+        cells[matrix, layer] = rank
+        layers.add(layer)
+        if matrix not in matrices:
+            matrices.append(matrix)
+    layers = sorted(layers)
+    return layers, matrices, [[cells.get((m, layer), 0) for layer in layers] for m in matrices]
+
+
+def _ratios(providers: dict) -> dict[str, float]:
+    baseline = next((b for b in BASELINES if b in providers), None)
+    if baseline is None:
+        return {}
+    return {p: row["median_ms"] / providers[baseline]["median_ms"] for p, row in providers.items() if p != baseline}
 
 
 def plot(groups: dict, out_dir: str) -> list[str]:
@@ -75,7 +118,86 @@ def plot(groups: dict, out_dir: str) -> list[str]:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
+    written += _plot_step_by_model(plt, groups, out_dir)
+    written += _plot_layer_by_tokens(plt, groups, out_dir)
+    written += _plot_rank_heatmaps(plt, groups, out_dir)
     return written
+
+
+def _plot_step_by_model(plt, groups: dict, out_dir: str) -> list[str]:
+    """Training step time / PEFT LoRA's, per model (x) and provider (bars), one panel per dropout."""
+    series = defaultdict(lambda: defaultdict(dict))  # dropout → provider → model → ratio
+    for group, providers in groups.items():
+        found = re.match(r"training step (\S+) .*dropout=(\S+)", group)
+        if found:
+            for provider, ratio in _ratios(providers).items():
+                series[found.group(2)][provider][found.group(1)] = ratio
+    if not series:
+        return []
+    fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4), squeeze=False)
+    for ax, (dropout, by_provider) in zip(axes[0], sorted(series.items())):
+        models = sorted({m for ratios in by_provider.values() for m in ratios})
+        width = 0.8 / len(by_provider)
+        for i, (provider, ratios) in enumerate(sorted(by_provider.items())):
+            ax.bar([x + i * width for x in range(len(models))], [ratios.get(m, 0) for m in models], width, label=provider)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(models))], models)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel("step time / PEFT LoRA step (same run)")
+        ax.set_title(f"training step, dropout {dropout}")
+        ax.legend()
+    return [_save(plt, fig, out_dir, "training_step_by_model.png")]
+
+
+def _plot_layer_by_tokens(plt, groups: dict, out_dir: str) -> list[str]:
+    """Layer time / frozen nn.Linear's against the token count, one panel per (mode, shape, dropout)."""
+    panels = defaultdict(lambda: defaultdict(dict))  # panel → provider → tokens → ratio
+    for group, providers in groups.items():
+        found = re.match(r"svd_linear (\S+) (\d+)x(\S+) (.*)", group)
+        if found:
+            panel = f"{found.group(1)} {found.group(3)} {found.group(4)}"
+            for provider, ratio in _ratios(providers).items():
+                panels[panel][provider][int(found.group(2))] = ratio
+    if not panels:
+        return []
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3 * len(panels)), squeeze=False)
+    for ax, (panel, by_provider) in zip(axes[:, 0], sorted(panels.items())):
+        for provider, ratios in sorted(by_provider.items()):
+            tokens = sorted(ratios)
+            ax.plot(tokens, [ratios[t] for t in tokens], marker="o", label=provider)
+        ax.set_xscale("log", base=2)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("time / frozen nn.Linear")
+        ax.set_title(panel, fontsize=9)
+        ax.legend(fontsize=8)
+    return [_save(plt, fig, out_dir, "layer_by_tokens.png")]
+
+
+def _plot_rank_heatmaps(plt, groups: dict, out_dir: str) -> list[str]:
+    """The final rank of every adapted matrix, layer × matrix, as in the paper's Figure 1."""
+    written = []
+    for i, (group, (provider, ranks)) in enumerate(allocated_ranks(groups).items()):
+        layers, matrices, grid = rank_grid(ranks)
+        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(layers), 1 + 0.45 * len(matrices)))
+        image = ax.imshow(grid, cmap="YlGn", aspect="auto")
+        for r, row in enumerate(grid):
+            for c, value in enumerate(row):
+                ax.text(c, r, str(value), ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_yticks(range(len(matrices)), matrices)
+        ax.set_xlabel("layer")
+        ax.set_title(f"final ranks ({provider})\n" + textwrap.fill(group, 40), fontsize=8)
+        fig.colorbar(image, ax=ax)
+        written.append(_save(plt, fig, out_dir, "rank_heatmap.png" if i == 0 else f"rank_heatmap_{i}.png"))
+    return written
+
+
+def _save(plt, fig, out_dir: str, name: str) -> str:
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> None:
