@@ -193,12 +193,13 @@ class RankAllocator:
         return self._require_schedule()(step)
 
     def update_and_mask(
-        self, model: nn.Module | None, global_step: int, *, grad_scale: torch.Tensor | float | None = None
-    ) -> tuple[int, torch.Tensor | None]:
+        self, model: nn.Module | None, global_step: int | None, *, grad_scale: torch.Tensor | float | None = None
+    ) -> tuple[int | torch.Tensor, torch.Tensor | None]:
         """One allocator step; returns (budget, threshold as a device scalar, or None when nothing was masked).
 
         ``model`` is accepted for loralib compatibility; the adapters were found at construction.
-        With ``capturable=True`` the step is the device counter's and the budget a device scalar.
+        With ``capturable=True`` the step is the device counter's (``global_step`` may be None), the
+        budget is a device scalar, and the threshold is always returned (it masked only on masking steps).
         """
         if self.capturable:
             return self._update_and_mask_capturable(global_step, grad_scale)
