@@ -545,6 +545,18 @@ def _forward_op_backward(ctx, dy, _dh, _dseed):
 svd_linear_forward_op.register_autograd(_forward_op_backward, setup_context=_forward_op_setup_context)
 
 
+_ONES: dict[tuple, torch.Tensor] = {}
+
+
+def _unmasked(r: int, device, dtype) -> torch.Tensor:
+    """A keep mask of r ones (layers without a triplet mask, e.g. PEFT's): one cached read-only buffer per
+    device and dtype, so that no layer launches a fill for it in every forward."""
+    ones = _ONES.get((device, dtype))
+    if ones is None or ones.numel() < r:
+        ones = _ONES[device, dtype] = torch.ones(max(64, r), device=device, dtype=dtype)
+    return ones[:r]
+
+
 def svd_linear_triton(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum, *,
                       fan_in_fan_out: bool = False, dropout_p: float = 0.0, training: bool = False,
                       seed: int | None = None, importance=None):  # fmt: skip
@@ -555,7 +567,7 @@ def svd_linear_triton(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, sca
     ``importance``: an ImportanceState whose sensitivity this call's backward emits (paper order).
     """
     if triplet_mask is None:
-        triplet_mask = torch.ones(lora_A.shape[0], device=lora_A.device, dtype=lora_A.dtype)
+        triplet_mask = _unmasked(lora_A.shape[0], lora_A.device, lora_A.dtype)
     p = dropout_p if training else 0.0
     if importance is None:  # the torch.library op: traced by torch.compile as one node
         y, _, _ = svd_linear_forward_op(

@@ -71,6 +71,23 @@ def test_patched_llama_reproduces_stock_peft_for_200_steps():
     assert masked > 150 and sum(sum(v) for v in _pattern(fast).values()) <= 3 * 14
 
 
+def test_patched_llama_on_the_kernel_path_matches_stock_peft(monkeypatch):
+    """PEFT's layers have no triplet mask: the kernels get a shared mask of ones (interpreter on a CPU)."""
+    monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")
+    stock, fast = _adalora(lora_dropout=0.0), adalora_fast.patch_peft(_adalora(lora_dropout=0.0))
+    for step in range(3):
+        ids = _batch(step)
+        loss_s, loss_f = stock(input_ids=ids, labels=ids).loss, fast(input_ids=ids, labels=ids).loss
+        torch.testing.assert_close(loss_f, loss_s, rtol=1e-5, atol=1e-6)
+        loss_s.backward()
+        loss_f.backward()
+        for (name, p), q in zip(stock.named_parameters(), fast.parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        stock.zero_grad()
+        fast.zero_grad()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 kernel path runs on a GPU")
 def test_bf16_on_gpu_tracks_stock_peft_for_200_steps():
     """Tolerance: every loss within 2% of stock PEFT's (bf16 keeps ~3 significant digits, and the fused
