@@ -566,16 +566,22 @@ def svd_linear_triton(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, sca
     (:func:`dropout_seed`: reproducible under ``torch.manual_seed``, no host sync, CUDA-graph safe).
     ``importance``: an ImportanceState whose sensitivity this call's backward emits (paper order).
     """
-    if triplet_mask is None:
-        triplet_mask = _unmasked(lora_A.shape[0], lora_A.device, lora_A.dtype)
+    compiling = torch.compiler.is_compiling()
+    if triplet_mask is None:  # (a fresh one while tracing: the cache is a side effect the compiler need not see)
+        r = lora_A.shape[0]
+        triplet_mask = torch.ones(r, device=lora_A.device, dtype=lora_A.dtype) if compiling else _unmasked(
+            r, lora_A.device, lora_A.dtype
+        )
     p = dropout_p if training else 0.0
-    if importance is None:  # the torch.library op: traced by torch.compile as one node
+    if compiling and importance is None:  # the torch.library op: traced by torch.compile as one node
         y, _, _ = svd_linear_forward_op(
             x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, float(scaling), fan_in_fan_out, p,
             -1 if seed is None else seed,
         )  # fmt: skip
         return y
-    # Emitting the importance needs the ImportanceState in the backward: the autograd.Function carries it.
+    # Eagerly, the autograd.Function: the same launchers at about half a custom op's per-call framework
+    # overhead (it matters with ~150 adapted layers per step); it also carries the ImportanceState when the
+    # backward emits the importance.
     return SVDLinearFunction.apply(
         x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, float(scaling), fan_in_fan_out, p,
         dropout_seed(p, x.device, seed), importance,

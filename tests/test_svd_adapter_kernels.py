@@ -231,6 +231,23 @@ def test_saved_activations_are_x_plus_one_fp32_rank_tile():
     assert _saved_activation_bytes(peft_like, x, params) > budget  # the reference keeps a dropped copy of x
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_custom_op_and_the_eager_function_are_bitwise_the_same(dropout):
+    """torch.compile traces the torch.library op; eager calls the autograd.Function (lower per-call overhead)."""
+    from adalora_fast.kernels.svd_adapter import svd_linear_forward_op
+
+    W, b, A, E, B, mask, ranknum = _layer_tensors(40, 24, 12, torch.float32)
+    x = torch.randn(2, 9, 40, device=DEVICE, requires_grad=True)
+    params = [t.requires_grad_() for t in (A, E, B, b)]
+    dy = torch.randn(2, 9, 24, device=DEVICE)
+    y_op, _, _ = svd_linear_forward_op(x, W, b, A, E, B, mask, ranknum, ALPHA, False, dropout, 123)
+    g_op = torch.autograd.grad(y_op, [x, *params], dy)
+    y_fn = SVDLinearFunction.apply(x, W, b, A, E, B, mask, ranknum, ALPHA, False, dropout,
+                                   dropout_seed(dropout, DEVICE, 123), None)  # fmt: skip
+    g_fn = torch.autograd.grad(y_fn, [x, *params], dy)
+    assert torch.equal(y_op, y_fn) and all(torch.equal(a, b) for a, b in zip(g_op, g_fn))
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_torch_compile_fullgraph_on_the_kernel_path(monkeypatch, dropout):
     """The Triton path is a torch.library op with a fake implementation: no graph break, eager results."""
