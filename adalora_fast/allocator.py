@@ -157,12 +157,14 @@ class RankAllocator:
         )
         self.total_step = total_step
         if self.capturable:
-            # Rows for steps 0..T; the last row (the final phase) stands for every later step.
-            rows = [self._step_control(step) for step in range(total_step + 1)]
-            self.schedule_table = torch.tensor(
-                [[max(k, 1), int(score), int(mask), budget] for budget, k, score, mask in rows],
-                dtype=torch.int64, device=self.state.device,
-            )  # fmt: skip
+            # Rows for steps 0..T+1; the last (T+1 is always in the final phase) stands for every later step.
+            rows = [self._step_control(step) for step in range(total_step + 2)]
+            table = torch.tensor([[max(k, 1), int(score), int(mask), budget] for budget, k, score, mask in rows],
+                                 dtype=torch.int64)  # fmt: skip
+            if self.schedule_table is not None and self.schedule_table.shape == table.shape:
+                self.schedule_table.copy_(table)  # in place: a graph captured earlier reads the new schedule
+            else:  # (a graph captured before a change of T must be captured again)
+                self.schedule_table = table.to(self.state.device)
 
     def set_step(self, step: int) -> None:
         """Capturable mode: set the device step counter (to resume at ``step`` without a state dict)."""

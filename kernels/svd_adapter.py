@@ -12,15 +12,15 @@ Forward (2 kernels + the base GEMM):
   shrink   H = dropout(x)·Qᵀ                               one pass over x
   expand   y = (H·diag(sΛm))·Pᵀ + b                        writes y once
   cuBLAS   y += x·W0ᵀ   (addmm with beta = 1: the adapter term is read in the GEMM's epilogue)
-Backward (5 launches + the base dx GEMM):
+Backward (6 launches + the base dx GEMM, no other device op):
   grad_h   G = dY·P, and per row tile the partial dP = dYᵀ·(H·diag(sΛm))   one pass over dY
            epilogue: Gs = G·diag(sΛm), partial Σ H⊙G for dΛ
   reduce   dP = Σ of those partials in tile order (deterministic, no atomics)
+  reduce   dΛ = s·m/(ranknum + 1e-5)·Σ of the Σ H⊙G partials in tile order (a one-row factor)
   grad_q   dQᵀ partials = dropout(x)ᵀ·Gs per token split × input tile   one pass over x
   reduce   dQ = Σ of the split partials in order
   grad_x   dx = dropout'(Gs·Q), then cuBLAS dx += dY·W0 (beta = 1)
-  dΛ = s·m·Σ_tiles (Σ H⊙G): an r-sized reduction in fixed order.
-Paper-order importance is emitted by the two ``reduce`` launches, where dP and dQ become final.
+Paper-order importance is emitted by the three ``reduce`` launches, where dP, dΛ and dQ become final.
 """
 
 from __future__ import annotations
@@ -371,9 +371,9 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
                          base_gemm: bool = True):  # fmt: skip
     """(dx or None, dQ, dΛ, dP) for an upstream gradient dY (N × out).
 
-    With an ``importance`` state (paper order, on the step-completing micro-batch) the two reductions'
-    epilogues also update the sensitivity EMAs of P and Q and sum their element scores per rank; Λ's
-    r elements and the triplet score are finished on the host side of the launch.
+    With an ``importance`` state (paper order, on the step-completing micro-batch) the three reductions'
+    epilogues also update the sensitivity EMAs of P, Λ and Q and sum their element scores per rank; the
+    triplet score is combined from those r-sized sums.
     """
     _check_seed(seed)
     n, k = x2d.shape
@@ -550,10 +550,17 @@ _ONES: dict[tuple, torch.Tensor] = {}
 
 def _unmasked(r: int, device, dtype) -> torch.Tensor:
     """A keep mask of r ones (layers without a triplet mask, e.g. PEFT's): one cached read-only buffer per
-    device and dtype, so that no layer launches a fill for it in every forward."""
+    device and dtype, so that no layer launches a fill for it in every forward.
+
+    Made outside inference mode (an inference tensor cannot be saved for a later training backward), and
+    not cached while a CUDA graph is being captured (its fill would only run at the first replay).
+    """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.ones(r, device=device, dtype=dtype)
     ones = _ONES.get((device, dtype))
     if ones is None or ones.numel() < r:
-        ones = _ONES[device, dtype] = torch.ones(max(64, r), device=device, dtype=dtype)
+        with torch.inference_mode(False):
+            ones = _ONES[device, dtype] = torch.ones(max(64, r), device=device, dtype=dtype)
     return ones[:r]
 
 

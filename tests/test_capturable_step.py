@@ -34,8 +34,8 @@ def _stack(n_layers=3, d=16, r=4, dropout=0.0, device="cpu", dtype=torch.float32
     return model.to(device=device, dtype=dtype)
 
 
-def _alloc(model, r=4, semantics="peft", **kw):
-    return RankAllocator(model, lora_r=r, target_rank=r // 2, init_warmup=TINIT, final_warmup=TFINAL,
+def _alloc(model, r=4, semantics="peft", tfinal=TFINAL, **kw):
+    return RankAllocator(model, lora_r=r, target_rank=r // 2, init_warmup=TINIT, final_warmup=tfinal,
                          mask_interval=DELTA_T, beta1=0.85, beta2=0.85, total_step=TOTAL, semantics=semantics,
                          **kw)  # fmt: skip
 
@@ -54,10 +54,12 @@ def _lambdas(model):
 # The graph-safe allocator on any device
 
 
+@pytest.mark.parametrize("tfinal", [TFINAL, 0])  # tfinal 0: T itself is not a final-phase step
 @pytest.mark.parametrize("semantics", ["peft", "loralib"])
-def test_capturable_allocator_matches_the_eager_one_bitwise(semantics):
+def test_capturable_allocator_matches_the_eager_one_bitwise(semantics, tfinal):
     eager_model, graph_model = _stack(), _stack()
-    eager, safe = _alloc(eager_model, semantics=semantics), _alloc(graph_model, semantics=semantics, capturable=True)
+    eager = _alloc(eager_model, semantics=semantics, tfinal=tfinal)
+    safe = _alloc(graph_model, semantics=semantics, tfinal=tfinal, capturable=True)
     opt_e = torch.optim.AdamW(lora_params(eager_model), lr=1e-2)
     opt_g = torch.optim.AdamW(lora_params(graph_model), lr=1e-2)
     masked_steps = 0
@@ -78,7 +80,7 @@ def test_capturable_allocator_matches_the_eager_one_bitwise(semantics):
         assert all(torch.equal(a, b) for a, b in zip(_lambdas(eager_model), _lambdas(graph_model))), step
         assert torch.equal(safe.state.keep, eager.state.keep), step
         assert torch.equal(safe.state.exp_avg_unc, eager.state.exp_avg_unc), step
-    assert masked_steps > TFINAL
+    assert masked_steps > tfinal
     assert safe.rank_pattern == eager.rank_pattern and safe.rank_pattern is not None
     assert safe.step_count() == TOTAL + 4
 

@@ -231,6 +231,21 @@ def test_saved_activations_are_x_plus_one_fp32_rank_tile():
     assert _saved_activation_bytes(peft_like, x, params) > budget  # the reference keeps a dropped copy of x
 
 
+def test_layers_without_a_mask_train_after_an_inference_mode_call():
+    """The shared mask of ones is made outside inference mode: a later training backward can save it."""
+    import adalora_fast.kernels.svd_adapter as sa
+
+    sa._ONES.clear()
+    W, b, A, E, B, _, ranknum = _layer_tensors(20, 10, 4, torch.float32)
+    x = torch.randn(3, 20, device=DEVICE)
+    with torch.inference_mode():
+        y_inf = svd_linear_triton(x, W, b, A, E, B, None, ALPHA, ranknum)
+    A.requires_grad_()
+    y = svd_linear_triton(x, W, b, A, E, B, None, ALPHA, ranknum, training=True)
+    y.sum().backward()
+    assert torch.equal(y.detach(), y_inf) and A.grad is not None and A.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_the_custom_op_and_the_eager_function_are_bitwise_the_same(dropout):
     """torch.compile traces the torch.library op; eager calls the autograd.Function (lower per-call overhead)."""

@@ -15,6 +15,7 @@
 
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "../orth_penalty_plan.h"
@@ -33,26 +34,29 @@ struct DeviceTables {
 // A CUDA graph's copy node reads its host source at every replay, so a table uploaded while a stream is
 // being captured must never return to the pinned-memory cache: it is held for the life of the process
 // (a few hundred bytes per factor, once per capture), whatever the torch version's host allocator does.
+// Never destroyed (no static destructor racing the allocators' at exit).
 void hold_for_graph_replays(const at::Tensor& host) {
   static std::mutex mutex;
-  static std::vector<at::Tensor> held;
+  static auto* held = new std::vector<at::Tensor>();
   const std::lock_guard<std::mutex> lock(mutex);
-  held.push_back(host);
+  held->push_back(host);
 }
 
 // Both tables in one pinned buffer, copied to the device asynchronously: one H2D copy per call, no sync.
 DeviceTables upload_tables(const PenaltyPlan& plan, const at::Device& device) {
   const size_t factor_bytes = plan.factors.size() * sizeof(FactorView);
   const size_t item_bytes = plan.items.size() * sizeof(WorkItem);
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  // The pinned allocator may query events of earlier copies, which a capture in global mode forbids.
+  std::optional<c10::cuda::CUDAStreamCaptureModeGuard> relaxed;
+  if (capturing) relaxed.emplace(cudaStreamCaptureModeRelaxed);
   at::Tensor host = at::empty({static_cast<int64_t>(factor_bytes + item_bytes)},
                               at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   auto* h = static_cast<uint8_t*>(host.data_ptr());
   std::memcpy(h, plan.factors.data(), factor_bytes);
   std::memcpy(h + factor_bytes, plan.items.data(), item_bytes);
   at::Tensor dev = host.to(device, /*non_blocking=*/true);
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
-    hold_for_graph_replays(host);
-  }
+  if (capturing) hold_for_graph_replays(host);
   const auto* d = static_cast<const uint8_t*>(dev.data_ptr());
   return {reinterpret_cast<const FactorView*>(d), reinterpret_cast<const WorkItem*>(d + factor_bytes), dev};
 }
