@@ -157,6 +157,8 @@ def _plot_layer_by_tokens(plt, groups: dict, out_dir: str) -> list[str]:
             panel = f"{found.group(1)} {found.group(3)} {found.group(4)}"
             for provider, ratio in _ratios(providers).items():
                 panels[panel][provider][int(found.group(2))] = ratio
+    # a shape measured at one token count is no sweep
+    panels = {k: v for k, v in panels.items() if max(len(ratios) for ratios in v.values()) > 1}
     if not panels:
         return []
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3 * len(panels)), squeeze=False)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# On a CUDA machine whose Python already has torch, triton, peft, transformers, pytest, pytest-benchmark and
+# ninja: install adalora-fast (building the CUDA extension), then run the test suite, the benchmarks, or
+# both, keeping the logs, bench.json, a BENCHMARKS.md section and the plots in $RESULTS (default
+# gpu-results/). Usage: bash scripts/gpu_check.sh [tests|bench|all]. Exits non-zero if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+RESULTS=${RESULTS:-gpu-results}
+WHAT=${1:-all}
+case $WHAT in tests | bench | all) ;; *) echo "usage: bash scripts/gpu_check.sh [tests|bench|all]" >&2; exit 2 ;; esac
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+"$PY" -c "import json, adalora_fast; print(json.dumps(adalora_fast.env_report(), indent=1))" | tee "$RESULTS/env.json"
+status=0
+if [[ $WHAT == tests || $WHAT == all ]]; then
+  "$PY" -m pytest tests -q 2>&1 | tee "$RESULTS/tests.log"
+  status=$((status | PIPESTATUS[0]))
+fi
+if [[ $WHAT == bench || $WHAT == all ]]; then
+  "$PY" -m pytest benchmarks --benchmark-only --benchmark-json="$RESULTS/bench.json" 2>&1 | tee "$RESULTS/bench.log"
+  status=$((status | PIPESTATUS[0]))
+  "$PY" benchmarks/report.py "$RESULTS/bench.json" --out "$RESULTS/BENCHMARKS.md" --plots "$RESULTS/plots" \
+    --command "bash scripts/gpu_check.sh $WHAT" || status=1
+fi
+exit $status
