@@ -36,7 +36,8 @@ def _build(provider, model_cfg, dropout):
     import adalora_fast
 
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(**model_cfg, max_position_embeddings=SEQ)).to(DEVICE, DTYPE)
+    with torch.device(DEVICE):  # initialised where it runs: a ~1B model's random init on a CPU takes long
+        base = LlamaForCausalLM(LlamaConfig(**model_cfg, max_position_embeddings=SEQ)).to(DTYPE)
     if provider == "peft_lora":
         return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=dropout,
                                                task_type="CAUSAL_LM"))  # fmt: skip

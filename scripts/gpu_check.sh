@@ -2,7 +2,8 @@
 # On a CUDA machine whose Python already has torch, triton, peft, transformers, pytest, pytest-benchmark and
 # ninja: install adalora-fast (building the CUDA extension), then run the test suite, the benchmarks, or
 # both, keeping the logs, bench.json, a BENCHMARKS.md section and the plots in $RESULTS (default
-# gpu-results/). Usage: bash scripts/gpu_check.sh [tests|bench|all]. Exits non-zero if any step failed.
+# gpu-results/). Usage: bash scripts/gpu_check.sh [tests|bench|all] [pytest arguments, e.g. -k training_step].
+# Exits non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,13 +16,13 @@ export PYTHONUNBUFFERED=1
 "$PY" -c "import json, adalora_fast; print(json.dumps(adalora_fast.env_report(), indent=1))" | tee "$RESULTS/env.json"
 status=0
 if [[ $WHAT == tests || $WHAT == all ]]; then
-  "$PY" -m pytest tests -q 2>&1 | tee "$RESULTS/tests.log"
+  "$PY" -m pytest tests -q "${@:2}" 2>&1 | tee "$RESULTS/tests.log"
   status=$((status | PIPESTATUS[0]))
 fi
 if [[ $WHAT == bench || $WHAT == all ]]; then
-  "$PY" -m pytest benchmarks --benchmark-only --benchmark-json="$RESULTS/bench.json" 2>&1 | tee "$RESULTS/bench.log"
+  "$PY" -m pytest benchmarks --benchmark-only --benchmark-json="$RESULTS/bench.json" "${@:2}" 2>&1 | tee "$RESULTS/bench.log"
   status=$((status | PIPESTATUS[0]))
   "$PY" benchmarks/report.py "$RESULTS/bench.json" --out "$RESULTS/BENCHMARKS.md" --plots "$RESULTS/plots" \
-    --command "bash scripts/gpu_check.sh $WHAT" || status=1
+    --command "bash scripts/gpu_check.sh $*" || status=1
 fi
 exit $status
