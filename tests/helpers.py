@@ -74,3 +74,30 @@ def clone(model):
 def lora_params(model):
     """The adapter parameters (lora_A / lora_E / lora_B) of a model, in named_parameters() order."""
     return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+def svd_stack(n_layers, d=16, r=4, seed=0, dropout=0.0, b_std=None, device="cpu", dtype=torch.float32):
+    """``n_layers`` × (FastSVDLinear d→d, Tanh) with random Λ (and random P when ``b_std`` is given)."""
+    torch.manual_seed(seed)
+    layers = []
+    for _ in range(n_layers):
+        layers += [FastSVDLinear(d, d, r=r, lora_alpha=r, lora_dropout=dropout), nn.Tanh()]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, FastSVDLinear):
+                m.lora_E.normal_(std=0.5)
+                if b_std is not None:
+                    m.lora_B.normal_(std=b_std)
+    return model.to(device=device, dtype=dtype)
+
+
+def regression_batch(step, n=32, d=16):
+    """(x, y), both n × d, drawn from a generator seeded with ``step``."""
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+
+
+def lambdas(model):
+    """Copies of every Λ (lora_E) of ``model``."""
+    return [p.detach().clone() for n, p in model.named_parameters() if "lora_E" in n]

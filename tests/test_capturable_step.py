@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import lora_params
+from helpers import lambdas, lora_params, regression_batch, svd_stack
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adalora_fast import FastSVDLinear, RankAllocator, compute_orth_regu
@@ -21,17 +21,7 @@ TOTAL, TINIT, TFINAL, DELTA_T = 40, 4, 10, 3
 
 
 def _stack(n_layers=3, d=16, r=4, dropout=0.0, device="cpu", dtype=torch.float32):
-    torch.manual_seed(0)
-    layers = []
-    for _ in range(n_layers):
-        layers += [FastSVDLinear(d, d, r=r, lora_alpha=r, lora_dropout=dropout), nn.Tanh()]
-    model = nn.Sequential(*layers)
-    with torch.no_grad():
-        for m in model:
-            if isinstance(m, FastSVDLinear):
-                m.lora_E.normal_(std=0.5)
-                m.lora_B.normal_(std=0.3)
-    return model.to(device=device, dtype=dtype)
+    return svd_stack(n_layers, d, r, dropout=dropout, b_std=0.3, device=device, dtype=dtype)
 
 
 def _alloc(model, r=4, semantics="peft", tfinal=TFINAL, **kw):
@@ -41,13 +31,7 @@ def _alloc(model, r=4, semantics="peft", tfinal=TFINAL, **kw):
 
 
 def _batch(step, n=32, d=16, device="cpu", dtype=torch.float32):
-    g = torch.Generator().manual_seed(step)
-    x, y = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
-    return x.to(device, dtype), y.to(device, dtype)
-
-
-def _lambdas(model):
-    return [p.detach().clone() for n, p in model.named_parameters() if "lora_E" in n]
+    return tuple(t.to(device, dtype) for t in regression_batch(step, n, d))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -77,7 +61,7 @@ def test_capturable_allocator_matches_the_eager_one_bitwise(semantics, tfinal):
         if threshold is not None:
             masked_steps += 1
             assert torch.equal(threshold_t, threshold), step
-        assert all(torch.equal(a, b) for a, b in zip(_lambdas(eager_model), _lambdas(graph_model))), step
+        assert all(torch.equal(a, b) for a, b in zip(lambdas(eager_model), lambdas(graph_model))), step
         assert torch.equal(safe.state.keep, eager.state.keep), step
         assert torch.equal(safe.state.exp_avg_unc, eager.state.exp_avg_unc), step
     assert masked_steps > tfinal
@@ -149,7 +133,7 @@ def test_capturable_allocator_resumes_from_its_state_dict_or_set_step():
     assert c.step_count() == 20
     opt_c = torch.optim.SGD(lora_params(resumed), lr=0.1)
     run(range(20, TOTAL), c, resumed, opt_c)
-    assert all(torch.equal(p, q) for p, q in zip(_lambdas(straight), _lambdas(resumed)))
+    assert all(torch.equal(p, q) for p, q in zip(lambdas(straight), lambdas(resumed)))
     assert c.rank_pattern == a.rank_pattern
 
     # A resumed step number that the counter does not know is an error, not a silent restart at 0.

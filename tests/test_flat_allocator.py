@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import lora_params
+from helpers import lambdas, lora_params, regression_batch, svd_stack
 
 from adalora_fast import FastSVDLinear, RankAllocator
 from adalora_fast.discovery import find_adapter_triplets
@@ -16,16 +16,7 @@ CUDA = torch.cuda.is_available()
 
 
 def _stack(n_layers, d=16, r=4, seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for _ in range(n_layers):
-        layers += [FastSVDLinear(d, d, r=r, lora_alpha=r), nn.Tanh()]
-    model = nn.Sequential(*layers)
-    with torch.no_grad():
-        for m in model:
-            if isinstance(m, FastSVDLinear):
-                m.lora_E.normal_(std=0.5)
-    return model
+    return svd_stack(n_layers, d, r, seed)
 
 
 def _alloc(model, r=4, total=60, tinit=5, tfinal=15, deltaT=2, **kw):
@@ -33,13 +24,8 @@ def _alloc(model, r=4, total=60, tinit=5, tfinal=15, deltaT=2, **kw):
                          mask_interval=deltaT, beta1=0.85, beta2=0.85, total_step=total, semantics="peft", **kw)  # fmt: skip
 
 
-def _lambdas(model):
-    return [p.detach().clone() for n, p in model.named_parameters() if "lora_E" in n]
-
-
 def _data(step, n=32, d=16, micro=None):
-    g = torch.Generator().manual_seed(step)
-    x, y = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    x, y = regression_batch(step, n, d)
     return (x, y) if micro is None else (x[micro::2], y[micro::2])
 
 
@@ -88,7 +74,7 @@ def test_paper_order_matches_the_reference_for_200_steps(deltaT, monkeypatch):
         alloc.update_and_mask(fast, step)
         engine.step(step)
         assert alloc.rank_pattern == engine.rank_pattern(), step
-        assert all(torch.equal(a, b) for a, b in zip(_lambdas(fast), _lambdas(ref))), step
+        assert all(torch.equal(a, b) for a, b in zip(lambdas(fast), lambdas(ref))), step
         opt_f.zero_grad()
         opt_r.zero_grad()
 
@@ -111,7 +97,7 @@ def _train(model, alloc, opt, steps, start=0, scale=None, micro_batches=1):
                 for p in lora_params(model):
                     p -= 0.05 * p.grad / scale(step)
         alloc.update_and_mask(model, step, grad_scale=None if scale is None else scale(step))
-        patterns.append((alloc.rank_pattern, _lambdas(model)))
+        patterns.append((alloc.rank_pattern, lambdas(model)))
         model.zero_grad()
     return patterns
 
@@ -188,7 +174,7 @@ def _nan_run(policy):
     alloc = _alloc(model, nonfinite=policy)
     opt = torch.optim.SGD(lora_params(model), lr=0.05)
     _train(model, alloc, opt, 10)
-    before = (alloc.state.exp_avg_ipt.clone(), alloc.state.keep.clone(), _lambdas(model))
+    before = (alloc.state.exp_avg_ipt.clone(), alloc.state.keep.clone(), lambdas(model))
     x, y = _data(10)
     nn.functional.mse_loss(model(x), y).backward()
     model[0].lora_A.grad[0, 0] = float("nan")
@@ -199,7 +185,7 @@ def test_a_nan_gradient_never_becomes_a_mask():
     model, alloc, before = _nan_run("skip")
     alloc.update_and_mask(model, 10)  # a masking step (10 % 2 == 0)
     assert torch.equal(alloc.state.exp_avg_ipt, before[0]) and torch.equal(alloc.state.keep, before[1])
-    assert all(torch.equal(a, b) for a, b in zip(_lambdas(model), before[2]))
+    assert all(torch.equal(a, b) for a, b in zip(lambdas(model), before[2]))
     with pytest.warns(RuntimeWarning, match="1 step\\(s\\) had a non-finite gradient"):
         pattern = alloc.rank_pattern
     assert pattern is None or all(len(v) == 4 for v in pattern.values())
@@ -249,7 +235,7 @@ def test_paper_order_masks_do_not_depend_on_the_loss_scale(backend, monkeypatch)
                 for p in lora_params(model):
                     p -= 0.05 * p.grad / scale(step)
             alloc.update_and_mask(model, step)
-            out.append((alloc.rank_pattern, _lambdas(model)))
+            out.append((alloc.rank_pattern, lambdas(model)))
             model.zero_grad()
         return out
 
