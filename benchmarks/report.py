@@ -38,9 +38,10 @@ def markdown(groups: dict, machine: dict, command: str) -> str:
     lines = [f"## {datetime.date.today().isoformat()} — {device}", "", f"Command: `{command}`", ""]
     lines += ["| group | provider | median ms | × baseline | extra |", "|---|---|---|---|---|"]
     for group, providers in sorted(groups.items()):
-        baseline = next((b for b in BASELINES if b in providers), None)
+        ratios = _ratios(providers)
+        has_baseline = any(b in providers for b in BASELINES)
         for provider, row in sorted(providers.items()):
-            ratio = f"{row['median_ms'] / providers[baseline]['median_ms']:.2f}×" if baseline else ""
+            ratio = f"{ratios.get(provider, 1.0):.2f}×" if has_baseline else ""
             extra = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("median_ms", "ranks"))
             lines.append(f"| {group} | {provider} | {row['median_ms']:.3f} | {ratio} | {extra} |")
     for group, (provider, ranks) in allocated_ranks(groups).items():
@@ -104,20 +105,14 @@ def plot(groups: dict, out_dir: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * len(fam_groups) * 3))
         labels, values = [], []
         for group, providers in sorted(fam_groups.items()):
-            baseline = next((b for b in BASELINES if b in providers), None)
-            for provider, row in sorted(providers.items()):
-                if baseline:
-                    labels.append(f"{group[len(family):].strip()} · {provider}")
-                    values.append(row["median_ms"] / providers[baseline]["median_ms"])
+            for provider, ratio in sorted(_ratios(providers).items()):  # the baseline is the line at 1
+                labels.append(f"{group[len(family):].strip()} · {provider}")
+                values.append(ratio)
         ax.barh(labels, values)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xlabel("median time / baseline (same run)")
         ax.set_title(family)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{family}.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out_dir, f"{family}.png"))
     written += _plot_step_by_model(plt, groups, out_dir)
     written += _plot_layer_by_tokens(plt, groups, out_dir)
     written += _plot_rank_heatmaps(plt, groups, out_dir)
