@@ -101,3 +101,37 @@ def regression_batch(step, n=32, d=16):
 def lambdas(model):
     """Copies of every Λ (lora_E) of ``model``."""
     return [p.detach().clone() for n, p in model.named_parameters() if "lora_E" in n]
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed=0):
+    """A randomly initialised two-layer Llama (hidden 32, vocab 64)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+def peft_llama(seed=0, task_type="CAUSAL_LM", **kw):
+    """Stock PEFT AdaLoRA on every linear of :func:`tiny_llama` (random Λ); ``kw`` overrides the config."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    args = dict(init_r=6, target_r=3, tinit=10, tfinal=30, deltaT=5, total_step=200, lora_alpha=8,
+                target_modules=LLAMA_TARGETS, orth_reg_weight=0.5)  # fmt: skip
+    args.update(kw)
+    model = get_peft_model(tiny_llama(seed), AdaLoraConfig(task_type=task_type, **args))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_E" in n:
+                p.normal_(std=0.1)
+    return model
+
+
+def token_batch(step, batch=4, seq=16):
+    """Token ids in [0, 64) drawn from a generator seeded with ``step``."""
+    g = torch.Generator().manual_seed(step)
+    return torch.randint(0, 64, (batch, seq), generator=g)

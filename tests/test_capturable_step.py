@@ -11,10 +11,13 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import lambdas, lora_params, regression_batch, svd_stack
+from helpers import lambdas, lora_params, peft_llama, regression_batch, svd_stack, token_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import adalora_fast
 from adalora_fast import FastSVDLinear, RankAllocator, compute_orth_regu
+from adalora_fast.cuda_graph import capture_training_step
+from adalora_fast.integrations.peft import sync_rank_pattern
 
 CUDA = torch.cuda.is_available()
 TOTAL, TINIT, TFINAL, DELTA_T = 40, 4, 10, 3
@@ -168,6 +171,109 @@ def test_set_step_is_only_for_the_capturable_allocator():
 
 
 # ---------------------------------------------------------------------------------------------------
+# PEFT models: patch_peft(model, capturable=True)
+
+PEFT_SCHEDULE = dict(total_step=TOTAL, tinit=TINIT, tfinal=TFINAL, deltaT=DELTA_T)
+
+
+def _peft_step(model, ids, step):
+    """Forward (loss + penalty), backward and allocator: the whole step but PyTorch's optimizer."""
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    model.base_model.update_and_allocate(step)
+    return loss.detach()
+
+
+def test_capturable_peft_model_trains_bitwise_like_the_eager_patched_one(tmp_path):
+    eager = adalora_fast.patch_peft(peft_llama(**PEFT_SCHEDULE))
+    safe = adalora_fast.patch_peft(peft_llama(**PEFT_SCHEDULE), capturable=True)
+    opts = [torch.optim.AdamW(lora_params(m), lr=1e-2) for m in (eager, safe)]
+    for step in range(TOTAL + 4):
+        ids = token_batch(step)
+        losses = []
+        for model, opt in zip((eager, safe), opts):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            model.base_model.update_and_allocate(step)
+            opt.zero_grad()
+            losses.append(loss.detach())
+        assert torch.equal(losses[0], losses[1]), step
+        assert all(torch.equal(a, b) for a, b in zip(lambdas(eager), lambdas(safe))), step
+    alloc = safe.base_model._adalora_fast_allocator
+    assert alloc.capturable and alloc.step_count() == TOTAL + 4
+    assert alloc.rank_pattern == eager.base_model._adalora_fast_allocator.rank_pattern
+    # rank_pattern is not written inside a graph-safe step; saving (or sync_rank_pattern) writes it.
+    expected = eager.peft_config["default"].rank_pattern
+    assert expected is not None and safe.peft_config["default"].rank_pattern is None
+    from peft import PeftConfig
+
+    for name, model in (("eager", eager), ("safe", safe)):
+        model.save_pretrained(tmp_path / name)
+    saved = [PeftConfig.from_pretrained(tmp_path / name).rank_pattern for name in ("eager", "safe")]
+    assert saved[1] == saved[0] and saved[0]
+    sync_rank_pattern(safe.base_model)
+    assert safe.peft_config["default"].rank_pattern == expected
+
+
+def test_capturable_peft_step_runs_the_same_ops_every_step_and_never_reads_the_device(monkeypatch):
+    import transformers.masking_utils
+
+    # transformers reads the device to detect packed sequences, unless it sees a stream capture (or a
+    # compiler): let it see one, so that the check below covers what PEFT and adalora-fast add.
+    monkeypatch.setattr(transformers.masking_utils, "is_tracing", lambda *args, **kwargs: True)
+    model = adalora_fast.patch_peft(peft_llama(lora_dropout=0.1, **PEFT_SCHEDULE), capturable=True)
+    sequences = []
+    for step in range(TOTAL + 2):  # every phase of the schedule, and past T
+        with _OpRecorder() as rec:
+            _peft_step(model, token_batch(step), step)
+        model.zero_grad(set_to_none=True)
+        sequences.append(rec.ops)
+        assert not [op for op in rec.ops if op.startswith(_HOST_READS)], step
+    assert all(ops == sequences[1] for ops in sequences[1:])  # (step 0 also builds the shared mask of ones)
+    assert any("bernoulli" in op or "rand" in op for op in sequences[1])  # dropout ran, on the device's RNG
+
+
+def test_capturable_peft_counter_starts_at_the_first_global_step():
+    model = adalora_fast.patch_peft(peft_llama(**PEFT_SCHEDULE), capturable=True)
+    for step in (7, 8, 9):
+        _peft_step(model, token_batch(step), step)
+        model.zero_grad()
+    assert model.base_model._adalora_fast_allocator.step_count() == 10
+    # Its allocator exists now: switching it to the eager one would drop the device state.
+    with pytest.raises(ValueError, match="capturable=True"):
+        adalora_fast.patch_peft(model)
+
+
+def test_global_patch_makes_capturable_allocators_until_unpatched():
+    adalora_fast.patch_peft(capturable=True)
+    try:
+        model = peft_llama(**PEFT_SCHEDULE)
+        _peft_step(model, token_batch(0), 0)
+    finally:
+        adalora_fast.unpatch_peft()
+    assert model.base_model._adalora_fast_allocator.capturable
+    adalora_fast.patch_peft()
+    try:
+        later = peft_llama(**PEFT_SCHEDULE)
+        _peft_step(later, token_batch(0), 0)
+    finally:
+        adalora_fast.unpatch_peft()
+    assert not later.base_model._adalora_fast_allocator.capturable
+
+
+def test_capture_training_step_rejects_what_cannot_be_captured():
+    model = _stack()
+    with pytest.raises(ValueError, match="capturable=True"):
+        capture_training_step(lambda: None, [torch.optim.AdamW(lora_params(model), lr=1e-3)])
+    with pytest.raises(ValueError, match="warmup_steps must be >= 1"):
+        capture_training_step(lambda: None, [], warmup_steps=0)
+    if not CUDA:
+        with pytest.raises(RuntimeError, match="needs a CUDA device"):
+            capture_training_step(lambda: None, [torch.optim.AdamW(lora_params(model), lr=1e-3, capturable=True)])
+
+
+# ---------------------------------------------------------------------------------------------------
 # Capture and replay on a GPU
 
 
@@ -199,27 +305,18 @@ def test_a_full_training_step_captured_as_a_cuda_graph_replays_like_eager(dtype)
 
     model, opt, alloc = runs["graph"]
     static_x, static_y = _batch(0, d=64, device="cuda", dtype=dtype)
-    warmup = 3  # real steps (autotuning, cuBLAS workspaces), on a side stream as capture requires
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph_losses = []
-    with torch.cuda.stream(side):
-        for step in range(warmup):
-            x, y = _batch(step, d=64, device="cuda", dtype=dtype)
-            static_x.copy_(x)
-            static_y.copy_(y)
-            graph_losses.append(_train_step(model, opt, alloc, static_x, static_y).float().item())
-            opt.zero_grad(set_to_none=True)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = _train_step(model, opt, alloc, static_x, static_y)
-    for step in range(warmup, TOTAL + 2):
+
+    def load(step):
         x, y = _batch(step, d=64, device="cuda", dtype=dtype)
         static_x.copy_(x)
         static_y.copy_(y)
-        graph.replay()
-        graph_losses.append(static_loss.float().item())
+
+    captured = capture_training_step(lambda: _train_step(model, opt, alloc, static_x, static_y), [opt],
+                                     before_warmup_step=load)  # fmt: skip
+    graph_losses = [loss.float().item() for loss in captured.warmup_outputs]
+    for step in range(len(graph_losses), TOTAL + 2):
+        load(step)
+        graph_losses.append(captured().float().item())
 
     tol = 1e-6 if dtype == torch.float32 else 1e-3
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=tol, atol=tol)
@@ -246,3 +343,39 @@ def test_dropout_draws_a_fresh_mask_at_every_graph_replay():
         graph.replay()
         outputs.append(out.clone())
     assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_a_patched_peft_llama_step_captured_as_a_cuda_graph_replays_like_eager():
+    """The HF model, PEFT's layers on the kernels, the fast penalty and the capturable allocator in one graph."""
+    models = [adalora_fast.patch_peft(peft_llama(**PEFT_SCHEDULE), capturable=True).cuda() for _ in range(2)]
+    opts = [torch.optim.AdamW(lora_params(m), lr=1e-2, capturable=True) for m in models]
+    eager_losses = []
+    for step in range(TOTAL + 2):
+        eager_losses.append(_peft_optimizer_step(models[0], opts[0], token_batch(step).cuda(), step).item())
+        opts[0].zero_grad(set_to_none=True)
+
+    static_ids = token_batch(0).cuda()
+    calls = [0]
+
+    def step():
+        calls[0] += 1
+        return _peft_optimizer_step(models[1], opts[1], static_ids, calls[0] - 1)
+
+    captured = capture_training_step(step, [opts[1]], before_warmup_step=lambda i: static_ids.copy_(token_batch(i)))
+    graph_losses = [loss.item() for loss in captured.warmup_outputs]
+    for step_number in range(len(graph_losses), TOTAL + 2):
+        static_ids.copy_(token_batch(step_number))
+        graph_losses.append(captured().item())
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-6)
+    allocs = [m.base_model._adalora_fast_allocator for m in models]
+    assert allocs[1].step_count() == TOTAL + 2
+    assert allocs[1].rank_pattern == allocs[0].rank_pattern and allocs[0].rank_pattern is not None
+
+
+def _peft_optimizer_step(model, opt, ids, step):
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    opt.step()
+    model.base_model.update_and_allocate(step)
+    return loss.detach()

@@ -2,39 +2,10 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import LLAMA_TARGETS, peft_llama, tiny_llama, token_batch
 
 import adalora_fast
 from adalora_fast.integrations.peft import fast_layer_class
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-    return LlamaForCausalLM(cfg)
-
-
-def _adalora(seed=0, task_type="CAUSAL_LM", **kw):
-    from peft import AdaLoraConfig, get_peft_model
-
-    args = dict(init_r=6, target_r=3, tinit=10, tfinal=30, deltaT=5, total_step=200, lora_alpha=8, target_modules=TARGETS,
-                orth_reg_weight=0.5)  # fmt: skip
-    args.update(kw)
-    model = get_peft_model(_llama(seed), AdaLoraConfig(task_type=task_type, **args))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_E" in n:
-                p.normal_(std=0.1)
-    return model
-
-
-def _batch(step):
-    g = torch.Generator().manual_seed(step)
-    return torch.randint(0, 64, (4, 16), generator=g)
-
 
 def _pattern(model):
     alloc = getattr(model.base_model, "_adalora_fast_allocator", None)
@@ -49,14 +20,14 @@ def global_patch():
 
 
 def test_patched_llama_reproduces_stock_peft_for_200_steps():
-    stock, fast = _adalora(), _adalora()
+    stock, fast = peft_llama(), peft_llama()
     adalora_fast.patch_peft(fast)
     assert sum(type(m) is fast_layer_class() for m in fast.modules()) == 14
     opt_s = torch.optim.AdamW([p for p in stock.parameters() if p.requires_grad], lr=1e-2)
     opt_f = torch.optim.AdamW([p for p in fast.parameters() if p.requires_grad], lr=1e-2)
     masked = 0
     for step in range(200):
-        ids = _batch(step)
+        ids = token_batch(step)
         loss_s = stock(input_ids=ids, labels=ids).loss
         loss_f = fast(input_ids=ids, labels=ids).loss
         torch.testing.assert_close(loss_f, loss_s, rtol=1e-5, atol=0, msg=f"loss at step {step}")
@@ -74,9 +45,9 @@ def test_patched_llama_reproduces_stock_peft_for_200_steps():
 def test_patched_llama_on_the_kernel_path_matches_stock_peft(monkeypatch):
     """PEFT's layers have no triplet mask: the kernels get a shared mask of ones (interpreter on a CPU)."""
     monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")
-    stock, fast = _adalora(lora_dropout=0.0), adalora_fast.patch_peft(_adalora(lora_dropout=0.0))
+    stock, fast = peft_llama(lora_dropout=0.0), adalora_fast.patch_peft(peft_llama(lora_dropout=0.0))
     for step in range(3):
-        ids = _batch(step)
+        ids = token_batch(step)
         loss_s, loss_f = stock(input_ids=ids, labels=ids).loss, fast(input_ids=ids, labels=ids).loss
         torch.testing.assert_close(loss_f, loss_s, rtol=1e-5, atol=1e-6)
         loss_s.backward()
@@ -92,13 +63,13 @@ def test_patched_llama_on_the_kernel_path_matches_stock_peft(monkeypatch):
 def test_bf16_on_gpu_tracks_stock_peft_for_200_steps():
     """Tolerance: every loss within 2% of stock PEFT's (bf16 keeps ~3 significant digits, and the fused
     kernels round at other points than PEFT's chain of matmuls); the final rank_pattern identical."""
-    stock, fast = _adalora().to("cuda", torch.bfloat16), _adalora().to("cuda", torch.bfloat16)
+    stock, fast = peft_llama().to("cuda", torch.bfloat16), peft_llama().to("cuda", torch.bfloat16)
     adalora_fast.patch_peft(fast)
     assert adalora_fast.env_report()["svd_adapter"] == "triton"
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (stock, fast)]
     losses = {"stock": [], "fast": []}
     for step in range(200):
-        ids = _batch(step).cuda()
+        ids = token_batch(step).cuda()
         for name, model, opt in (("stock", stock, opts[0]), ("fast", fast, opts[1])):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
@@ -113,9 +84,9 @@ def test_bf16_on_gpu_tracks_stock_peft_for_200_steps():
 
 def test_penalty_is_added_when_task_type_is_none():
 
-    stock = _adalora(task_type=None)
-    fast = adalora_fast.patch_peft(_adalora(task_type=None))
-    ids = _batch(0)
+    stock = peft_llama(task_type=None)
+    fast = adalora_fast.patch_peft(peft_llama(task_type=None))
+    ids = token_batch(0)
     plain = stock(input_ids=ids, labels=ids).loss  # PEFT's bug: no penalty without a task_type
     with_penalty = fast(input_ids=ids, labels=ids).loss
     from adalora_fast import compute_orth_regu
@@ -128,19 +99,19 @@ def test_penalty_is_added_when_task_type_is_none():
 def test_global_patch_and_unpatch(global_patch):
     from peft.tuners.adalora import AdaLoraModel, SVDLinear
 
-    model = _adalora()
+    model = peft_llama()
     assert all(type(m) is fast_layer_class() for m in model.modules() if isinstance(m, SVDLinear))
     assert AdaLoraModel.update_and_allocate.__name__ == "fast_update_and_allocate"
     adalora_fast.unpatch_peft()
     assert AdaLoraModel.update_and_allocate.__name__ == "update_and_allocate"
-    assert all(type(m) is SVDLinear for m in _adalora().modules() if isinstance(m, SVDLinear))
+    assert all(type(m) is SVDLinear for m in peft_llama().modules() if isinstance(m, SVDLinear))
     adalora_fast.patch_peft()  # the fixture unpatches again
 
 
 def _train(model, steps, start=0):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(start, start + steps):
-        ids = _batch(step)
+        ids = token_batch(step)
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         model.base_model.update_and_allocate(step)
@@ -151,7 +122,7 @@ def _train(model, steps, start=0):
 def test_save_pretrained_and_from_pretrained_both_ways(direction, tmp_path):
     from peft import PeftModel
 
-    trained = _adalora(total_step=60, tinit=5, tfinal=10, deltaT=2)
+    trained = peft_llama(total_step=60, tinit=5, tfinal=10, deltaT=2)
     if direction == "fast_to_stock":
         adalora_fast.patch_peft(trained)
     _train(trained, 60)  # ends in the final phase: the saved adapter is resized by rank_pattern
@@ -159,7 +130,7 @@ def test_save_pretrained_and_from_pretrained_both_ways(direction, tmp_path):
     if direction == "stock_to_fast":
         adalora_fast.patch_peft()
     try:
-        loaded = PeftModel.from_pretrained(_llama(), tmp_path)
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
         if direction == "stock_to_fast":
             assert any(type(m) is fast_layer_class() for m in loaded.modules())
     finally:
@@ -168,15 +139,15 @@ def test_save_pretrained_and_from_pretrained_both_ways(direction, tmp_path):
     assert sum(ranks) == sum(sum(v) for v in trained.peft_config["default"].rank_pattern.values()) <= 3 * 14
     trained.eval()
     loaded.eval()
-    ids = _batch(999)
+    ids = token_batch(999)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_and_unload_matches_stock():
-    stock, fast = _adalora(), _adalora()
+    stock, fast = peft_llama(), peft_llama()
     adalora_fast.patch_peft(fast)
-    ids = _batch(3)
+    ids = token_batch(3)
     with torch.no_grad():
         expected = stock(input_ids=ids).logits
         torch.testing.assert_close(fast(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
@@ -185,7 +156,7 @@ def test_merge_and_unload_matches_stock():
 
 
 def test_converting_a_model_mid_training_keeps_its_masks_and_scores():
-    stock, converted = _adalora(total_step=80, tinit=5, tfinal=20, deltaT=3), _adalora(total_step=80, tinit=5, tfinal=20, deltaT=3)
+    stock, converted = peft_llama(total_step=80, tinit=5, tfinal=20, deltaT=3), peft_llama(total_step=80, tinit=5, tfinal=20, deltaT=3)
     _train(stock, 30)
     _train(converted, 30)
     adalora_fast.patch_peft(converted)
@@ -194,7 +165,7 @@ def test_converting_a_model_mid_training_keeps_its_masks_and_scores():
     opt_c = torch.optim.AdamW([p for p in converted.parameters() if p.requires_grad], lr=1e-2)
     for step in range(30, 36):
         for model, opt in ((stock, opt_s), (converted, opt_c)):
-            ids = _batch(step)
+            ids = token_batch(step)
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
             model.base_model.update_and_allocate(step)
@@ -213,10 +184,10 @@ def test_trainer_callback_allocates_once_per_optimizer_step(tmp_path):
             return 64
 
         def __getitem__(self, i):
-            ids = _batch(i)[0]
+            ids = token_batch(i)[0]
             return {"input_ids": ids, "labels": ids}
 
-    model = adalora_fast.patch_peft(_adalora(total_step=8, tinit=1, tfinal=2, deltaT=1))
+    model = adalora_fast.patch_peft(peft_llama(total_step=8, tinit=1, tfinal=2, deltaT=1))
     calls = []
     original = model.base_model.update_and_allocate
     model.base_model.update_and_allocate = lambda step: (calls.append(step), original(step))[1]
@@ -229,15 +200,15 @@ def test_trainer_callback_allocates_once_per_optimizer_step(tmp_path):
 
 
 def test_dropout_and_bf16_models_match_stock():
-    stock, fast = _adalora(lora_dropout=0.1), _adalora(lora_dropout=0.1)
+    stock, fast = peft_llama(lora_dropout=0.1), peft_llama(lora_dropout=0.1)
     adalora_fast.patch_peft(fast)
-    ids = _batch(5)
+    ids = token_batch(5)
     torch.manual_seed(7)
     loss_s = stock(input_ids=ids, labels=ids).loss
     torch.manual_seed(7)  # the same dropout draw: on a CPU the patched layer runs the reference path
     loss_f = fast(input_ids=ids, labels=ids).loss
     assert torch.equal(loss_f, loss_s)
-    stock16, fast16 = _adalora().to(torch.bfloat16), adalora_fast.patch_peft(_adalora()).to(torch.bfloat16)
+    stock16, fast16 = peft_llama().to(torch.bfloat16), adalora_fast.patch_peft(peft_llama()).to(torch.bfloat16)
     stock16.eval()
     fast16.eval()
     with torch.no_grad():
@@ -247,11 +218,11 @@ def test_dropout_and_bf16_models_match_stock():
 def test_inference_mode_and_a_second_adapter(tmp_path):
     from peft import AdaLoraConfig, PeftModel
 
-    trained = _adalora(total_step=40, tinit=4, tfinal=8, deltaT=2)
+    trained = peft_llama(total_step=40, tinit=4, tfinal=8, deltaT=2)
     _train(trained, 40)
     trained.save_pretrained(tmp_path)
-    frozen = adalora_fast.patch_peft(PeftModel.from_pretrained(_llama(), tmp_path))  # inference mode
-    ids = _batch(11)
+    frozen = adalora_fast.patch_peft(PeftModel.from_pretrained(tiny_llama(), tmp_path))  # inference mode
+    ids = token_batch(11)
     trained.eval()
     with torch.no_grad():
         expected = trained(input_ids=ids, labels=ids)
@@ -259,7 +230,7 @@ def test_inference_mode_and_a_second_adapter(tmp_path):
         torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
     assert not any(p.requires_grad for n, p in frozen.named_parameters() if "lora_" in n)
     # A second adapter (inference mode, as PEFT requires): the active one drives the fast layer.
-    cfg = AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=TARGETS, inference_mode=True, task_type="CAUSAL_LM")
+    cfg = AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=LLAMA_TARGETS, inference_mode=True, task_type="CAUSAL_LM")
     frozen.add_adapter("other", cfg)
     with torch.no_grad():
         torch.testing.assert_close(frozen(input_ids=ids).logits, expected.logits, rtol=1e-5, atol=1e-5)

@@ -12,6 +12,12 @@
 ``unpatch_peft()`` undoes it; ``patch_peft(peft_model)`` converts an existing model in place, keeping its
 weights, masks and allocator state.
 
+``capturable=True`` makes the allocator graph-safe (``RankAllocator(capturable=True)``), so that a whole
+training step can be captured as a CUDA graph (:func:`adalora_fast.cuda_graph.capture_training_step`). Its
+device step counter starts at the first ``global_step`` passed to ``update_and_allocate``, and
+``peft_config.rank_pattern`` is written on save or by :func:`sync_rank_pattern` (reading it inside the
+step would read the device).
+
 Where PEFT's behaviour is a known bug, the patched path does the right thing: the orthogonality penalty is
 added also when ``task_type`` is None (plain ``PeftModel.forward`` bypasses ``AdaLoraModel.forward``), and
 a final phase reached without an earlier mask computes one instead of crashing. For the Trainer, which
@@ -30,6 +36,7 @@ from ..functional import svd_linear
 from ..penalty import orth_penalty
 
 _ORIGINALS: dict[str, object] = {}
+_OPTIONS = {"capturable": False}  # of the global patch, for allocators made while it is on
 
 
 def _peft():
@@ -84,6 +91,7 @@ def _allocator(self) -> RankAllocator:
             self.model, lora_r=cfg.init_r, target_rank=cfg.target_r, init_warmup=cfg.tinit, final_warmup=cfg.tfinal,
             mask_interval=cfg.deltaT, beta1=cfg.beta1, beta2=cfg.beta2, total_step=cfg.total_step,
             adapter_name=self.trainable_adapter_name, semantics="peft",
+            capturable=getattr(self, "_adalora_fast_capturable", _OPTIONS["capturable"]),
         )  # fmt: skip
         self._adalora_fast_allocator = alloc
     return alloc
@@ -93,6 +101,12 @@ def fast_update_and_allocate(self, global_step: int) -> None:
     """PEFT's ``update_and_allocate`` on adalora-fast's allocator (same masks, no per-module syncs)."""
     cfg = self.peft_config[self.trainable_adapter_name]
     alloc = _allocator(self)
+    if alloc.capturable:
+        if not getattr(self, "_adalora_fast_counter_set", False):
+            alloc.set_step(global_step)  # the device counter takes over from the caller's step number
+            self._adalora_fast_counter_set = True
+        alloc.update_and_mask(None, None)  # the phase is chosen on the device; rank_pattern is synced on save
+        return
     alloc.update_and_mask(None, global_step)
     if global_step == cfg.total_step - cfg.tfinal:
         cfg.rank_pattern = alloc.rank_pattern  # the final pattern, once (PEFT writes it at every mask)
@@ -171,11 +185,16 @@ def _create_new_module(lora_config, adapter_name, target, device_map=None, **kwa
 # ---------------------------------------------------------------------------------------------
 
 
-def patch_peft(peft_model=None):
-    """Switch PEFT's AdaLoRA onto adalora-fast: for every model created afterwards, or for ``peft_model`` in place."""
+def patch_peft(peft_model=None, *, capturable: bool = False):
+    """Switch PEFT's AdaLoRA onto adalora-fast: for every model created afterwards, or for ``peft_model`` in place.
+
+    ``capturable=True``: graph-safe allocators (see the module's docstring), for the model, or with the
+    global patch for every allocator made (at a model's first ``update_and_allocate``) while it is on.
+    """
     if peft_model is not None:
-        return _patch_model(peft_model)
+        return _patch_model(peft_model, capturable)
     PeftModel, AdaLoraModel, _ = _peft()
+    _OPTIONS["capturable"] = capturable
     if "AdaLoraModel.forward" in _ORIGINALS:
         return None  # already patched
     _ORIGINALS["AdaLoraModel.forward"] = AdaLoraModel.forward
@@ -205,6 +224,7 @@ def _install_save_hook() -> None:
 
 def unpatch_peft() -> None:
     """Restore PEFT's own classes (models converted in place keep their fast layers)."""
+    _OPTIONS["capturable"] = False
     if "AdaLoraModel.forward" not in _ORIGINALS:
         return
     PeftModel, AdaLoraModel, _ = _peft()
@@ -214,12 +234,19 @@ def unpatch_peft() -> None:
     PeftModel.forward = _ORIGINALS.pop("PeftModel.forward")
 
 
-def _patch_model(peft_model):
+def _patch_model(peft_model, capturable: bool):
     """Convert an existing PEFT AdaLoRA model in place: layers, allocator (with its scores and masks), penalty."""
     PeftModel, AdaLoraModel, SVDLinear = _peft()
     tuner = peft_model.base_model if isinstance(peft_model, PeftModel) else peft_model
     if not isinstance(tuner, AdaLoraModel):
         raise TypeError(f"patch_peft expects a PEFT AdaLoRA model, got {type(peft_model).__name__}")
+    fast_alloc = getattr(tuner, "_adalora_fast_allocator", None)
+    if fast_alloc is not None and fast_alloc.capturable != capturable:
+        raise ValueError(
+            f"this model's adalora-fast allocator was made with capturable={fast_alloc.capturable}; "
+            "choose capturable before its first update_and_allocate"
+        )
+    tuner._adalora_fast_capturable = capturable
     for module in tuner.model.modules():
         if type(module) is SVDLinear:
             module.__class__ = fast_layer_class()
@@ -228,7 +255,7 @@ def _patch_model(peft_model):
     tuner.update_and_allocate = types.MethodType(fast_update_and_allocate, tuner)
     if isinstance(peft_model, PeftModel) and type(peft_model) is PeftModel:
         peft_model.forward = types.MethodType(_through_adalora_forward, peft_model)
-    if hasattr(tuner, "trainable_adapter_name"):
+    if hasattr(tuner, "trainable_adapter_name") and fast_alloc is None:  # (a fast allocator's state is newer)
         _import_peft_allocator_state(tuner)
     return peft_model
 
