@@ -7,6 +7,7 @@ from helpers import LLAMA_TARGETS, peft_llama, tiny_llama, token_batch
 import adalora_fast
 from adalora_fast.integrations.peft import fast_layer_class
 
+
 def _pattern(model):
     alloc = getattr(model.base_model, "_adalora_fast_allocator", None)
     return alloc.rank_pattern if alloc is not None else model.peft_config["default"].rank_pattern
