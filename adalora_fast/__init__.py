@@ -8,6 +8,7 @@ Public API (drop-in for loralib's AdaLoRA):
 * :func:`env_report` — which backend each op runs on here.
 * :func:`patch_peft` / :func:`unpatch_peft` — PEFT's AdaLoRA on these kernels;
   ``adalora_fast.integrations.trainer.AdaLoraCallback`` for the Hugging Face Trainer.
+* :func:`adalora_fast.cuda_graph.capture_training_step` — a whole training step as one CUDA graph.
 
 The PyTorch reference of every op lives in :mod:`adalora_fast.reference`.
 """

@@ -273,6 +273,53 @@ def test_capture_training_step_rejects_what_cannot_be_captured():
             capture_training_step(lambda: None, [torch.optim.AdamW(lora_params(model), lr=1e-3, capturable=True)])
 
 
+def test_capture_training_step_warms_up_then_captures_one_step_and_replays_it(monkeypatch):
+    """The recipe's order, with torch.cuda's stream and graph calls recorded (the real capture: GPU tests below)."""
+    events = []
+
+    class FakeGraph:
+        def replay(self):
+            events.append("replay")
+
+    class FakeStream:
+        def wait_stream(self, other):
+            events.append("wait_stream")
+
+    class Recording:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            events.append(f"enter {self.name}")
+
+        def __exit__(self, *exc):
+            events.append(f"exit {self.name}")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: Recording("side stream"))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: Recording("capture"))
+    model = _stack()
+    opt = torch.optim.SGD(lora_params(model), lr=0.1)
+    x, y = _batch(0)
+
+    def step():
+        assert all(p.grad is None for p in lora_params(model))  # zeroed (set to None) before every step
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        events.append("step")
+        return loss.detach()
+
+    captured = capture_training_step(step, [opt], warmup_steps=2, before_warmup_step=lambda i: events.append(f"load {i}"))
+    assert events == ["wait_stream", "enter side stream", "load 0", "step", "load 1", "step", "exit side stream",
+                      "wait_stream", "enter capture", "step", "exit capture"]  # fmt: skip
+    assert len(captured.warmup_outputs) == 2 and captured.warmup_outputs[0] is not captured.outputs
+    assert captured() is captured.outputs and events[-1] == "replay"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Capture and replay on a GPU
 
