@@ -34,13 +34,14 @@ KERNELS = {
     "shrink": (sa.svd_adapter_shrink, True, {"HAS_DROPOUT": True}),
     "expand": (sa.svd_adapter_expand, True, {"HAS_BIAS": True}),
     "grad_h": (sa.svd_adapter_grad_h, True, {"BLOCK_M": sa.GRAD_H_BLOCK_M}),
-    "reduce": (sa.factor_grad_reduce, False,
-               {"BLOCK_ROWS": sa.REDUCE_BLOCK_ROWS, "EMIT": True, "ACCUMULATE": True, "RANK_SCALE": True}),
+    "reduce": (sa.svd_adapter_grad_reduce, False,
+               {"BLOCK_ROWS": sa.REDUCE_BLOCK_ROWS, "EMIT": True, "ACCUMULATE_P": True, "ACCUMULATE_Q": True,
+                "ACCUMULATE_E": True}),
     "grad_x": (sa.svd_adapter_grad_x, True, {"HAS_DROPOUT": True}),
     "grad_q": (sa.svd_adapter_grad_q, True, {"HAS_DROPOUT": True}),
 }
 
-_FP32_BUFFERS = {"H_ptr", "GS_ptr", "WSP_ptr", "WSL_ptr", "WSQ_ptr", "WS_ptr", "OUT_ptr", "SCORE_ptr", "INV_SCALE_ptr"}
+_FP32_BUFFERS = {"H_ptr", "GS_ptr", "WSP_ptr", "WSL_ptr", "WSQ_ptr", "OUT_ptr", "SCORE_ptr", "INV_SCALE_ptr"}
 _FLOAT_SCALARS = {"scaling", "dropout_p", "keep_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2"}
 
 

@@ -12,15 +12,15 @@ Forward (2 kernels + the base GEMM):
   shrink   H = dropout(x)·Qᵀ                               one pass over x
   expand   y = (H·diag(sΛm))·Pᵀ + b                        writes y once
   cuBLAS   y += x·W0ᵀ   (addmm with beta = 1: the adapter term is read in the GEMM's epilogue)
-Backward (6 launches + the base dx GEMM, no other device op):
+Backward (4 launches + the base dx GEMM, no other device op):
   grad_h   G = dY·P, and per row tile the partial dP = dYᵀ·(H·diag(sΛm))   one pass over dY
            epilogue: Gs = G·diag(sΛm), partial Σ H⊙G for dΛ
-  reduce   dP = Σ of those partials in tile order (deterministic, no atomics)
-  reduce   dΛ = s·m/(ranknum + 1e-5)·Σ of the Σ H⊙G partials in tile order (a one-row factor)
   grad_q   dQᵀ partials = dropout(x)ᵀ·Gs per token split × input tile   one pass over x
-  reduce   dQ = Σ of the split partials in order
+  reduce   one grid, three regions, each summing partials in a fixed order (deterministic, no atomics):
+           dP = Σ of grad_h's row-tile partials, dQ = Σ of grad_q's split partials,
+           dΛ = s·m/(ranknum + 1e-5)·Σ of grad_h's Σ H⊙G partials (a one-row factor)
   grad_x   dx = dropout'(Gs·Q), then cuBLAS dx += dY·W0 (beta = 1)
-Paper-order importance is emitted by the three ``reduce`` launches, where dP, dΛ and dQ become final.
+Paper-order importance is emitted by the ``reduce`` epilogues, where dP, dΛ and dQ become final.
 """
 
 from __future__ import annotations
@@ -135,19 +135,19 @@ def _svd_adapter_grad_h_kernel(
 
 
 @triton.jit
-def _factor_grad_reduce_kernel(
-    WS_ptr, DG_ptr, W_ptr, PREV_ptr, IPT_ptr, UNC_ptr, SCORE_ptr, INV_SCALE_ptr, mask_ptr, ranknum_ptr, scaling,
-    ROWS, R, n_parts, stride_row, stride_rank, beta1, one_minus_beta1, beta2, one_minus_beta2,
+def _reduce_factor_tile(
+    tile, score_row, WS_ptr, DG_ptr, W_ptr, PREV_ptr, IPT_ptr, UNC_ptr, SCORE_ptr, INV_SCALE_ptr, mask_ptr, ranknum_ptr,
+    scaling, ROWS, R, n_parts, stride_row, stride_rank, beta1, one_minus_beta1, beta2, one_minus_beta2,
     BLOCK_ROWS: tl.constexpr, R_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, EMIT: tl.constexpr,
     ACCUMULATE: tl.constexpr, RANK_SCALE: tl.constexpr,
 ):  # fmt: skip
-    """A factor's gradient = Σ of n_parts partials (n_parts × ROWS × R_PAD), in order: P, Q seen as Qᵀ,
-    or Λ seen as one row (with RANK_SCALE, the sum is multiplied by m·s/(ranknum + 1e-5) per rank).
+    """One row tile of a factor's gradient = Σ of n_parts partials (n_parts × ROWS × R_PAD), in order: P,
+    Q seen as Qᵀ, or Λ seen as one row (with RANK_SCALE, the sum is multiplied by m·s/(ranknum + 1e-5)).
 
     Where the gradient is final, the paper-order epilogue: sensitivity, both EMAs in place, and this
-    tile's per-rank sums of the element scores (over P's rows, or Q's columns; Λ's own scores).
+    tile's per-rank sums of the element scores (over P's rows, or Q's columns; Λ's own scores) written
+    to row ``score_row`` of SCORE.
     """
-    tile = tl.program_id(0).to(tl.int64)
     rows = tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     ranks = tl.arange(0, R_PAD)
     acc = tl.zeros((BLOCK_ROWS, R_PAD), dtype=ACC_DTYPE)
@@ -162,7 +162,38 @@ def _factor_grad_reduce_kernel(
         g = gradient_total(acc, PREV_ptr + offs, valid, ACCUMULATE) * tl.load(INV_SCALE_ptr)
         w = tl.load(W_ptr + offs, mask=valid, other=0.0)
         score = update_importance(w, g, IPT_ptr + offs, UNC_ptr + offs, valid, beta1, one_minus_beta1, beta2, one_minus_beta2)
-        tl.store(SCORE_ptr + tile * R_PAD + ranks, tl.sum(score, axis=0))
+        tl.store(SCORE_ptr + score_row * R_PAD + ranks, tl.sum(score, axis=0))
+
+
+@triton.jit
+def _svd_adapter_grad_reduce_kernel(
+    WSP_ptr, DP_ptr, P_ptr, PREVP_ptr, IPTP_ptr, UNCP_ptr, ROWS_P, parts_p, stride_dpn, stride_dpr,
+    WSQ_ptr, DQ_ptr, Q_ptr, PREVQ_ptr, IPTQ_ptr, UNCQ_ptr, ROWS_Q, parts_q, stride_dqk, stride_dqr,
+    WSL_ptr, DE_ptr, E_ptr, PREVE_ptr, IPTE_ptr, UNCE_ptr, stride_de,
+    SCORE_ptr, INV_SCALE_ptr, mask_ptr, ranknum_ptr, scaling, R, beta1, one_minus_beta1, beta2, one_minus_beta2,
+    BLOCK_ROWS: tl.constexpr, R_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, EMIT: tl.constexpr,
+    ACCUMULATE_P: tl.constexpr, ACCUMULATE_Q: tl.constexpr, ACCUMULATE_E: tl.constexpr,
+):  # fmt: skip
+    """dP, dQ and dΛ from their partials in one launch: programs [0, P's row tiles) reduce dP, the next
+    Qᵀ's row tiles reduce dQ, and the last one reduces dΛ (grad_h's Σ H⊙G partials, one row, scaled)."""
+    pid = tl.program_id(0).to(tl.int64)
+    tiles_p = tl.cdiv(ROWS_P, BLOCK_ROWS)
+    tiles_q = tl.cdiv(ROWS_Q, BLOCK_ROWS)
+    if pid < tiles_p:
+        _reduce_factor_tile(pid, pid, WSP_ptr, DP_ptr, P_ptr, PREVP_ptr, IPTP_ptr, UNCP_ptr, SCORE_ptr, INV_SCALE_ptr,
+                            mask_ptr, ranknum_ptr, scaling, ROWS_P, R, parts_p, stride_dpn, stride_dpr,
+                            beta1, one_minus_beta1, beta2, one_minus_beta2,
+                            BLOCK_ROWS, R_PAD, ACC_DTYPE, EMIT, ACCUMULATE_P, False)  # fmt: skip
+    elif pid < tiles_p + tiles_q:
+        _reduce_factor_tile(pid - tiles_p, pid, WSQ_ptr, DQ_ptr, Q_ptr, PREVQ_ptr, IPTQ_ptr, UNCQ_ptr, SCORE_ptr,
+                            INV_SCALE_ptr, mask_ptr, ranknum_ptr, scaling, ROWS_Q, R, parts_q, stride_dqk, stride_dqr,
+                            beta1, one_minus_beta1, beta2, one_minus_beta2,
+                            BLOCK_ROWS, R_PAD, ACC_DTYPE, EMIT, ACCUMULATE_Q, False)  # fmt: skip
+    else:  # Λ: grad_h made its partials with P's, one per row tile
+        _reduce_factor_tile(0, pid, WSL_ptr, DE_ptr, E_ptr, PREVE_ptr, IPTE_ptr, UNCE_ptr, SCORE_ptr,
+                            INV_SCALE_ptr, mask_ptr, ranknum_ptr, scaling, 1, R, parts_p, 0, stride_de,
+                            beta1, one_minus_beta1, beta2, one_minus_beta2,
+                            BLOCK_ROWS, R_PAD, ACC_DTYPE, EMIT, ACCUMULATE_E, True)  # fmt: skip
 
 
 @triton.jit
@@ -237,10 +268,10 @@ svd_adapter_shrink = triton.autotune(ROW_TILE_CONFIGS, key=["K", "R_PAD", "HAS_D
 svd_adapter_expand = triton.autotune(OUTPUT_TILE_CONFIGS, key=["OUT", "R_PAD", "HAS_BIAS"])(_svd_adapter_expand_kernel)
 svd_adapter_grad_h = triton.autotune(GRAD_H_CONFIGS, key=["OUT", "R_PAD"])(_svd_adapter_grad_h_kernel)
 # The importance EMAs are updated in place: autotuning restores them after each trial.
-_EMA_ARGS = ["IPT_ptr", "UNC_ptr"]
-factor_grad_reduce = triton.autotune(REDUCE_CONFIGS, key=["ROWS", "R_PAD", "EMIT"], restore_value=_EMA_ARGS)(
-    _factor_grad_reduce_kernel
-)
+_EMA_ARGS = ["IPTP_ptr", "UNCP_ptr", "IPTQ_ptr", "UNCQ_ptr", "IPTE_ptr", "UNCE_ptr"]
+svd_adapter_grad_reduce = triton.autotune(
+    REDUCE_CONFIGS, key=["ROWS_P", "ROWS_Q", "R_PAD", "EMIT"], restore_value=_EMA_ARGS
+)(_svd_adapter_grad_reduce_kernel)
 svd_adapter_grad_x = triton.autotune(GRAD_X_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_grad_x_kernel)
 svd_adapter_grad_q = triton.autotune(GRAD_Q_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_grad_q_kernel)
 
@@ -342,22 +373,31 @@ def _token_splits(n: int, k: int, device) -> int:
     return max(1, min(triton.cdiv(n, GRAD_Q_MIN_ROWS_PER_SPLIT), triton.cdiv(programs_wanted, in_tiles)))
 
 
-def _reduce_factor_grad(ws, grad, param, name, rows, r, r_pad, stride_row, stride_rank, importance, inv_scale,
-                        betas, acc_dtype, rank_scale=None):  # fmt: skip
-    """grad = Σ of the partials in ``ws`` (n_parts × rows × r_pad), times ``rank_scale = (mask, ranknum,
-    scaling)``'s m·s/(ranknum + 1e-5) when given; with ``importance``, the epilogue scores the final
-    gradient and returns the per-tile score sums (tiles × r_pad), else None."""
-    w, prev, ipt, unc, emit, accumulate = _importance_operands(importance, name, param, grad)
-    tiles = triton.cdiv(rows, REDUCE_BLOCK_ROWS)
-    scores = torch.empty((tiles, r_pad), device=grad.device, dtype=torch.float32) if emit else ws
-    mask, ranknum, scaling = rank_scale if rank_scale is not None else (ws, ws, 0.0)  # dummies: not read
-    factor_grad_reduce[(tiles,)](
-        ws, grad, w, prev, ipt, unc, scores, inv_scale if emit else ws, mask, ranknum, float(scaling), rows, r, ws.shape[0],
-        stride_row, stride_rank, *betas,
-        BLOCK_ROWS=REDUCE_BLOCK_ROWS, R_PAD=r_pad, ACC_DTYPE=acc_dtype, EMIT=emit, ACCUMULATE=accumulate,
-        RANK_SCALE=rank_scale is not None,
+def _reduce_factor_grads(ws_p, ws_q, ws_l, d_b, d_a, d_e, lora_B, lora_A, lora_E, triplet_mask, ranknum, scaling, r,
+                         r_pad, importance, acc_dtype):  # fmt: skip
+    """dP, dQ and dΛ (written into d_b, d_a, d_e) = Σ of their partials, in one launch.
+
+    With ``importance``, the epilogues score the final gradients and this returns Λ's scores and the
+    per-rank sums of Q's and P's element scores (r_pad each), else None.
+    """
+    out, k = d_b.shape[0], d_a.shape[1]
+    tiles_p, tiles_q = triton.cdiv(out, REDUCE_BLOCK_ROWS), triton.cdiv(k, REDUCE_BLOCK_ROWS)
+    ops = {name: _importance_operands(importance, name, param, grad)
+           for name, param, grad in (("lora_B", lora_B, d_b), ("lora_A", lora_A, d_a), ("lora_E", lora_E, d_e))}  # fmt: skip
+    emit = importance is not None
+    scores = torch.empty((tiles_p + tiles_q + 1, r_pad), device=d_b.device, dtype=torch.float32) if emit else ws_l
+    inv_scale = _inverse_grad_scale(importance, d_b.device)
+    svd_adapter_grad_reduce[(tiles_p + tiles_q + 1,)](
+        ws_p, d_b, *ops["lora_B"][:4], out, ws_p.shape[0], d_b.stride(0), d_b.stride(1),
+        ws_q, d_a, *ops["lora_A"][:4], k, ws_q.shape[0], d_a.stride(1), d_a.stride(0),
+        ws_l, d_e, *ops["lora_E"][:4], d_e.stride(0),
+        scores, inv_scale if emit else ws_l, triplet_mask, ranknum, float(scaling), r, *_beta_args(importance),
+        BLOCK_ROWS=REDUCE_BLOCK_ROWS, R_PAD=r_pad, ACC_DTYPE=acc_dtype, EMIT=emit,
+        ACCUMULATE_P=ops["lora_B"][5], ACCUMULATE_Q=ops["lora_A"][5], ACCUMULATE_E=ops["lora_E"][5],
     )  # fmt: skip
-    return scores if emit else None
+    if not emit:
+        return None
+    return scores[tiles_p + tiles_q], scores[tiles_p : tiles_p + tiles_q].sum(dim=0), scores[:tiles_p].sum(dim=0)
 
 
 def _beta_args(importance) -> tuple[float, float, float, float]:
@@ -371,7 +411,7 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
                          base_gemm: bool = True):  # fmt: skip
     """(dx or None, dQ, dΛ, dP) for an upstream gradient dY (N × out).
 
-    With an ``importance`` state (paper order, on the step-completing micro-batch) the three reductions'
+    With an ``importance`` state (paper order, on the step-completing micro-batch) the reduction's
     epilogues also update the sensitivity EMAs of P, Λ and Q and sum their element scores per rank; the
     triplet score is combined from those r-sized sums.
     """
@@ -395,18 +435,7 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
         dy2d.stride(0), dy2d.stride(1), lora_E.stride(0), lora_B.stride(0), lora_B.stride(1),
         BLOCK_M=GRAD_H_BLOCK_M, R_PAD=r_pad, **dots,
     )  # fmt: skip
-    betas = _beta_args(importance)
-    inv_scale = _inverse_grad_scale(importance, dev)
-    # dP = Σ of grad_h's row-tile partials.
-    d_b = torch.empty_like(lora_B)
-    score_p = _reduce_factor_grad(ws_p, d_b, lora_B, "lora_B", out, r, r_pad, d_b.stride(0), d_b.stride(1),
-                                  importance, inv_scale, betas, dots["ACC_DTYPE"])  # fmt: skip
-    # dΛ_i = s·m_i/(ranknum + 1e-5)·Σ_m H_mi·G_mi: grad_h's tile partials, reduced as a one-row factor.
-    d_e = torch.empty_like(lora_E)
-    score_e = _reduce_factor_grad(ws_l.view(n_tiles, 1, r_pad), d_e, lora_E, "lora_E", 1, r, r_pad, 0, d_e.stride(0),
-                                  importance, inv_scale, betas, dots["ACC_DTYPE"],
-                                  rank_scale=(triplet_mask, ranknum, scaling))  # fmt: skip
-    # dQ = Gsᵀ·dropout(x): token splits × input tiles, then Σ of the splits' dQᵀ partials.
+    # dQ = Gsᵀ·dropout(x): token splits × input tiles, stored as dQᵀ partials.
     n_splits = _token_splits(n, k, dev)
     rows_per_split = triton.cdiv(n, n_splits)
     ws_q = torch.empty((n_splits, k, r_pad), device=dev, dtype=acc)
@@ -414,11 +443,12 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
         x2d, gs, ws_q, n, k, r, rows_per_split, seed, p, keep_scale, x2d.stride(0), x2d.stride(1),
         R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots,
     )  # fmt: skip
-    d_a = torch.empty_like(lora_A)
-    score_q = _reduce_factor_grad(ws_q, d_a, lora_A, "lora_A", k, r, r_pad, d_a.stride(1), d_a.stride(0),
-                                  importance, inv_scale, betas, dots["ACC_DTYPE"])  # fmt: skip
+    # dP, dQ: Σ of grad_h's row-tile and grad_q's split partials; dΛ_i = s·m_i/(ranknum + 1e-5)·Σ_m H_mi·G_mi.
+    d_a, d_e, d_b = torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
+    scores = _reduce_factor_grads(ws_p, ws_q, ws_l, d_b, d_a, d_e, lora_B, lora_A, lora_E, triplet_mask, ranknum,
+                                  scaling, r, r_pad, importance, dots["ACC_DTYPE"])  # fmt: skip
     if importance is not None:
-        importance.finish_from_kernels(score_e[0], score_q.sum(dim=0), score_p.sum(dim=0))
+        importance.finish_from_kernels(*scores)
     dx = None
     if needs_dx:
         dx = torch.empty_like(x2d, memory_format=torch.contiguous_format)

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+import triton
 
 from adalora_fast import FastSVDLinear, dispatch
 from adalora_fast.kernels.svd_adapter import (
@@ -153,6 +154,33 @@ def test_two_runs_are_bitwise_identical():
     y1, g1 = _run(fast, x, params, g)
     y2, g2 = _run(fast, x, params, g)
     assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_a_layer_launches_two_kernels_forward_and_four_backward(monkeypatch):
+    """Launches, not FLOPs, bound small layers: the forward is shrink + expand, the backward grad_h, grad_q,
+    one reduction for dP, dQ and dΛ, and grad_x (with paper-order importance emitted too)."""
+    from adalora_fast.kernels import svd_adapter as sa
+
+    launched = []
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for name, kernel in list(vars(sa).items()):
+        if isinstance(kernel, (triton.runtime.Autotuner, triton.runtime.JITFunction)) and not name.startswith("_"):
+            monkeypatch.setattr(sa, name, Counted(name, kernel))
+    W, b, A, E, B, mask, ranknum = _layer_tensors(70, 33, 12, torch.float32)
+    x = torch.randn(50, 70, device=DEVICE, requires_grad=True)
+    y = svd_linear_triton(x, W, b, A, E, B, mask, ALPHA, ranknum, dropout_p=0.1, training=True)
+    assert launched == ["svd_adapter_shrink", "svd_adapter_expand"]
+    launched.clear()
+    y.sum().backward()
+    assert launched == ["svd_adapter_grad_h", "svd_adapter_grad_q", "svd_adapter_grad_reduce", "svd_adapter_grad_x"]
 
 
 def test_backward_uses_the_forward_dropout_mask():
