@@ -81,8 +81,8 @@ def test_adapter_backward_kernels_bandwidth(benchmark, shape):
     run()
     benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=5)
     n_tiles = -(-tokens // GRAD_H_BLOCK_M)
-    # grad_h reads dY and H, writes Gs and the dP partials; reduce reads them; grad_q reads x and Gs (its
-    # dQ partials are small); grad_x reads Gs and writes dx.
+    # grad_h reads dY and H, writes Gs and the dP partials; reduce reads them; grad_q_x reads x and Gs and
+    # writes dx (its dQ partials are small).
     nbytes = tokens * out_f * 2 + 2 * tokens * R_PAD * 4 + 2 * n_tiles * out_f * R_PAD * 4
-    nbytes += tokens * in_f * 2 + tokens * R_PAD * 4 + tokens * R_PAD * 4 + tokens * in_f * 2
+    nbytes += tokens * in_f * 2 + tokens * R_PAD * 4 + tokens * in_f * 2
     _record(benchmark, nbytes)

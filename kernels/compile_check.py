@@ -37,8 +37,7 @@ KERNELS = {
     "reduce": (sa.svd_adapter_grad_reduce, False,
                {"BLOCK_ROWS": sa.REDUCE_BLOCK_ROWS, "EMIT": True, "ACCUMULATE_P": True, "ACCUMULATE_Q": True,
                 "ACCUMULATE_E": True}),
-    "grad_x": (sa.svd_adapter_grad_x, True, {"HAS_DROPOUT": True}),
-    "grad_q": (sa.svd_adapter_grad_q, True, {"HAS_DROPOUT": True}),
+    "grad_q_x": (sa.svd_adapter_grad_q_x, True, {"HAS_DROPOUT": True, "HAS_DX": True}),
 }
 
 _FP32_BUFFERS = {"H_ptr", "GS_ptr", "WSP_ptr", "WSL_ptr", "WSQ_ptr", "OUT_ptr", "SCORE_ptr", "INV_SCALE_ptr"}

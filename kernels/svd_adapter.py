@@ -12,14 +12,15 @@ Forward (2 kernels + the base GEMM):
   shrink   H = dropout(x)·Qᵀ                               one pass over x
   expand   y = (H·diag(sΛm))·Pᵀ + b                        writes y once
   cuBLAS   y += x·W0ᵀ   (addmm with beta = 1: the adapter term is read in the GEMM's epilogue)
-Backward (4 launches + the base dx GEMM, no other device op):
+Backward (3 launches + the base dx GEMM, no other device op):
   grad_h   G = dY·P, and per row tile the partial dP = dYᵀ·(H·diag(sΛm))   one pass over dY
            epilogue: Gs = G·diag(sΛm), partial Σ H⊙G for dΛ
-  grad_q   dQᵀ partials = dropout(x)ᵀ·Gs per token split × input tile   one pass over x
+  grad_q_x per token split × input tile: dQᵀ partials = dropout(x)ᵀ·Gs and dx = dropout'(Gs·Q)
+           one pass over x and Gs, one dropout draw for both
   reduce   one grid, three regions, each summing partials in a fixed order (deterministic, no atomics):
-           dP = Σ of grad_h's row-tile partials, dQ = Σ of grad_q's split partials,
+           dP = Σ of grad_h's row-tile partials, dQ = Σ of grad_q_x's split partials,
            dΛ = s·m/(ranknum + 1e-5)·Σ of grad_h's Σ H⊙G partials (a one-row factor)
-  grad_x   dx = dropout'(Gs·Q), then cuBLAS dx += dY·W0 (beta = 1)
+  cuBLAS   dx += dY·W0 (beta = 1)
 Paper-order importance is emitted by the ``reduce`` epilogues, where dP, dΛ and dQ become final.
 """
 
@@ -30,7 +31,17 @@ import triton
 import triton.language as tl
 
 from .importance import gradient_total, update_importance
-from .utils import accumulate_dtype, dot_settings, dropout_tile, interpreting, rank_pad, tile_configs, tile_dot
+from .utils import (
+    accumulate_dtype,
+    apply_dropout,
+    dot_settings,
+    dropout_keep,
+    dropout_tile,
+    interpreting,
+    rank_pad,
+    tile_configs,
+    tile_dot,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -197,43 +208,39 @@ def _svd_adapter_grad_reduce_kernel(
 
 
 @triton.jit
-def _svd_adapter_grad_x_kernel(
-    GS_ptr, Q_ptr, DX_ptr, N, K, R, SEED_ptr, dropout_p, keep_scale,
-    stride_qr, stride_qk, stride_dxm, stride_dxk,
+def _svd_adapter_grad_q_x_kernel(
+    X_ptr, GS_ptr, Q_ptr, WSQ_ptr, DX_ptr, N, K, R, rows_per_split, SEED_ptr, dropout_p, keep_scale,
+    stride_xm, stride_xk, stride_qr, stride_qk, stride_dxm, stride_dxk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_DX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    ranks = tl.arange(0, R_PAD)
-    q = tl.load(Q_ptr + ranks[:, None] * stride_qr + cols[None, :] * stride_qk,
-                mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)  # fmt: skip
-    gs = tl.load(GS_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=rows[:, None] < N, other=0.0).to(q.dtype)
-    du = tile_dot(gs, q, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
-    if HAS_DROPOUT:
-        du = dropout_tile(du, rows, cols, K, SEED_ptr, dropout_p, keep_scale)
-    tl.store(DX_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, du.to(DX_ptr.dtype.element_ty),
-             mask=(rows[:, None] < N) & (cols[None, :] < K))  # fmt: skip
-
-
-@triton.jit
-def _svd_adapter_grad_q_kernel(
-    X_ptr, GS_ptr, WSQ_ptr, N, K, R, rows_per_split, SEED_ptr, dropout_p, keep_scale, stride_xm, stride_xk,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):  # fmt: skip
-    """One split of the tokens' share of dQ = Gsᵀ·dropout(x), stored as dQᵀ partials (split, K, R_PAD)."""
+    """One token split × input tile: its share of dQ = Gsᵀ·dropout(x), stored as dQᵀ partials (split, K,
+    R_PAD), and (HAS_DX) the adapter's dx = dropout'(Gs·Q) on the same rows and columns: one pass over x
+    and Gs, one dropout draw for both."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     split = tl.program_id(1).to(tl.int64)
     start = split * rows_per_split
     end = tl.minimum(start + rows_per_split, N)
     ranks = tl.arange(0, R_PAD)
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=ACC_DTYPE)
+    if HAS_DX:
+        q = tl.load(Q_ptr + ranks[:, None] * stride_qr + cols[None, :] * stride_qk,
+                    mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)  # fmt: skip
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        x = _load_input_tile(X_ptr, rows, cols, end, K, stride_xm, stride_xk, SEED_ptr, dropout_p, keep_scale, HAS_DROPOUT)
+        x = _load_input_tile(X_ptr, rows, cols, end, K, stride_xm, stride_xk, SEED_ptr, dropout_p, keep_scale, False)
+        if HAS_DROPOUT:
+            keep = dropout_keep(rows, cols, K, SEED_ptr, dropout_p)
+            x = apply_dropout(x, keep, keep_scale)
         gs_t = tl.load(GS_ptr + rows[None, :] * R_PAD + ranks[:, None], mask=rows[None, :] < end, other=0.0).to(x.dtype)
         acc = tile_dot(gs_t, x, acc, UPCAST, DOT_PRECISION)
+        if HAS_DX:
+            gs = tl.load(GS_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=rows[:, None] < end, other=0.0)
+            du = tile_dot(gs.to(q.dtype), q, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
+            if HAS_DROPOUT:
+                du = apply_dropout(du, keep, keep_scale)
+            tl.store(DX_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, du.to(DX_ptr.dtype.element_ty),
+                     mask=(rows[:, None] < end) & (cols[None, :] < K))  # fmt: skip
     tl.store(WSQ_ptr + (split * K + cols[None, :]) * R_PAD + ranks[:, None], acc, mask=cols[None, :] < K)
 
 
@@ -248,11 +255,8 @@ ROW_TILE_CONFIGS = tile_configs(
 OUTPUT_TILE_CONFIGS = tile_configs(
     ("BLOCK_M", "BLOCK_N"), [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4)], (16, 32, 4, 1)
 )
-GRAD_X_CONFIGS = tile_configs(
-    ("BLOCK_M", "BLOCK_K"), [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4)], (16, 32, 4, 1)
-)
-GRAD_Q_CONFIGS = tile_configs(
-    ("BLOCK_M", "BLOCK_K"), [(128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3)], (16, 32, 4, 1)
+GRAD_Q_X_CONFIGS = tile_configs(
+    ("BLOCK_M", "BLOCK_K"), [(128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2), (64, 64, 4, 4)], (16, 32, 4, 1)
 )
 # grad_h's BLOCK_M sets the number of dP partials, and the reduction's BLOCK_ROWS the number of score
 # partials (both allocated before the launch), so the launcher fixes those and the rest is tuned.
@@ -260,7 +264,7 @@ GRAD_H_BLOCK_M = 16 if interpreting() else 64
 GRAD_H_CONFIGS = tile_configs(("BLOCK_N",), [(64, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3)], (32, 4, 1))
 REDUCE_BLOCK_ROWS = 32 if interpreting() else 64
 REDUCE_CONFIGS = tile_configs((), [(4, 1), (2, 1), (8, 1)], (4, 1))
-# grad_q splits the tokens so that in × splits fills the GPU; the splits' dQ partials are reduced in order.
+# grad_q_x splits the tokens so that in × splits fills the GPU; the splits' dQ partials are reduced in order.
 GRAD_Q_MIN_ROWS_PER_SPLIT = 16 if interpreting() else 512
 
 # The autotuned entry points; the raw jit functions above are what the ahead-of-time compile test builds.
@@ -272,8 +276,9 @@ _EMA_ARGS = ["IPTP_ptr", "UNCP_ptr", "IPTQ_ptr", "UNCQ_ptr", "IPTE_ptr", "UNCE_p
 svd_adapter_grad_reduce = triton.autotune(
     REDUCE_CONFIGS, key=["ROWS_P", "ROWS_Q", "R_PAD", "EMIT"], restore_value=_EMA_ARGS
 )(_svd_adapter_grad_reduce_kernel)
-svd_adapter_grad_x = triton.autotune(GRAD_X_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_grad_x_kernel)
-svd_adapter_grad_q = triton.autotune(GRAD_Q_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_grad_q_kernel)
+svd_adapter_grad_q_x = triton.autotune(GRAD_Q_X_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT", "HAS_DX"])(
+    _svd_adapter_grad_q_x_kernel
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +369,7 @@ def _inverse_grad_scale(importance, device) -> torch.Tensor:
 
 
 def _token_splits(n: int, k: int, device) -> int:
-    """How many token splits grad_q uses: enough programs to fill the device, each with a useful share of rows."""
+    """How many token splits grad_q_x uses: enough programs to fill the device, each with a useful share of rows."""
     if device.type == "cuda":
         programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -435,30 +440,25 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
         dy2d.stride(0), dy2d.stride(1), lora_E.stride(0), lora_B.stride(0), lora_B.stride(1),
         BLOCK_M=GRAD_H_BLOCK_M, R_PAD=r_pad, **dots,
     )  # fmt: skip
-    # dQ = Gsᵀ·dropout(x): token splits × input tiles, stored as dQᵀ partials.
+    # dQ = Gsᵀ·dropout(x) as dQᵀ partials, and the adapter's dx = dropout'(Gs·Q): token splits × input tiles.
     n_splits = _token_splits(n, k, dev)
     rows_per_split = triton.cdiv(n, n_splits)
     ws_q = torch.empty((n_splits, k, r_pad), device=dev, dtype=acc)
-    svd_adapter_grad_q[lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), n_splits)](
-        x2d, gs, ws_q, n, k, r, rows_per_split, seed, p, keep_scale, x2d.stride(0), x2d.stride(1),
-        R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots,
+    dx = torch.empty_like(x2d, memory_format=torch.contiguous_format) if needs_dx else None
+    dx_arg = dx if needs_dx else ws_q  # a dummy the kernel does not touch without HAS_DX
+    svd_adapter_grad_q_x[lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), n_splits)](
+        x2d, gs, lora_A, ws_q, dx_arg, n, k, r, rows_per_split, seed, p, keep_scale,
+        x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1), dx_arg.stride(0), dx_arg.stride(1),
+        R_PAD=r_pad, HAS_DROPOUT=has_dropout, HAS_DX=needs_dx, **dots,
     )  # fmt: skip
-    # dP, dQ: Σ of grad_h's row-tile and grad_q's split partials; dΛ_i = s·m_i/(ranknum + 1e-5)·Σ_m H_mi·G_mi.
+    # dP, dQ: Σ of grad_h's row-tile and grad_q_x's split partials; dΛ_i = s·m_i/(ranknum + 1e-5)·Σ_m H_mi·G_mi.
     d_a, d_e, d_b = torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
     scores = _reduce_factor_grads(ws_p, ws_q, ws_l, d_b, d_a, d_e, lora_B, lora_A, lora_E, triplet_mask, ranknum,
                                   scaling, r, r_pad, importance, dots["ACC_DTYPE"])  # fmt: skip
     if importance is not None:
         importance.finish_from_kernels(*scores)
-    dx = None
-    if needs_dx:
-        dx = torch.empty_like(x2d, memory_format=torch.contiguous_format)
-        svd_adapter_grad_x[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))](
-            gs, lora_A, dx, n, k, r, seed, p, keep_scale,
-            lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-            R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots,
-        )  # fmt: skip
-        if base_gemm:
-            dx.addmm_(dy2d, weight.t() if fan_in_fan_out else weight)  # base dx GEMM onto the adapter term
+    if needs_dx and base_gemm:
+        dx.addmm_(dy2d, weight.t() if fan_in_fan_out else weight)  # base dx GEMM onto the adapter term
     return dx, d_a, d_e, d_b
 
 

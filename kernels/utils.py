@@ -61,12 +61,23 @@ def tile_dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def dropout_tile(x, rows, cols, n_cols, SEED_ptr, p, keep_scale):
-    """Inverted dropout of an x tile, drawn from (seed, row·n_cols + col): the backward regenerates it exactly.
+def dropout_keep(rows, cols, n_cols, SEED_ptr, p):
+    """The keep mask of dropout at [rows, cols], drawn from (seed, row·n_cols + col): the forward and the
+    backward draw the same one.
 
     The seed is read from device memory (one int64) rather than passed by value, so that a CUDA graph
     replays the kernel with each replay's fresh seed instead of the one seen at capture.
     """
-    offsets = rows[:, None] * n_cols + cols[None, :]
-    keep = tl.rand(tl.load(SEED_ptr), offsets) >= p
+    return tl.rand(tl.load(SEED_ptr), rows[:, None] * n_cols + cols[None, :]) >= p
+
+
+@triton.jit
+def apply_dropout(x, keep, keep_scale):
+    """Inverted dropout of a tile with a given keep mask."""
     return tl.where(keep, x * keep_scale, 0.0).to(x.dtype)
+
+
+@triton.jit
+def dropout_tile(x, rows, cols, n_cols, SEED_ptr, p, keep_scale):
+    """Inverted dropout of an x tile with the mask of :func:`dropout_keep`."""
+    return apply_dropout(x, dropout_keep(rows, cols, n_cols, SEED_ptr, p), keep_scale)
