@@ -4,8 +4,10 @@
 
 For each kernel and each config in its autotune list, builds the kernel for
 sm_90 (H100) and sm_80 (A100) with ``triton.compile`` and reports the shared
-memory it needs and whether its tl.dot parts use tensor cores (``wgmma`` /
-``mma`` in the PTX). A kernel that only works in the interpreter cannot pass.
+memory it needs, whether its tl.dot parts use tensor cores (``wgmma`` /
+``mma`` in the PTX), and its registers per thread and local-memory stack (register
+spills) read from the cubin by the cuobjdump Triton ships. A kernel that only works
+in the interpreter cannot pass, nor one whose every config spills.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -54,6 +59,8 @@ class CompileResult:
     shared: int
     tensor_cores: bool
     shared_ok: bool
+    registers: int | None  # per thread; None where no cuobjdump is at hand
+    stack_bytes: int | None  # local-memory stack per thread: register spills
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> dict:
@@ -86,7 +93,35 @@ def compile_kernel(name: str, config: triton.Config, target: int, dtype: str, r_
     ptx = compiled.asm["ptx"]
     shared = compiled.metadata.shared
     uses_tc = ("wgmma" in ptx or "mma.sync" in ptx) if has_dot else False
-    return CompileResult(name, str(config), target, dtype, r_pad, shared, uses_tc, shared <= SHARED_MEMORY_LIMIT[target])
+    registers, stack = resource_usage(compiled.asm["cubin"])
+    return CompileResult(name, str(config), target, dtype, r_pad, shared, uses_tc, shared <= SHARED_MEMORY_LIMIT[target],
+                         registers, stack)  # fmt: skip
+
+
+def _cuobjdump() -> str | None:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.access(path, os.X_OK) else None
+
+
+def resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """(registers per thread, stack bytes per thread) of a compiled kernel, or (None, None) without cuobjdump."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=False)
+    found = re.search(r"REG:(\d+).*?STACK:(\d+)", out.stdout)
+    return (int(found.group(1)), int(found.group(2))) if found else (None, None)
+
+
+def spilling_in_every_config(results: list[CompileResult]) -> list[tuple]:
+    """(kernel, target, dtype, r_pad) groups where every config spills registers: the autotuner has no clean choice."""
+    groups: dict[tuple, list[int | None]] = {}
+    for r in results:
+        groups.setdefault((r.kernel, r.target, r.dtype, r.r_pad), []).append(r.stack_bytes)
+    return [key for key, stacks in groups.items() if None not in stacks and min(stacks) > 0]
 
 
 def _compile_job(job: tuple) -> CompileResult:
@@ -119,9 +154,12 @@ def main(argv=None) -> int:
         print(json.dumps([asdict(r) for r in results]))
     else:
         for r in results:
-            print(f"{r.kernel:7} sm_{r.target} {r.dtype:5} r_pad={r.r_pad:<3} shared={r.shared:>6} "
-                  f"tensor_cores={r.tensor_cores!s:5} {r.config}")  # fmt: skip
-    return 0 if all(r.shared_ok for r in results) else 1
+            print(f"{r.kernel:8} sm_{r.target} {r.dtype:5} r_pad={r.r_pad:<3} shared={r.shared:>6} "
+                  f"tensor_cores={r.tensor_cores!s:5} registers={r.registers} stack={r.stack_bytes} {r.config}")  # fmt: skip
+    spilling = spilling_in_every_config(results)
+    for group in spilling:
+        print(f"every config spills: {group}", file=sys.stderr)
+    return 0 if all(r.shared_ok for r in results) and not spilling else 1
 
 
 if __name__ == "__main__":

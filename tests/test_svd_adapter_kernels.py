@@ -183,6 +183,22 @@ def test_a_layer_launches_two_kernels_forward_and_three_backward(monkeypatch):
     assert launched == ["svd_adapter_grad_h", "svd_adapter_grad_q_x", "svd_adapter_grad_reduce"]
 
 
+def test_dropout_mask_keeps_1_minus_p_with_no_pattern_across_the_four_draws_of_one_philox_call():
+    """Each Philox call gives the columns 4c..4c+3 of a row: they must be as independent as any two."""
+    n, k, p = 512, 257, 0.3  # k not a multiple of 4: the last group of a row is partial
+    keep = svd_adapter_dropout_mask(11, n, k, p, DEVICE).cpu()
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+    groups = keep[:, :256].reshape(n, 64, 4).float()
+    all_equal = ((groups == groups[..., :1]).all(-1)).float().mean().item()
+    assert abs(all_equal - ((1 - p) ** 4 + p**4)) < 0.02  # as for four independent draws
+    for j in range(1, 4):  # neighbours inside a group, and across groups, are uncorrelated
+        corr = torch.corrcoef(torch.stack([groups[..., 0].flatten(), groups[..., j].flatten()]))[0, 1].item()
+        assert abs(corr) < 0.03, j
+    assert not torch.equal(keep[0], keep[1])  # rows draw different masks
+    assert not torch.equal(keep, svd_adapter_dropout_mask(12, n, k, p, DEVICE).cpu())  # and seeds
+    assert torch.equal(keep, svd_adapter_dropout_mask(11, n, k, p, DEVICE).cpu())
+
+
 def test_backward_uses_the_forward_dropout_mask():
     # With Q = I the adapter's output row is x⊙keep/(1−p) restricted to r columns: the mask is visible.
     W, b, A, E, B, mask, ranknum = _layer_tensors(16, 16, 16, torch.float32)
@@ -232,6 +248,12 @@ def test_every_kernel_compiles_for_sm90_and_sm80_with_tensor_cores():
         assert r["shared_ok"], r
         if r["kernel"] != "reduce" and r["dtype"] in ("bf16", "fp16"):
             assert r["tensor_cores"], r
+    # Registers: for every kernel, target, dtype and rank pad the autotuner has a config that does not spill.
+    from adalora_fast.kernels.compile_check import CompileResult, _cuobjdump, spilling_in_every_config
+
+    if _cuobjdump() is not None:  # Triton ships it; read from each cubin
+        assert all(r["stack_bytes"] is not None for r in results)
+        assert spilling_in_every_config([CompileResult(**r) for r in results]) == []
 
 
 def _saved_activation_bytes(fn, x, params):
