@@ -70,8 +70,10 @@ def dropout_keep(rows, col0, n_cols, SEED_ptr, p, BLOCK_K: tl.constexpr):
     per element. The seed is read from device memory (one int64) rather than passed by value, so that a
     CUDA graph replays the kernel with each replay's fresh seed instead of the one seen at capture.
     """
-    groups = (col0 // 4).to(tl.uint32) + tl.arange(0, BLOCK_K // 4).to(tl.uint32)
-    counters = rows.to(tl.uint32)[:, None] * tl.cdiv(n_cols, 4).to(tl.uint32) + groups[None, :]
+    # uint32 counters (they wrap past 2^32 groups, i.e. 2^34 elements in one call)
+    groups = (col0 // 4 + tl.arange(0, BLOCK_K // 4)).to(tl.uint32)
+    groups_per_row = (tl.zeros((1,), dtype=tl.uint32) + (n_cols + 3) // 4)[:, None]
+    counters = rows.to(tl.uint32)[:, None] * groups_per_row + groups[None, :]
     r0, r1, r2, r3 = tl.randint4x(tl.load(SEED_ptr), counters)
     # join(join(r0, r2), join(r1, r3))[..., a, b] is r_(2a+b): row-major, column 4c + j holds r_j
     draws = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], BLOCK_K))
