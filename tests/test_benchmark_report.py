@@ -7,11 +7,15 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _report_module():
-    spec = importlib.util.spec_from_file_location("report", os.path.join(ROOT, "benchmarks", "report.py"))
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _report_module():
+    return _script("report")
 
 
 def test_report_writes_ratios_to_the_group_baseline(tmp_path):
@@ -66,3 +70,14 @@ def test_rank_grid_reads_layer_and_matrix_from_module_names():
     )
     assert layers == [2, 10] and matrices == ["mlp.up_proj", "self_attn.q_proj"]
     assert grid == [[1, 3], [5, 0]]
+
+
+def test_profile_step_reports_every_provider(tmp_path):
+    """The profiler script on a tiny model (on a CPU there is no device time: the rows are still written)."""
+    out = tmp_path / "profile.md"
+    _script("profile_step").main(["--model", "tiny", "--providers", "peft_lora,adalora_fast", "--steps", "1",
+                                  "--batch", "1", "--seq", "8", "--out", str(out)])  # fmt: skip
+    text = out.read_text()
+    assert "## Profile: tiny, 1x8 tokens" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| peft_lora |", "| adalora_fast |"))]
+    assert len(rows) == 2 and all(float(row.split("|")[2]) > 0 for row in rows)  # wall ms per step

@@ -1,0 +1,95 @@
+"""Where a training step's time goes: host time, device time and the kernels, per provider, in one run.
+
+    python benchmarks/profile_step.py --model llama_160m --providers peft_lora,adalora_fast,adalora_fast_graph \
+        --out profile.md
+
+The same step as the training-step benchmark (``adalora_fast.benchmarking``). For each provider, after the
+warm-up, ``--steps`` steps run under ``torch.profiler``: the report gives the wall time per step, the
+device (kernel) time per step, the launches per step, and the kernels that take the most device time. A
+step whose wall time is well above its device time is bound by the host (launch overhead), one where they
+are close by the kernels. On a CPU a tiny fp32 model runs (a smoke test of the script; no device time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from adalora_fast.benchmarking import GRAPH_PROVIDERS, TRAINING_PROVIDERS, llama_training_model, training_step_runner
+
+
+def _device_time_us(event) -> float:
+    """Self device time of a profiler row (the attribute was renamed from cuda to device in torch 2.4)."""
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def profile_provider(provider: str, shape: str, *, batch: int, seq: int, dropout: float, steps: int, device, dtype,
+                     top: int = 12) -> dict:  # fmt: skip
+    """Profile ``steps`` training steps of ``provider``: wall and device ms per step, launches, top kernels."""
+    model = llama_training_model(provider, shape, dropout=dropout, seq=seq, device=device, dtype=dtype)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    run, losses = training_step_runner(model, provider, ids)
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            run()
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    kernels = [e for e in prof.key_averages() if e.device_type is not None and str(e.device_type).endswith("CUDA")]
+    kernels = [e for e in kernels if _device_time_us(e) > 0]
+    device_us = sum(_device_time_us(e) for e in kernels)
+    launches = sum(e.count for e in kernels)
+    ranked = sorted(kernels, key=_device_time_us, reverse=True)[:top]
+    del model
+    return {
+        "provider": provider,
+        "wall_ms": wall_ms,
+        "device_ms": device_us / 1e3 / steps,
+        "launches": launches / steps,
+        "top": [(e.key, _device_time_us(e) / 1e3 / steps, e.count / steps) for e in ranked],
+        "final_loss": float(losses[-1]),
+    }
+
+
+def markdown(results: list[dict], title: str) -> str:
+    lines = [f"## {title}", "", "| provider | wall ms / step | device ms / step | kernels / step |", "|---|---|---|---|"]
+    lines += [f"| {r['provider']} | {r['wall_ms']:.2f} | {r['device_ms']:.2f} | {r['launches']:.0f} |" for r in results]
+    for r in results:
+        lines += ["", f"Top kernels, {r['provider']} (device ms per step, launches per step):", ""]
+        lines += ["| kernel | ms | launches |", "|---|---|---|"]
+        lines += [f"| `{name[:90]}` | {ms:.3f} | {count:.0f} |" for name, ms, count in r["top"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--model", default="llama_160m" if cuda else "tiny")
+    default_providers = TRAINING_PROVIDERS + (GRAPH_PROVIDERS if cuda else ())
+    parser.add_argument("--providers", default=",".join(default_providers))
+    parser.add_argument("--batch", type=int, default=8 if cuda else 2)
+    parser.add_argument("--seq", type=int, default=512 if cuda else 16)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", default=None, help="markdown file to append the report to")
+    args = parser.parse_args(argv)
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    results = [
+        profile_provider(p, args.model, batch=args.batch, seq=args.seq, dropout=args.dropout, steps=args.steps,
+                         device=device, dtype=dtype)  # fmt: skip
+        for p in args.providers.split(",")
+    ]
+    title = f"Profile: {args.model}, {args.batch}x{args.seq} tokens, dropout {args.dropout}, {str(dtype)[6:]}, {device}"
+    report = markdown(results, title)
+    print(report)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()
