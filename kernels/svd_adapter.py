@@ -34,6 +34,7 @@ from .importance import gradient_total, update_importance
 from .utils import (
     accumulate_dtype,
     apply_dropout,
+    cdiv,
     dot_settings,
     dropout_keep,
     dropout_tile,
@@ -328,12 +329,12 @@ def svd_adapter_forward(x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask,
         return y, h
     p, keep_scale, has_dropout = _dropout_args(dropout_p)
     dots = dot_settings(x2d.dtype)
-    svd_adapter_shrink[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](
+    svd_adapter_shrink[lambda meta: (cdiv(n, meta["BLOCK_M"]),)](
         x2d, lora_A, h, n, k, r, seed, p, keep_scale,
         x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1),
         R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots,
     )  # fmt: skip
-    svd_adapter_expand[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(out, meta["BLOCK_N"]))](
+    svd_adapter_expand[lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(out, meta["BLOCK_N"]))](
         h, lora_E, triplet_mask, ranknum, lora_B, bias if bias is not None else h, y, n, out, r, float(scaling),
         lora_E.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
         R_PAD=r_pad, HAS_BIAS=bias is not None, **dots,
@@ -380,8 +381,8 @@ def _token_splits(n: int, k: int, device) -> int:
         programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         programs_wanted = 8
-    in_tiles = triton.cdiv(k, 64)
-    return max(1, min(triton.cdiv(n, GRAD_Q_MIN_ROWS_PER_SPLIT), triton.cdiv(programs_wanted, in_tiles)))
+    in_tiles = cdiv(k, 64)
+    return max(1, min(cdiv(n, GRAD_Q_MIN_ROWS_PER_SPLIT), cdiv(programs_wanted, in_tiles)))
 
 
 def _reduce_factor_grads(ws_p, ws_q, ws_l, d_b, d_a, d_e, lora_B, lora_A, lora_E, triplet_mask, ranknum, scaling, r,
@@ -392,7 +393,7 @@ def _reduce_factor_grads(ws_p, ws_q, ws_l, d_b, d_a, d_e, lora_B, lora_A, lora_E
     per-rank sums of Q's and P's element scores (r_pad each), else None.
     """
     out, k = d_b.shape[0], d_a.shape[1]
-    tiles_p, tiles_q = triton.cdiv(out, REDUCE_BLOCK_ROWS), triton.cdiv(k, REDUCE_BLOCK_ROWS)
+    tiles_p, tiles_q = cdiv(out, REDUCE_BLOCK_ROWS), cdiv(k, REDUCE_BLOCK_ROWS)
     ops = {name: _importance_operands(importance, name, param, grad)
            for name, param, grad in (("lora_B", lora_B, d_b), ("lora_A", lora_A, d_a), ("lora_E", lora_E, d_e))}  # fmt: skip
     emit = importance is not None
@@ -436,7 +437,7 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
         return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_E), torch.zeros_like(lora_B)
     p, keep_scale, has_dropout = _dropout_args(dropout_p)
     dots = dot_settings(x2d.dtype)
-    n_tiles = triton.cdiv(n, GRAD_H_BLOCK_M)
+    n_tiles = cdiv(n, GRAD_H_BLOCK_M)
     acc = accumulate_dtype(x2d.dtype)
     gs = torch.empty((n, r_pad), device=dev, dtype=acc)
     ws_p = torch.empty((n_tiles, out, r_pad), device=dev, dtype=acc)
@@ -448,11 +449,11 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
     )  # fmt: skip
     # dQ = Gsᵀ·dropout(x) as dQᵀ partials, and the adapter's dx = dropout'(Gs·Q): token splits × input tiles.
     n_splits = _token_splits(n, k, dev)
-    rows_per_split = triton.cdiv(n, n_splits)
+    rows_per_split = cdiv(n, n_splits)
     ws_q = torch.empty((n_splits, k, r_pad), device=dev, dtype=acc)
     dx = torch.empty_like(x2d, memory_format=torch.contiguous_format) if needs_dx else None
     dx_arg = dx if needs_dx else ws_q  # a dummy the kernel does not touch without HAS_DX
-    svd_adapter_grad_q_x[lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), n_splits)](
+    svd_adapter_grad_q_x[lambda meta: (cdiv(k, meta["BLOCK_K"]), n_splits)](
         x2d, gs, lora_A, ws_q, dx_arg, n, k, r, rows_per_split, seed, p, keep_scale,
         x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1), dx_arg.stride(0), dx_arg.stride(1),
         R_PAD=r_pad, HAS_DROPOUT=has_dropout, HAS_DX=needs_dx, **dots,
@@ -645,5 +646,5 @@ def svd_adapter_dropout_mask(seed: int | torch.Tensor, n: int, k: int, dropout_p
     out = torch.empty((n, k), device=device, dtype=torch.float32)
     seed_t = torch.as_tensor(seed, dtype=torch.int64).to(device).reshape(1)
     if n and k:
-        _dropout_keep_mask_kernel[(triton.cdiv(n, 32), triton.cdiv(k, 32))](out, n, k, seed_t, dropout_p, BLOCK_M=32, BLOCK_K=32)
+        _dropout_keep_mask_kernel[(cdiv(n, 32), cdiv(k, 32))](out, n, k, seed_t, dropout_p, BLOCK_M=32, BLOCK_K=32)
     return out.bool()
