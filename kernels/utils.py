@@ -83,7 +83,7 @@ def dropout_keep(rows, col0, n_cols, SEED_ptr, p, BLOCK_K: tl.constexpr):
     r0, r1, r2, r3 = tl.randint4x(tl.load(SEED_ptr), counters)
     # join(join(r0, r2), join(r1, r3))[..., a, b] is r_(2a+b): row-major, column 4c + j holds r_j
     draws = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], BLOCK_K))
-    return tl.random.uint_to_uniform_float(draws) >= p
+    return tl.uint_to_uniform_float(draws) >= p
 
 
 @triton.jit
