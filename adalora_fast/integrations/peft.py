@@ -243,8 +243,9 @@ def _patch_model(peft_model, capturable: bool):
     fast_alloc = getattr(tuner, "_adalora_fast_allocator", None)
     if fast_alloc is not None and fast_alloc.capturable != capturable:
         raise ValueError(
-            f"this model's adalora-fast allocator was made with capturable={fast_alloc.capturable}; "
-            "choose capturable before its first update_and_allocate"
+            f"this model already has an adalora-fast allocator made with capturable={fast_alloc.capturable}; "
+            "choose capturable at the model's first patch_peft (or, with the global patch, before its first "
+            "update_and_allocate)"
         )
     tuner._adalora_fast_capturable = capturable
     for module in tuner.model.modules():
