@@ -26,6 +26,8 @@ Paper-order importance is emitted by the ``reduce`` epilogues, where dP, dΛ and
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -375,10 +377,15 @@ def _inverse_grad_scale(importance, device) -> torch.Tensor:
     return torch.full((1,), 1.0 / scale, device=device, dtype=torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _token_splits(n: int, k: int, device) -> int:
     """How many token splits grad_q_x uses: enough programs to fill the device, each with a useful share of rows."""
     if device.type == "cuda":
-        programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        programs_wanted = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     else:
         programs_wanted = 8
     in_tiles = cdiv(k, 64)
