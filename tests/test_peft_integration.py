@@ -205,6 +205,21 @@ def test_converting_a_model_mid_training_keeps_its_masks_and_scores():
         assert _pattern(converted) == _pattern(stock), step
 
 
+def test_a_model_patched_then_moved_trains_where_it_now_is():
+    """The allocator is made at the first update_and_allocate, where the adapters are then (here: cast to
+    fp64; on a GPU the same holds for patch_peft(model).cuda()); moving it later is a clear error."""
+    model = adalora_fast.patch_peft(peft_llama(total_step=20, tinit=2, tfinal=4, deltaT=2)).to(torch.float64)
+    for step in range(3):
+        ids = token_batch(step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.base_model.update_and_allocate(step)
+        model.zero_grad()
+    assert model.base_model._adalora_fast_allocator.state.dtype == torch.float64
+    model.to(torch.float32)
+    with pytest.raises(RuntimeError, match="before its first update_and_allocate"):
+        model.base_model.update_and_allocate(3)
+
+
 def test_trainer_callback_allocates_once_per_optimizer_step(tmp_path):
     from torch.utils.data import Dataset
     from transformers import Trainer, TrainingArguments

@@ -83,8 +83,16 @@ def fast_layer_class():
 
 
 def _allocator(self) -> RankAllocator:
-    """The AdaLoraModel's adalora-fast allocator, made on first use (after any load-time resize)."""
+    """The AdaLoraModel's adalora-fast allocator, made on first use (after any load-time resize, and where
+    the model is then: ``patch_peft(model).cuda()`` works); a model converted in place brings PEFT's scores."""
     alloc = getattr(self, "_adalora_fast_allocator", None)
+    if alloc is not None:
+        lam, state = alloc.triplets[0].lora_E, alloc.state
+        if (lam.device, lam.dtype) != (state.device, state.dtype):
+            raise RuntimeError(
+                f"the adapters are {lam.dtype} on {lam.device} but the adalora-fast allocator was made for "
+                f"{state.dtype} on {state.device}; move or cast the model before its first update_and_allocate"
+            )
     if alloc is None:
         cfg = self.peft_config[self.trainable_adapter_name]
         alloc = RankAllocator(
@@ -94,6 +102,9 @@ def _allocator(self) -> RankAllocator:
             capturable=getattr(self, "_adalora_fast_capturable", _OPTIONS["capturable"]),
         )  # fmt: skip
         self._adalora_fast_allocator = alloc
+        if getattr(self, "_adalora_fast_import_pending", False):
+            _import_peft_allocator_state(self)
+            self._adalora_fast_import_pending = False
     return alloc
 
 
@@ -257,14 +268,14 @@ def _patch_model(peft_model, capturable: bool):
     if isinstance(peft_model, PeftModel) and type(peft_model) is PeftModel:
         peft_model.forward = types.MethodType(_through_adalora_forward, peft_model)
     if hasattr(tuner, "trainable_adapter_name") and fast_alloc is None:  # (a fast allocator's state is newer)
-        _import_peft_allocator_state(tuner)
+        tuner._adalora_fast_import_pending = True  # PEFT's scores and masks, when the allocator is made
     return peft_model
 
 
 @torch.no_grad()
 def _import_peft_allocator_state(tuner) -> None:
     """Carry PEFT's EMA dicts and rank_pattern into the flat state of the fast allocator."""
-    alloc = _allocator(tuner)
+    alloc = tuner._adalora_fast_allocator
     peft_alloc = tuner.rankallocator
     state = alloc.state
     for i, t in enumerate(alloc.triplets):
