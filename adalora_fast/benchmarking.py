@@ -17,6 +17,19 @@ import torch.nn as nn
 from .importance import ImportanceState
 from .svd_linear import FastSVDLinear
 
+# A benchmark group's baseline: the first of these among its providers (the frozen layer, PEFT's penalty
+# loop, PEFT's update_and_allocate, PEFT LoRA's step); every ratio divides by its median, same run.
+BASELINES = ("frozen_linear", "peft_loop", "peft_update_and_allocate", "peft_lora")
+
+
+def ratios_to_baseline(medians: dict[str, float]) -> tuple[str | None, dict[str, float]]:
+    """(the group's baseline, each provider's median / the baseline's); (None, {}) without a baseline."""
+    baseline = next((b for b in BASELINES if b in medians), None)
+    if baseline is None:
+        return None, {}
+    return baseline, {p: t / medians[baseline] for p, t in medians.items()}
+
+
 PROVIDERS = ("adalora_fast", "peft_svdlinear", "frozen_linear")
 # The fast layer with paper-order importance emitted by every backward (what the sensitivity costs).
 EMITTING_PROVIDER = "adalora_fast_emit"
@@ -259,8 +272,8 @@ def fine_tune(model, enc: dict, labels: torch.Tensor, steps: int, *, batch: int 
         if adalora:
             model.base_model.update_and_allocate(step)
         opt.zero_grad()
-        losses.append(out.loss.item())
-    return losses
+        losses.append(out.loss.detach())
+    return torch.stack(losses).tolist()  # read once at the end: no host sync inside the steps
 
 
 def allocated_ranks(model) -> dict[str, int]:

@@ -311,7 +311,7 @@ class ShardedAdapterState(FlatAdapterState):
         self.control = torch.zeros(3, dtype=torch.int64, device=self.device)
         self.step = torch.zeros((), dtype=torch.int64, device=self.device)
         self._step_finite, self._previous = None, None
-        self.score_slices, slot_index, weights, lambda_slots = [], [], [], []
+        self.score_slices, slot_index, weights, self.factor_columns = [], [], [], []
         offset = 0
         for t in triplets:
             r, in_f, out_f = t.rank, t.lora_A.shape[1], t.lora_B.shape[0]
@@ -323,17 +323,10 @@ class ShardedAdapterState(FlatAdapterState):
             slot_index += [(offset + rows).repeat_interleave(in_f), offset + torch.arange(e0, e0 + e_rows),
                            (offset + torch.arange(r)).repeat(b_rows)]  # fmt: skip
             weights += [torch.full((a_rows * in_f,), 1.0 / in_f), torch.ones(e_rows), torch.full((b_rows * r,), 1.0 / out_f)]
-            lambda_slots.append(offset + torch.arange(e0, e0 + e_rows))
+            self.factor_columns.append(self.factor[offset + e0 : offset + e0 + e_rows].view(-1, 1))  # this shard's Λ rows
             offset += r
         self.slot_index = torch.cat(slot_index).to(self.device)
         self.slot_weight = torch.cat(weights).to(self.device, self.dtype)
-        self.lambda_index = torch.cat(lambda_slots).to(self.device)
-        self.lambda_factor = torch.ones(len(self.lambda_index), dtype=self.dtype, device=self.device)
-        self.lambdas = [t.lora_E.to_local() for t in triplets]
-        self.lambda_factor_columns, start = [], 0
-        for lam in self.lambdas:
-            self.lambda_factor_columns.append(self.lambda_factor[start : start + lam.shape[0]].view(-1, 1))
-            start += lam.shape[0]
         self.param_list = [p.to_local() for _, p in self.flat_params]
         self.ipt_views = self._flat_views(self.exp_avg_ipt)
         self.unc_views = self._flat_views(self.exp_avg_unc)
@@ -377,6 +370,5 @@ class ShardedAdapterState(FlatAdapterState):
         self.scores.copy_(new_scores)
 
     def _multiply_lambdas(self) -> None:
-        torch.index_select(self.factor, 0, self.lambda_index, out=self.lambda_factor)
-        torch._foreach_mul_([t.lora_E.to_local() for t in self.triplets], self.lambda_factor_columns)
+        torch._foreach_mul_([t.lora_E.to_local() for t in self.triplets], self.factor_columns)
 

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-BASELINES = ("frozen_linear", "peft_loop", "peft_update_and_allocate", "peft_lora")
+from adalora_fast.benchmarking import ratios_to_baseline
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -26,9 +26,8 @@ def pytest_terminal_summary(terminalreporter):
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     terminalreporter.write_sep("-", f"median time relative to the group's baseline (same run, {device})")
     for group, medians in sorted(groups.items()):
-        baseline = next((b for b in BASELINES if b in medians), None)
+        baseline, ratios = ratios_to_baseline(medians)
         if baseline is None:
             continue
-        base = medians[baseline]
-        cells = "  ".join(f"{p} {t / base:.2f}x" for p, t in sorted(medians.items()))
+        cells = "  ".join(f"{p} {ratio:.2f}x" for p, ratio in sorted(ratios.items()))
         terminalreporter.write_line(f"{group}: {cells}")

@@ -23,16 +23,11 @@ from torch.profiler import ProfilerActivity, profile
 from adalora_fast.benchmarking import GRAPH_PROVIDERS, TRAINING_PROVIDERS, llama_training_model, training_step_runner
 
 
-def _device_time_us(event) -> float:
-    """Self device time of a profiler row (the attribute was renamed from cuda to device in torch 2.4)."""
-    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
-
-
 def _device_rows(prof) -> list:
     """The rows of work that ran on the GPU: kernels, memcpys, memsets (not the GPU-side user annotations,
     such as the optimizer's step range, which span kernels already counted)."""
     rows = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")]
-    return [e for e in rows if not getattr(e, "is_user_annotation", False) and _device_time_us(e) > 0]
+    return [e for e in rows if not getattr(e, "is_user_annotation", False) and e.self_device_time_total > 0]
 
 
 def profile_provider(provider: str, shape: str, *, batch: int, seq: int, dropout: float, steps: int, device, dtype,
@@ -51,13 +46,13 @@ def profile_provider(provider: str, shape: str, *, batch: int, seq: int, dropout
         for _ in range(steps):
             run()
     rows = _device_rows(prof)
-    ranked = sorted(rows, key=_device_time_us, reverse=True)[:top]
+    ranked = sorted(rows, key=lambda e: e.self_device_time_total, reverse=True)[:top]
     result = {
         "provider": provider,
         "wall_ms": wall_ms,
-        "device_ms": sum(_device_time_us(e) for e in rows) / 1e3 / steps,
+        "device_ms": sum(e.self_device_time_total for e in rows) / 1e3 / steps,
         "kernels": sum(e.count for e in rows) / steps,
-        "top": [(e.key, _device_time_us(e) / 1e3 / steps, e.count / steps) for e in ranked],
+        "top": [(e.key, e.self_device_time_total / 1e3 / steps, e.count / steps) for e in ranked],
         "final_loss": float(losses[-1]),
     }
     del model, run, losses, prof

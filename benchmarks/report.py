@@ -19,7 +19,7 @@ import re
 import textwrap
 from collections import defaultdict
 
-BASELINES = ("frozen_linear", "peft_loop", "peft_update_and_allocate", "peft_lora")
+from adalora_fast.benchmarking import BASELINES, ratios_to_baseline
 
 
 def load_groups(path: str) -> tuple[dict, dict]:
@@ -80,10 +80,9 @@ def rank_grid(ranks: dict[str, int]) -> tuple[list[int], list[str], list[list[in
 
 
 def _ratios(providers: dict) -> dict[str, float]:
-    baseline = next((b for b in BASELINES if b in providers), None)
-    if baseline is None:
-        return {}
-    return {p: row["median_ms"] / providers[baseline]["median_ms"] for p, row in providers.items() if p != baseline}
+    """Every provider's ratio to the group's baseline, the baseline itself left out."""
+    baseline, ratios = ratios_to_baseline({p: row["median_ms"] for p, row in providers.items()})
+    return {p: ratio for p, ratio in ratios.items() if p != baseline}
 
 
 def plot(groups: dict, out_dir: str) -> list[str]:

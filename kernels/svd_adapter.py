@@ -352,16 +352,16 @@ def _check_seed(seed) -> None:
 
 
 def _importance_operands(importance, name: str, param: torch.Tensor, grad: torch.Tensor):
-    """(param, previous grad, Ī, Ū, emit?, accumulate?) for a kernel epilogue; dummies when not emitting."""
+    """((param, previous grad, Ī, Ū), accumulate?) for a kernel epilogue; dummies when not emitting."""
     if importance is None:
-        return param, param, param, param, False, False
+        return (param, param, param, param), False
     ipt, unc = importance.kernel_args(name)
     prev = param.grad
     if prev is not None and prev.stride() != grad.stride():
         prev = torch.empty_like(grad).copy_(prev)
     if not (param.stride() == grad.stride() == ipt.stride() == unc.stride()):
         raise RuntimeError(f"{name}: the parameter, its gradient and its importance buffers must share one layout")
-    return param, (prev if prev is not None else param), ipt, unc, True, prev is not None
+    return (param, (prev if prev is not None else param), ipt, unc), prev is not None
 
 
 def _inverse_grad_scale(importance, device) -> torch.Tensor:
@@ -401,18 +401,20 @@ def _reduce_factor_grads(ws_p, ws_q, ws_l, d_b, d_a, d_e, lora_B, lora_A, lora_E
     """
     out, k = d_b.shape[0], d_a.shape[1]
     tiles_p, tiles_q = cdiv(out, REDUCE_BLOCK_ROWS), cdiv(k, REDUCE_BLOCK_ROWS)
-    ops = {name: _importance_operands(importance, name, param, grad)
-           for name, param, grad in (("lora_B", lora_B, d_b), ("lora_A", lora_A, d_a), ("lora_E", lora_E, d_e))}  # fmt: skip
+    (ops_p, acc_p), (ops_q, acc_q), (ops_e, acc_e) = (
+        _importance_operands(importance, name, param, grad)
+        for name, param, grad in (("lora_B", lora_B, d_b), ("lora_A", lora_A, d_a), ("lora_E", lora_E, d_e))
+    )
     emit = importance is not None
     scores = torch.empty((tiles_p + tiles_q + 1, r_pad), device=d_b.device, dtype=torch.float32) if emit else ws_l
     inv_scale = _inverse_grad_scale(importance, d_b.device)
     svd_adapter_grad_reduce[(tiles_p + tiles_q + 1,)](
-        ws_p, d_b, *ops["lora_B"][:4], out, ws_p.shape[0], d_b.stride(0), d_b.stride(1),
-        ws_q, d_a, *ops["lora_A"][:4], k, ws_q.shape[0], d_a.stride(1), d_a.stride(0),
-        ws_l, d_e, *ops["lora_E"][:4], d_e.stride(0),
+        ws_p, d_b, *ops_p, out, ws_p.shape[0], d_b.stride(0), d_b.stride(1),
+        ws_q, d_a, *ops_q, k, ws_q.shape[0], d_a.stride(1), d_a.stride(0),
+        ws_l, d_e, *ops_e, d_e.stride(0),
         scores, inv_scale if emit else ws_l, triplet_mask, ranknum, float(scaling), r, *_beta_args(importance),
         BLOCK_ROWS=REDUCE_BLOCK_ROWS, R_PAD=r_pad, ACC_DTYPE=acc_dtype, EMIT=emit,
-        ACCUMULATE_P=ops["lora_B"][5], ACCUMULATE_Q=ops["lora_A"][5], ACCUMULATE_E=ops["lora_E"][5],
+        ACCUMULATE_P=acc_p, ACCUMULATE_Q=acc_q, ACCUMULATE_E=acc_e,
     )  # fmt: skip
     if not emit:
         return None

@@ -155,9 +155,10 @@ def fast_forward(self, *args, **kwargs):
         weight = self.peft_config[self.trainable_adapter_name].orth_reg_weight
         if weight < 0:
             raise ValueError("orth_reg_weight should be greater than or equal to 0. ")
-        factors, right = _orth_factors(self)
-        if factors and weight > 0:
-            outputs.loss += weight * orth_penalty(factors, right)
+        if weight > 0:  # (the adapted modules are not walked when the penalty is off)
+            factors, right = _orth_factors(self)
+            if factors:
+                outputs.loss += weight * orth_penalty(factors, right)
     return outputs
 
 
