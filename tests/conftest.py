@@ -13,8 +13,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
 
 @pytest.fixture(autouse=True)
 def _seed_and_backend(monkeypatch):
@@ -23,7 +21,3 @@ def _seed_and_backend(monkeypatch):
     monkeypatch.delenv("ADALORA_FAST_BACKEND", raising=False)
     yield
 
-
-@pytest.fixture
-def device():
-    return DEVICE

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from adalora_fast import FastSVDLinear
+from adalora_fast.benchmarking import LLAMA_TARGETS
 
 
 def peft_config(**kwargs):
@@ -103,7 +104,32 @@ def lambdas(model):
     return [p.detach().clone() for n, p in model.named_parameters() if "lora_E" in n]
 
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+def saved_activation_bytes(run, exclude=()) -> int:
+    """Bytes of the distinct storages ``run()`` saves for its backward, ``exclude``'s storages (parameters,
+    buffers) and one-element tensors (dropout seeds, scalars: bookkeeping, not activations) left out."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude if isinstance(t, torch.Tensor)}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip and t.numel() > 1:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(storages.values())
+
+
+def peft_step(model, ids, step, opt=None):
+    """One step of a PEFT causal LM: forward (loss with the penalty), backward, ``opt.step()`` when given,
+    ``update_and_allocate(step)``; returns the detached loss. The gradients are left to the caller."""
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    if opt is not None:
+        opt.step()
+    model.base_model.update_and_allocate(step)
+    return loss.detach()
 
 
 def tiny_llama(seed=0):

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import lambdas, lora_params, peft_llama, regression_batch, svd_stack, token_batch
+from helpers import lambdas, lora_params, peft_llama, peft_step, regression_batch, svd_stack, token_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import adalora_fast
@@ -23,8 +23,8 @@ CUDA = torch.cuda.is_available()
 TOTAL, TINIT, TFINAL, DELTA_T = 40, 4, 10, 3
 
 
-def _stack(n_layers=3, d=16, r=4, dropout=0.0, device="cpu", dtype=torch.float32):
-    return svd_stack(n_layers, d, r, dropout=dropout, b_std=0.3, device=device, dtype=dtype)
+def _stack(n_layers=3, d=16, r=4, device="cpu", dtype=torch.float32):
+    return svd_stack(n_layers, d, r, b_std=0.3, device=device, dtype=dtype)
 
 
 def _alloc(model, r=4, semantics="peft", tfinal=TFINAL, **kw):
@@ -176,14 +176,6 @@ def test_set_step_is_only_for_the_capturable_allocator():
 PEFT_SCHEDULE = dict(total_step=TOTAL, tinit=TINIT, tfinal=TFINAL, deltaT=DELTA_T)
 
 
-def _peft_step(model, ids, step):
-    """Forward (loss + penalty), backward and allocator: the whole step but PyTorch's optimizer."""
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    model.base_model.update_and_allocate(step)
-    return loss.detach()
-
-
 def test_capturable_peft_model_trains_bitwise_like_the_eager_patched_one(tmp_path):
     eager = adalora_fast.patch_peft(peft_llama(**PEFT_SCHEDULE))
     safe = adalora_fast.patch_peft(peft_llama(**PEFT_SCHEDULE), capturable=True)
@@ -192,12 +184,8 @@ def test_capturable_peft_model_trains_bitwise_like_the_eager_patched_one(tmp_pat
         ids = token_batch(step)
         losses = []
         for model, opt in zip((eager, safe), opts):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            model.base_model.update_and_allocate(step)
+            losses.append(peft_step(model, ids, step, opt))
             opt.zero_grad()
-            losses.append(loss.detach())
         assert torch.equal(losses[0], losses[1]), step
         assert all(torch.equal(a, b) for a, b in zip(lambdas(eager), lambdas(safe))), step
     alloc = safe.base_model._adalora_fast_allocator
@@ -226,7 +214,7 @@ def test_capturable_peft_step_runs_the_same_ops_every_step_and_never_reads_the_d
     sequences = []
     for step in range(TOTAL + 2):  # every phase of the schedule, and past T
         with _OpRecorder() as rec:
-            _peft_step(model, token_batch(step), step)
+            peft_step(model, token_batch(step), step)
         model.zero_grad(set_to_none=True)
         sequences.append(rec.ops)
         assert not [op for op in rec.ops if op.startswith(_HOST_READS)], step
@@ -237,7 +225,7 @@ def test_capturable_peft_step_runs_the_same_ops_every_step_and_never_reads_the_d
 def test_capturable_peft_counter_starts_at_the_first_global_step():
     model = adalora_fast.patch_peft(peft_llama(**PEFT_SCHEDULE), capturable=True)
     for step in (7, 8, 9):
-        _peft_step(model, token_batch(step), step)
+        peft_step(model, token_batch(step), step)
         model.zero_grad()
     assert model.base_model._adalora_fast_allocator.step_count() == 10
     # Its allocator exists now: switching it to the eager one would drop the device state.
@@ -249,14 +237,14 @@ def test_global_patch_makes_capturable_allocators_until_unpatched():
     adalora_fast.patch_peft(capturable=True)
     try:
         model = peft_llama(**PEFT_SCHEDULE)
-        _peft_step(model, token_batch(0), 0)
+        peft_step(model, token_batch(0), 0)
     finally:
         adalora_fast.unpatch_peft()
     assert model.base_model._adalora_fast_allocator.capturable
     adalora_fast.patch_peft()
     try:
         later = peft_llama(**PEFT_SCHEDULE)
-        _peft_step(later, token_batch(0), 0)
+        peft_step(later, token_batch(0), 0)
     finally:
         adalora_fast.unpatch_peft()
     assert not later.base_model._adalora_fast_allocator.capturable
@@ -404,7 +392,7 @@ def test_a_patched_peft_llama_step_captured_as_a_cuda_graph_replays_like_eager(m
     opts = [torch.optim.AdamW(lora_params(m), lr=1e-2, capturable=True) for m in models]
     eager_losses = []
     for step in range(TOTAL + 2):
-        eager_losses.append(_peft_optimizer_step(models[0], opts[0], token_batch(step).cuda(), step).item())
+        eager_losses.append(peft_step(models[0], token_batch(step).cuda(), step, opts[0]).item())
         opts[0].zero_grad(set_to_none=True)
 
     static_ids = token_batch(0).cuda()
@@ -412,7 +400,7 @@ def test_a_patched_peft_llama_step_captured_as_a_cuda_graph_replays_like_eager(m
 
     def step():
         calls[0] += 1
-        return _peft_optimizer_step(models[1], opts[1], static_ids, calls[0] - 1)
+        return peft_step(models[1], static_ids, calls[0] - 1, opts[1])
 
     captured = capture_training_step(step, [opts[1]], before_warmup_step=lambda i: static_ids.copy_(token_batch(i)))
     graph_losses = [loss.item() for loss in captured.warmup_outputs]
@@ -424,10 +412,3 @@ def test_a_patched_peft_llama_step_captured_as_a_cuda_graph_replays_like_eager(m
     assert allocs[1].step_count() == TOTAL + 2
     assert allocs[1].rank_pattern == allocs[0].rank_pattern and allocs[0].rank_pattern is not None
 
-
-def _peft_optimizer_step(model, opt, ids, step):
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    opt.step()
-    model.base_model.update_and_allocate(step)
-    return loss.detach()

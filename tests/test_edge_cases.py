@@ -121,7 +121,7 @@ def test_nan_input_propagates_like_the_reference(backend):
     assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
 
 
-def test_autocast_matches_peft(monkeypatch):
+def test_autocast_matches_peft():
     from helpers import twin_layers
 
     ours, theirs = twin_layers(24, 10, 6, device=DEVICE)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import LLAMA_TARGETS, peft_llama, tiny_llama, token_batch
+from helpers import LLAMA_TARGETS, peft_llama, saved_activation_bytes, tiny_llama, token_batch
 
 import adalora_fast
 from adalora_fast.integrations.peft import fast_layer_class
@@ -60,22 +60,6 @@ def test_patched_llama_on_the_kernel_path_matches_stock_peft(monkeypatch):
         fast.zero_grad()
 
 
-def _saved_activation_bytes(model, ids):
-    """Bytes of the distinct storages a forward saves for its backward, parameters and buffers left out."""
-    skip = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip and t.numel() > 1:  # (one-element tensors: dropout seeds, scalars)
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    return sum(storages.values())
-
-
 def test_patched_llama_saves_less_for_the_backward_than_peft_lora_at_dropout_0_1(monkeypatch):
     """The activation side of the memory headline: LoRA keeps a dropped copy of every adapted input, the
     kernels keep x (shared with the base layer) and one N × r_pad fp32 tile, even at init_r 12 vs LoRA's 8."""
@@ -87,7 +71,11 @@ def test_patched_llama_saves_less_for_the_backward_than_peft_lora_at_dropout_0_1
                                                    task_type="CAUSAL_LM"))  # fmt: skip
     stock = peft_llama(init_r=12, target_r=8, lora_dropout=0.1)
     fast = adalora_fast.patch_peft(peft_llama(init_r=12, target_r=8, lora_dropout=0.1))
-    saved = {name: _saved_activation_bytes(m, ids) for name, m in (("lora", lora), ("stock", stock), ("fast", fast))}
+    saved = {
+        name: saved_activation_bytes(lambda m=m: m(input_ids=ids, labels=ids, use_cache=False).loss.backward(),
+                                     list(m.parameters()) + list(m.buffers()))
+        for name, m in (("lora", lora), ("stock", stock), ("fast", fast))
+    }  # fmt: skip
     assert saved["fast"] < saved["lora"] < saved["stock"], saved
 
 
