@@ -3,24 +3,28 @@
 ``ADALORA_FAST_BACKEND`` forces a backend:
 
 * unset or ``auto``: the fused Triton kernels for the adapter when they can run
-  on the input (a CUDA tensor of a supported dtype, one dtype for the input and
-  the layer, no autocast, with Triton importable), and the compiled extension for
-  the penalty on CUDA tensors when it was built with CUDA; otherwise the
-  reference (on a CPU the reference penalty is as fast as the extension's CPU
-  build and equal to PEFT's bit for bit; the CPU build runs when asked for);
+  on the input (a CUDA tensor; activations in fp16, bf16 or fp32, under
+  ``torch.autocast`` too; adapter parameters of one of those dtypes, which may
+  differ from the activations', as in PEFT's default of fp32 adapters over a
+  half-precision model; Triton importable), and the compiled extension for the
+  penalty on CUDA tensors when it was built with CUDA; otherwise the
+  reference. A CUDA call that takes the reference warns once per distinct
+  reason, naming it;
 * ``reference``: every op runs its PyTorch reference;
 * ``triton``: the adapter always runs the kernels, with a clear error when they
-  cannot; with ``TRITON_INTERPRET=1`` this includes CPU tensors (how the test
-  suite runs the kernels without a GPU).
+  cannot. CPU tensors run them only in Triton's interpreter, so the kernels run
+  on a CPU with both ``TRITON_INTERPRET=1`` (set before triton is imported) and
+  ``ADALORA_FAST_BACKEND=triton`` (how the test suite runs them without a GPU).
 
-:func:`env_report` says which backend each op would use here, and why.
+:func:`env_report` says which backend each op would use here, and why;
+:func:`backend_calls` counts the calls each backend took since import.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
+from collections import Counter
 
 import torch
 
@@ -29,6 +33,16 @@ from .extension import load_extension, warn_extension_fallback
 BACKEND_ENV = "ADALORA_FAST_BACKEND"
 ADAPTER_BACKENDS = ("reference", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+try:  # a guarded static import: without Triton the library still runs, and says why
+    from .kernels import svd_adapter as _svd_adapter_kernels
+
+    _ADAPTER_KERNELS = (_svd_adapter_kernels, None)
+except Exception as _exc:  # ImportError, or a Triton that fails on import
+    _ADAPTER_KERNELS = (None, _exc)
+
+# Calls per op and backend since import (eager calls, and each trace under torch.compile).
+_CALLS = {"svd_adapter": Counter(), "orth_penalty": Counter()}
 
 
 def requested_backend() -> str | None:
@@ -45,68 +59,92 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _try_import_adapter_kernels():
-    try:
-        return importlib.import_module("adalora_fast.kernels.svd_adapter"), None
-    except Exception as exc:  # ImportError, or a Triton that fails on import
-        return None, exc
-
-
-# Tried once, when the package loads: a plain module global, so torch.compile reads it as a constant.
-_ADAPTER_KERNELS = _try_import_adapter_kernels()
-
-
 def _import_adapter_kernels():
     """The Triton adapter module, or the exception that stopped it from importing."""
     return _ADAPTER_KERNELS
 
 
-def triton_unavailable_reason(x: torch.Tensor | None = None, *params: torch.Tensor) -> str | None:
-    """Why the Triton adapter kernels cannot run on ``x`` (with the layer's ``params``) here, or None when they can."""
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer computes in for ``x``: autocast's dtype for fp32/fp16/bf16 inputs under
+    ``torch.autocast`` on x's device (as ``F.linear`` there), else x's own."""
+    if x.dtype in KERNEL_DTYPES and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def triton_unavailable_reason(x: torch.Tensor | None = None, *params: torch.Tensor | None) -> str | None:
+    """Why the Triton adapter kernels cannot run on ``x`` with the adapter's parameters ``params``
+    (lora_A, lora_E, lora_B) here, or None when they can."""
     module, err = _import_adapter_kernels()
     if module is None:
         return f"the Triton adapter kernels could not be imported ({type(err).__name__}: {err})"
     if x is None:
         return None
     if not (x.is_cuda or triton_interpreter_enabled()):
-        return f"the input is on {x.device}; the Triton kernels run on CUDA devices (or anywhere with TRITON_INTERPRET=1)"
-    if x.dtype not in KERNEL_DTYPES:
-        return f"the kernels support {[str(d) for d in KERNEL_DTYPES]}, not {x.dtype}"
-    mixed = sorted({str(p.dtype) for p in params if p is not None and p.dtype != x.dtype})
-    if mixed:
-        return f"the input is {x.dtype} but the layer holds {mixed}; the kernels need one dtype"
-    if torch.is_autocast_enabled(x.device.type):
-        return "autocast is on; the kernels run one dtype end to end"
+        return (
+            f"the input is on {x.device}; the Triton kernels run on CUDA tensors, and on CPU tensors only in "
+            f"Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported, with {BACKEND_ENV}=triton)"
+        )
+    act = activation_dtype(x)
+    if act not in KERNEL_DTYPES:
+        return f"the kernels take {'/'.join(str(d)[6:] for d in KERNEL_DTYPES)} activations, not {act}"
+    dtypes = sorted({str(p.dtype) for p in params if p is not None})
+    if len(dtypes) > 1:
+        return f"the adapter's parameters (lora_A, lora_E, lora_B) have different dtypes {dtypes}; the kernels need one"
+    if dtypes and dtypes[0] not in {str(d) for d in KERNEL_DTYPES}:
+        return f"the kernels take fp16/bf16/fp32 adapter parameters, not {dtypes[0]}"
     return None
 
 
-_ADAPTER_FALLBACK_WARNED = False
+_WARNED: set[str] = set()
 
 
 def _warn_adapter_fallback(reason: str) -> None:
-    """Once: a CUDA input runs the reference adapter because the kernels could not be loaded."""
-    global _ADAPTER_FALLBACK_WARNED
-    if not _ADAPTER_FALLBACK_WARNED:
-        _ADAPTER_FALLBACK_WARNED = True
+    """Once per distinct reason: a CUDA input runs the reference adapter, and why."""
+    if reason not in _WARNED:
+        _WARNED.add(reason)
         warnings.warn(f"adalora_fast: the SVD adapter runs its PyTorch reference on CUDA tensors because {reason}",
                       RuntimeWarning, stacklevel=4)  # fmt: skip
 
 
-def adapter_backend(x: torch.Tensor, *params: torch.Tensor) -> str:
-    """``"triton"`` or ``"reference"`` for one adapter call on ``x`` with the layer's ``params``."""
+def _choose_adapter_backend(x: torch.Tensor, params) -> tuple[str, str | None]:
     forced = requested_backend()
     if forced == "reference":
-        return "reference"
+        return "reference", f"{BACKEND_ENV}=reference"
     if forced is None and not x.is_cuda:
-        return "reference"  # the interpreter runs CPU tensors only when asked for: it is a test tool
+        # the interpreter runs CPU tensors only when asked for: it is a test tool
+        return "reference", "CPU tensors run the reference; the kernels run on CUDA tensors"
     reason = triton_unavailable_reason(x, *params)
-    if reason is not None and forced is None and _import_adapter_kernels()[0] is None:
-        _warn_adapter_fallback(reason)
     if forced == "triton":
         if reason is not None:
             raise RuntimeError(f"{BACKEND_ENV}=triton, but the Triton backend cannot run: {reason}")
-        return "triton"
-    return "reference" if reason is not None else "triton"
+        return "triton", None
+    if reason is not None:
+        _warn_adapter_fallback(reason)
+        return "reference", reason
+    return "triton", None
+
+
+def adapter_backend(x: torch.Tensor, *params: torch.Tensor | None) -> str:
+    """``"triton"`` or ``"reference"`` for one adapter call on ``x`` with the adapter's ``params``
+    (lora_A, lora_E, lora_B); counted in :func:`backend_calls`."""
+    backend = _choose_adapter_backend(x, params)[0]
+    _CALLS["svd_adapter"][backend] += 1
+    return backend
+
+
+def backend_calls() -> dict[str, dict[str, int]]:
+    """Calls per op and backend since import (or the last :func:`reset_backend_calls`): what actually ran.
+
+    ``{"svd_adapter": {"triton": n, "reference": m}, "orth_penalty": {"extension": k, "reference": l}}``.
+    Eager calls are counted one by one; under ``torch.compile`` each trace counts once.
+    """
+    return {op: dict(counts) for op, counts in _CALLS.items()}
+
+
+def reset_backend_calls() -> None:
+    for counts in _CALLS.values():
+        counts.clear()
 
 
 def penalty_unavailable_reason(device_type: str) -> str | None:
@@ -121,30 +159,43 @@ def penalty_unavailable_reason(device_type: str) -> str | None:
     return None
 
 
-def penalty_backend(t: torch.Tensor, requested: str | None = None) -> str:
-    """``"extension"`` or ``"reference"`` for one penalty call on tensors like ``t``.
-
-    ``requested="extension"`` asks for the compiled op on any device it was built for (an error names
-    the reason when it cannot run); None lets the dispatcher choose.
-    """
+def _choose_penalty_backend(t: torch.Tensor, requested: str | None) -> tuple[str, str | None]:
     if requested not in (None, "extension", "reference"):
         raise ValueError(f"penalty backend must be 'extension' or 'reference', got {requested!r}")
     if requested == "extension":
         reason = penalty_unavailable_reason(t.device.type)
         if reason is not None:
             raise RuntimeError(f"the penalty extension cannot run: {reason}")
-        return "extension"
-    if requested == "reference" or requested_backend() == "reference":
-        return "reference"
-    if t.is_cuda and penalty_unavailable_reason(t.device.type) is None:
-        return "extension"
+        return "extension", None
+    if requested == "reference":
+        return "reference", "asked for"
+    if requested_backend() == "reference":
+        return "reference", f"{BACKEND_ENV}=reference"
+    reason = penalty_unavailable_reason(t.device.type)
+    if t.is_cuda and reason is None:
+        return "extension", None
     if load_extension()[0] is None:
         warn_extension_fallback("the orthogonality penalty")
-    return "reference"
+    if reason is None:  # CPU tensors, extension loaded
+        reason = "CPU tensors run the reference unless backend='extension' is asked for"
+    return "reference", reason
+
+
+def penalty_backend(t: torch.Tensor, requested: str | None = None) -> str:
+    """``"extension"`` or ``"reference"`` for one penalty call on tensors like ``t``; counted in
+    :func:`backend_calls`.
+
+    ``requested="extension"`` asks for the compiled op on any device it was built for (an error names
+    the reason when it cannot run); None lets the dispatcher choose.
+    """
+    backend = _choose_penalty_backend(t, requested)[0]
+    _CALLS["orth_penalty"][backend] += 1
+    return backend
 
 
 def env_report() -> dict:
-    """Versions, devices and, for each op, the backend it runs on here with the reason."""
+    """Versions, devices and, for each op, the backend it runs on here with the reason (the dispatcher's
+    own choice for a probe tensor on this machine's default device), and the calls counted so far."""
     report = {
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
@@ -159,23 +210,16 @@ def env_report() -> dict:
     except Exception as exc:
         report["triton"] = f"unavailable ({type(exc).__name__}: {exc})"
     probe = torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        backend = adapter_backend(probe)
-        reason = triton_unavailable_reason(probe)
-    except (RuntimeError, ValueError) as exc:
-        backend, reason = "error", str(exc)
-    if backend == "reference" and reason is None:
-        reason = "CPU tensors run the reference; the kernels run on CUDA tensors"
-    report["svd_adapter"] = backend if reason is None else f"{backend} ({reason})"
-    reason = penalty_unavailable_reason(probe.device.type)
-    forced_reference = os.environ.get(BACKEND_ENV, "").strip().lower() == "reference"
-    if forced_reference:
-        report["orth_penalty"] = f"reference ({BACKEND_ENV}=reference)"
-    elif reason is not None:
-        report["orth_penalty"] = f"reference ({reason})"
-    elif probe.is_cuda:
-        report["orth_penalty"] = "extension (adalora_fast._C, CUDA)"
-    else:
-        report["orth_penalty"] = "reference on CPU tensors (the extension's CPU build is loaded, used on request)"
+    for op, choose in (("svd_adapter", _choose_adapter_backend), ("orth_penalty", _choose_penalty_backend)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a report, not a call: the reason is in the entry
+                backend, reason = choose(probe, ()) if op == "svd_adapter" else choose(probe, None)
+        except (RuntimeError, ValueError) as exc:
+            backend, reason = "error", str(exc)
+        if backend == "extension":
+            reason = "adalora_fast._C, " + ("CUDA" if probe.is_cuda else "CPU")
+        report[op] = backend if reason is None else f"{backend} ({reason})"
     report["rank_allocator"] = "flat state, a constant number of ops per step (adalora_fast.flat_state)"
+    report["calls"] = backend_calls()
     return report

@@ -23,6 +23,18 @@ def check_svd_linear_input(x: torch.Tensor, weight: torch.Tensor, in_features: i
         raise ValueError(f"the input is on {x.device} but the layer's weights are on {weight.device}")
 
 
+def check_input_dtype(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """The dtype rule of the adapted layer, as ``F.linear``'s: the input has the base weight's dtype, or
+    autocast casts both (fp16/bf16/fp32 inputs under ``torch.autocast`` on the input's device). The adapter's
+    parameters may hold another dtype (e.g. PEFT's fp32 adapters over a bf16 model)."""
+    if x.dtype == weight.dtype or (x.dtype in dispatch.KERNEL_DTYPES and torch.is_autocast_enabled(x.device.type)):
+        return
+    raise TypeError(
+        f"the layer's base weight is {weight.dtype} but its input is {x.dtype}: cast the input "
+        f"(x.to({weight.dtype})) or the layer (layer.to({x.dtype})), or run it under torch.autocast"
+    )
+
+
 def svd_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -44,8 +56,12 @@ def svd_linear(
     ``importance``: an :class:`~adalora_fast.importance.ImportanceState` whose sensitivity this
     call's backward emits (paper order); the kernels do it in their epilogues, the reference
     path in gradient hooks.
+
+    Dtypes: the output has the input's dtype (autocast's under ``torch.autocast``), the adapter's
+    gradients the parameters' dtype, dx the input's; see :func:`check_input_dtype`.
     """
-    backend = dispatch.adapter_backend(x, weight, lora_A, lora_E, lora_B)
+    check_input_dtype(x, weight)
+    backend = dispatch.adapter_backend(x, lora_A, lora_E, lora_B)
     if backend == "triton":
         from .kernels.svd_adapter import svd_linear_triton
 

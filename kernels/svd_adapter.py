@@ -70,11 +70,12 @@ def _effective_singular_values(E_ptr, stride_e, mask_ptr, ranknum_ptr, scaling, 
 
 @triton.jit
 def _load_input_tile(X_ptr, rows, col0, N, K, stride_xm, stride_xk, SEED_ptr, dropout_p, keep_scale,
-                     HAS_DROPOUT: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """dropout(x)[rows, col0 : col0 + BLOCK_K]: the forward and the backward draw the same mask."""
+                     HAS_DROPOUT: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):  # fmt: skip
+    """dropout(x)[rows, col0 : col0 + BLOCK_K] in the compute dtype: cast first, as PEFT casts x to the
+    adapter's dtype before its dropout. The forward and the backward draw the same mask."""
     cols = col0 + tl.arange(0, BLOCK_K)
     x = tl.load(X_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)  # fmt: skip
+                mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0).to(COMPUTE_DTYPE)  # fmt: skip
     if HAS_DROPOUT:
         x = dropout_tile(x, rows, col0, K, SEED_ptr, dropout_p, keep_scale, BLOCK_K)
     return x
@@ -85,7 +86,7 @@ def _svd_adapter_shrink_kernel(
     X_ptr, Q_ptr, H_ptr, N, K, R, SEED_ptr, dropout_p, keep_scale,
     stride_xm, stride_xk, stride_qr, stride_qk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, R_PAD)
@@ -93,9 +94,9 @@ def _svd_adapter_shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = _load_input_tile(X_ptr, rows, k0, N, K, stride_xm, stride_xk, SEED_ptr, dropout_p, keep_scale, HAS_DROPOUT,
-                             BLOCK_K)  # fmt: skip
+                             BLOCK_K, COMPUTE_DTYPE)  # fmt: skip
         q_t = tl.load(Q_ptr + ranks[None, :] * stride_qr + cols[:, None] * stride_qk,
-                      mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)  # fmt: skip
+                      mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0).to(COMPUTE_DTYPE)  # fmt: skip
         acc = tile_dot(x, q_t, acc, UPCAST, DOT_PRECISION)
     tl.store(H_ptr + rows[:, None] * R_PAD + ranks[None, :], acc, mask=rows[:, None] < N)
 
@@ -105,7 +106,7 @@ def _svd_adapter_expand_kernel(
     H_ptr, E_ptr, mask_ptr, ranknum_ptr, P_ptr, bias_ptr, Y_ptr, N, OUT, R, scaling,
     stride_e, stride_pn, stride_pr, stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,8 +114,8 @@ def _svd_adapter_expand_kernel(
     lam = _effective_singular_values(E_ptr, stride_e, mask_ptr, ranknum_ptr, scaling, R, R_PAD, ACC_DTYPE)
     h = tl.load(H_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=rows[:, None] < N, other=0.0)
     p_t = tl.load(P_ptr + cols[None, :] * stride_pn + ranks[:, None] * stride_pr,
-                  mask=(cols[None, :] < OUT) & (ranks[:, None] < R), other=0.0)  # fmt: skip
-    u = (h * lam[None, :]).to(p_t.dtype)
+                  mask=(cols[None, :] < OUT) & (ranks[:, None] < R), other=0.0).to(COMPUTE_DTYPE)  # fmt: skip
+    u = (h * lam[None, :]).to(COMPUTE_DTYPE)
     acc = tile_dot(u, p_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < OUT, other=0.0).to(ACC_DTYPE)[None, :]
@@ -127,7 +128,7 @@ def _svd_adapter_grad_h_kernel(
     DY_ptr, H_ptr, E_ptr, mask_ptr, ranknum_ptr, P_ptr, GS_ptr, WSP_ptr, WSL_ptr, N, OUT, R, scaling,
     stride_dym, stride_dyn, stride_e, stride_pn, stride_pr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0).to(tl.int64)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -135,13 +136,13 @@ def _svd_adapter_grad_h_kernel(
     lam = _effective_singular_values(E_ptr, stride_e, mask_ptr, ranknum_ptr, scaling, R, R_PAD, ACC_DTYPE)
     h = tl.load(H_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=rows[:, None] < N, other=0.0)
     g = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
-    u = (h * lam[None, :]).to(DY_ptr.dtype.element_ty)  # this row tile of H·diag(sΛm), for the dP partials
+    u = (h * lam[None, :]).to(COMPUTE_DTYPE)  # this row tile of H·diag(sΛm), for the dP partials
     for n0 in range(0, OUT, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(DY_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
-                     mask=(rows[:, None] < N) & (cols[None, :] < OUT), other=0.0)  # fmt: skip
+                     mask=(rows[:, None] < N) & (cols[None, :] < OUT), other=0.0).to(COMPUTE_DTYPE)  # fmt: skip
         p = tl.load(P_ptr + cols[:, None] * stride_pn + ranks[None, :] * stride_pr,
-                    mask=(cols[:, None] < OUT) & (ranks[None, :] < R), other=0.0)  # fmt: skip
+                    mask=(cols[:, None] < OUT) & (ranks[None, :] < R), other=0.0).to(COMPUTE_DTYPE)  # fmt: skip
         g = tile_dot(dy, p, g, UPCAST, DOT_PRECISION)
         # This row tile's share of dP = dYᵀ·(H·diag(sΛm)), summed over tiles by the reduce kernel.
         part = tile_dot(tl.trans(dy), u, tl.zeros((BLOCK_N, R_PAD), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
@@ -218,6 +219,7 @@ def _svd_adapter_grad_q_x_kernel(
     stride_xm, stride_xk, stride_qr, stride_qk, stride_dxm, stride_dxk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_DX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
 ):  # fmt: skip
     """One token split × input tile: its share of dQ = Gsᵀ·dropout(x), stored as dQᵀ partials (split, K,
     R_PAD), and (HAS_DX) the adapter's dx = dropout'(Gs·Q) on the same rows and columns: one pass over x
@@ -231,19 +233,19 @@ def _svd_adapter_grad_q_x_kernel(
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=ACC_DTYPE)
     if HAS_DX:
         q = tl.load(Q_ptr + ranks[:, None] * stride_qr + cols[None, :] * stride_qk,
-                    mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)  # fmt: skip
+                    mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0).to(COMPUTE_DTYPE)  # fmt: skip
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         x = _load_input_tile(X_ptr, rows, col0, end, K, stride_xm, stride_xk, SEED_ptr, dropout_p, keep_scale, False,
-                             BLOCK_K)  # fmt: skip
+                             BLOCK_K, COMPUTE_DTYPE)  # fmt: skip
         if HAS_DROPOUT:
             keep = dropout_keep(rows, col0, K, SEED_ptr, dropout_p, BLOCK_K)
             x = apply_dropout(x, keep, keep_scale)
-        gs_t = tl.load(GS_ptr + rows[None, :] * R_PAD + ranks[:, None], mask=rows[None, :] < end, other=0.0).to(x.dtype)
-        acc = tile_dot(gs_t, x, acc, UPCAST, DOT_PRECISION)
+        gs_t = tl.load(GS_ptr + rows[None, :] * R_PAD + ranks[:, None], mask=rows[None, :] < end, other=0.0)
+        acc = tile_dot(gs_t.to(COMPUTE_DTYPE), x, acc, UPCAST, DOT_PRECISION)
         if HAS_DX:
             gs = tl.load(GS_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=rows[:, None] < end, other=0.0)
-            du = tile_dot(gs.to(q.dtype), q, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
+            du = tile_dot(gs.to(COMPUTE_DTYPE), q, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
             if HAS_DROPOUT:
                 du = apply_dropout(du, keep, keep_scale)
             tl.store(DX_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, du.to(DX_ptr.dtype.element_ty),
@@ -325,12 +327,12 @@ def svd_adapter_forward(x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask,
     n, k = x2d.shape
     r, out = lora_A.shape[0], lora_B.shape[0]
     r_pad = rank_pad(r)
-    h = torch.empty((n, r_pad), device=x2d.device, dtype=accumulate_dtype(x2d.dtype))
+    h = torch.empty((n, r_pad), device=x2d.device, dtype=accumulate_dtype(lora_A.dtype))
     y = torch.empty((n, out), device=x2d.device, dtype=x2d.dtype)
     if n == 0:
         return y, h
     p, keep_scale, has_dropout = _dropout_args(dropout_p)
-    dots = dot_settings(x2d.dtype)
+    dots = dot_settings(x2d.dtype, lora_A.dtype)
     svd_adapter_shrink[lambda meta: (cdiv(n, meta["BLOCK_M"]),)](
         x2d, lora_A, h, n, k, r, seed, p, keep_scale,
         x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1),
@@ -445,9 +447,9 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
         dx = torch.zeros_like(x2d) if needs_dx else None
         return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_E), torch.zeros_like(lora_B)
     p, keep_scale, has_dropout = _dropout_args(dropout_p)
-    dots = dot_settings(x2d.dtype)
+    dots = dot_settings(x2d.dtype, lora_A.dtype)
     n_tiles = cdiv(n, GRAD_H_BLOCK_M)
-    acc = accumulate_dtype(x2d.dtype)
+    acc = accumulate_dtype(lora_A.dtype)
     gs = torch.empty((n, r_pad), device=dev, dtype=acc)
     ws_p = torch.empty((n_tiles, out, r_pad), device=dev, dtype=acc)
     ws_l = torch.empty((n_tiles, r_pad), device=dev, dtype=acc)
@@ -542,7 +544,7 @@ def svd_linear_forward_op(
 def _(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, fan_in_fan_out, dropout_p, seed):
     n = x.numel() // x.shape[-1]
     y = x.new_empty((*x.shape[:-1], lora_B.shape[0]))
-    h = x.new_empty((n, rank_pad(lora_A.shape[0])), dtype=accumulate_dtype(x.dtype))
+    h = x.new_empty((n, rank_pad(lora_A.shape[0])), dtype=accumulate_dtype(lora_A.dtype))
     return y, h, x.new_empty((1,), dtype=torch.int64)
 
 
@@ -618,8 +620,15 @@ def svd_linear_triton(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, sca
     The dropout mask is drawn from ``seed``; by default the seed is drawn on the input's device
     (:func:`dropout_seed`: reproducible under ``torch.manual_seed``, no host sync, CUDA-graph safe).
     ``importance``: an ImportanceState whose sensitivity this call's backward emits (paper order).
+
+    Dtypes: x and the base weight share one (fp16, bf16 or fp32); the adapter's parameters may hold
+    another (:func:`~adalora_fast.kernels.utils.dot_settings` says how each product is computed). Under
+    ``torch.autocast`` x, the weight and the bias are cast to autocast's dtype first, as ``F.linear`` is
+    there; the adapter's parameters keep theirs (and so do their gradients).
     """
     compiling = torch.compiler.is_compiling()
+    if torch.is_autocast_enabled(x.device.type):
+        x, weight, bias = _autocast_operands(x, weight, bias)
     if triplet_mask is None:  # (a fresh one while tracing: the cache is a side effect the compiler need not see)
         r = lora_A.shape[0]
         triplet_mask = torch.ones(r, device=lora_A.device, dtype=lora_A.dtype) if compiling else _unmasked(
@@ -639,6 +648,20 @@ def svd_linear_triton(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, sca
         x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, float(scaling), fan_in_fan_out, p,
         dropout_seed(p, x.device, seed), importance,
     )
+
+
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast_operands(x, weight, bias):
+    """x, weight and bias as autocast hands them to ``F.linear``: fp16/bf16/fp32 tensors in its dtype.
+    The cast of x is the one copy saved for the backward (the base GEMM's own, under autocast)."""
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.dtype != dtype and t.dtype in _AUTOCAST_ELIGIBLE else t
+
+    return cast(x), cast(weight), cast(bias)
 
 
 @triton.jit

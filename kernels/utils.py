@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -26,23 +27,43 @@ def rank_pad(r: int) -> int:
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 for fp64 inputs (so gradcheck sees fp64 math end to end), fp32 otherwise."""
+    """fp64 for fp64 compute (so gradcheck sees fp64 math end to end), fp32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def dot_settings(dtype: torch.dtype) -> dict:
-    """Constexprs every kernel with a tl.dot takes.
+_HALF = (torch.float16, torch.bfloat16)
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
-    UPCAST: the interpreter multiplies bf16 bit patterns in tl.dot, so there bf16
-    tiles are upcast to fp32 first. DOT_PRECISION: fp32/fp64 inputs use exact
-    ("ieee") products, as PyTorch's matmuls do by default, rather than TF32.
-    ACC_DTYPE: the accumulator and intermediate precision.
-    """
+
+@functools.lru_cache(maxsize=None)
+def _dot_settings(input_dtype: torch.dtype, param_dtype: torch.dtype, interpreter: bool) -> dict:
+    mixed = param_dtype == torch.float32 and input_dtype in _HALF
     return {
-        "UPCAST": interpreting() and dtype == torch.bfloat16,
-        "DOT_PRECISION": "ieee" if dtype in (torch.float32, torch.float64) else "tf32",
-        "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
+        "UPCAST": interpreter and param_dtype == torch.bfloat16,
+        "DOT_PRECISION": "tf32" if mixed or param_dtype in _HALF else "ieee",
+        "ACC_DTYPE": tl.float64 if param_dtype == torch.float64 else tl.float32,
+        "COMPUTE_DTYPE": _TL_DTYPES[param_dtype],
     }
+
+
+def dot_settings(input_dtype: torch.dtype, param_dtype: torch.dtype | None = None) -> dict:
+    """Constexprs every kernel with a tl.dot takes, for activations of ``input_dtype`` and adapter
+    parameters of ``param_dtype`` (default: the same).
+
+    COMPUTE_DTYPE: the products run in the parameters' dtype, as PEFT's adapter does (it casts x to the
+    adapter's dtype); activation tiles are cast in registers, never copied in memory.
+    DOT_PRECISION, chosen per pair:
+      * half activations, half parameters: half inputs, fp32 accumulation;
+      * half activations, fp32 parameters (PEFT's default: fp32 adapters over a bf16/fp16 model): TF32.
+        The half activation is exact in TF32 (bf16's 8 and fp16's 11 significant bits fit in its 11),
+        so only the fp32 factor is rounded, to 2^-11 relative: below the 2^-8 / 2^-11 of the half
+        values the products are made of, and the tensor cores run instead of fp32 FMAs;
+      * fp32 activations and parameters: exact fp32 products ("ieee"), as PyTorch's matmuls by default;
+      * fp64: exact.
+    UPCAST: the interpreter multiplies bf16 bit patterns in tl.dot, so there bf16 tiles are upcast to
+    fp32 first. ACC_DTYPE: the accumulator and intermediate precision.
+    """
+    return _dot_settings(input_dtype, param_dtype or input_dtype, interpreting())
 
 
 def tile_configs(names: tuple[str, ...], rows: list[tuple], interpreter_row: tuple) -> list[triton.Config]:

@@ -37,20 +37,86 @@ def test_env_report_names_a_backend_for_every_op():
     assert report["svd_adapter"].split()[0] in ("reference", "triton")
 
 
+class FakeCuda:
+    """Stands for a CUDA tensor in the dispatcher's decisions (no GPU here)."""
+
+    is_cuda = True
+    device = torch.device("cpu")
+
+    def __init__(self, dtype=torch.float32):
+        self.dtype = dtype
+
+
+def _fallback_warnings(caught):
+    return [str(w.message) for w in caught if "SVD adapter runs its PyTorch reference" in str(w.message)]
+
+
 def test_cuda_inputs_warn_once_when_the_kernels_cannot_load(monkeypatch):
     import warnings
 
     monkeypatch.setattr(dispatch, "_ADAPTER_KERNELS", (None, ImportError("No module named 'triton'")))
-    monkeypatch.setattr(dispatch, "_ADAPTER_FALLBACK_WARNED", False)
-
-    class FakeCuda:
-        is_cuda = True
-        device = torch.device("cpu")
-        dtype = torch.float32
+    monkeypatch.setattr(dispatch, "_WARNED", set())
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert dispatch.adapter_backend(FakeCuda()) == "reference"
         assert dispatch.adapter_backend(FakeCuda()) == "reference"
-    messages = [str(w.message) for w in caught if "SVD adapter runs its PyTorch reference" in str(w.message)]
+    messages = _fallback_warnings(caught)
     assert len(messages) == 1 and "No module named 'triton'" in messages[0]
+
+
+def test_every_cuda_fallback_warns_once_per_distinct_reason(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    p32, p64, p16 = torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert dispatch.adapter_backend(FakeCuda(torch.float64), p64, p64, p64) == "reference"
+            assert dispatch.adapter_backend(FakeCuda(), p32, p16, p32) == "reference"
+    messages = _fallback_warnings(caught)
+    assert len(messages) == 2
+    assert "float64" in messages[0] and "different dtypes" in messages[1]
+
+
+def test_mixed_dtypes_and_autocast_dispatch_to_the_kernels():
+    """PEFT's default (fp32 adapters over a half model) and autocast over an fp32 model run the kernels."""
+    p32 = torch.zeros(1)
+    for x_dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert dispatch.triton_unavailable_reason(FakeCuda(x_dtype), p32, p32, p32) is None
+        assert dispatch.adapter_backend(FakeCuda(x_dtype), p32, p32, p32) == "triton"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the dispatcher reads autocast on the input's device
+        assert dispatch.activation_dtype(torch.zeros(1)) == torch.bfloat16
+        assert dispatch.adapter_backend(FakeCuda(), p32, p32, p32) == "triton"
+    assert dispatch.activation_dtype(torch.zeros(1)) == torch.float32
+
+
+def test_backend_calls_count_what_ran(monkeypatch):
+    dispatch.reset_backend_calls()
+    layer = FastSVDLinear(8, 4, r=2)
+    layer(torch.randn(3, 8))
+    layer(torch.randn(3, 8))
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    layer(torch.randn(3, 8))  # the interpreter runs CPU tensors when asked for
+    calls = dispatch.backend_calls()
+    assert calls["svd_adapter"] == {"reference": 2, "triton": 1}
+    assert env_report()["calls"] == calls  # the report shows them, and is not itself counted
+    assert dispatch.backend_calls() == calls
+
+
+def test_the_cpu_reason_names_both_switches(monkeypatch):
+    assert "CUDA" in dispatch._choose_adapter_backend(torch.zeros(1), ())[1]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read per call: as a user's process without the interpreter
+    reason = dispatch.triton_unavailable_reason(torch.zeros(1))
+    assert "TRITON_INTERPRET=1" in reason and "ADALORA_FAST_BACKEND=triton" in reason
+
+
+def test_env_module_prints_the_report():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "adalora_fast.env"], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    for key in ("torch", "triton", "svd_adapter", "orth_penalty", "calls.svd_adapter"):
+        assert any(line.startswith(key + " ") for line in lines), (key, out.stdout)
