@@ -46,6 +46,10 @@ KERNELS = {
 }
 
 _FP32_BUFFERS = {"H_ptr", "GS_ptr", "WSP_ptr", "WSL_ptr", "WSQ_ptr", "OUT_ptr", "SCORE_ptr", "INV_SCALE_ptr"}
+# Activations (and the bias, which has the base layer's dtype); every other pointer is an adapter parameter,
+# its gradient or its importance state, in the parameters' dtype.
+_ACTIVATIONS = {"X_ptr", "Y_ptr", "DY_ptr", "DX_ptr", "bias_ptr"}
+_TL = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
 _FLOAT_SCALARS = {"scaling", "dropout_p", "keep_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2"}
 
 
@@ -54,7 +58,7 @@ class CompileResult:
     kernel: str
     config: str
     target: int
-    dtype: str
+    dtype: str  # activations' dtype; parameters' dtype after a slash where they differ ("bf16/fp32")
     r_pad: int
     shared: int
     tensor_cores: bool
@@ -63,7 +67,14 @@ class CompileResult:
     stack_bytes: int | None  # local-memory stack per thread: register spills
 
 
+def _dtypes(dtype: str) -> tuple[str, str]:
+    """(activations, parameters) of a ``dtype`` label such as "bf16" or "bf16/fp32"."""
+    act, _, param = dtype.partition("/")
+    return act, param or act
+
+
 def _signature(fn, dtype: str, constexprs: dict) -> dict:
+    act, param = _dtypes(dtype)
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -71,7 +82,7 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
         elif name == "SEED_ptr":
             sig[name] = "*i64"
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name in _FP32_BUFFERS else f"*{dtype}"
+            sig[name] = "*fp32" if name in _FP32_BUFFERS else f"*{act if name in _ACTIVATIONS else param}"
         elif name in _FLOAT_SCALARS:
             sig[name] = "fp32"
         else:
@@ -83,8 +94,10 @@ def compile_kernel(name: str, config: triton.Config, target: int, dtype: str, r_
     autotuned, has_dot, extra = KERNELS[name]
     fn = autotuned.fn
     constexprs = dict(config.kwargs, R_PAD=r_pad, **extra)
-    if "UPCAST" in fn.arg_names:
-        constexprs.update(UPCAST=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", ACC_DTYPE=tl.float32)
+    act, param = _dtypes(dtype)
+    if "UPCAST" in fn.arg_names:  # as kernels.utils.dot_settings sets them for this pair
+        constexprs.update(UPCAST=False, DOT_PRECISION="ieee" if act == param == "fp32" else "tf32", ACC_DTYPE=tl.float32,
+                          COMPUTE_DTYPE=_TL[param])  # fmt: skip
     elif "ACC_DTYPE" in fn.arg_names:
         constexprs["ACC_DTYPE"] = tl.float32
     src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
@@ -130,14 +143,16 @@ def _compile_job(job: tuple) -> CompileResult:
 
 
 def compile_all(quick: bool = False, jobs: int | None = None) -> list[CompileResult]:
-    """Every kernel × config; bf16 on sm_90 and fp16 on sm_80 at every rank pad, fp32 on sm_90 at r_pad 16."""
+    """Every kernel × config: on sm_90 bf16 and bf16 activations with fp32 adapters (PEFT's default), on sm_80
+    fp16 and fp16 over fp32, at every rank pad; fp32 on sm_90 at r_pad 16."""
     if interpreting():
         raise RuntimeError("run with TRITON_INTERPRET=0: the interpreter's config lists are not the GPU ones")
     work = []
     for name, (autotuned, _, _) in KERNELS.items():
         for i in range(len(autotuned.configs)):
             for r_pad in (64,) if quick else RANK_PADS:
-                work += [(name, i, 90, "bf16", r_pad), (name, i, 80, "fp16", r_pad)]
+                work += [(name, i, target, dtype, r_pad)
+                         for target, dtype in ((90, "bf16"), (90, "bf16/fp32"), (80, "fp16"), (80, "fp16/fp32"))]
             work.append((name, i, 90, "fp32", 16))
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         return list(pool.map(_compile_job, work))
@@ -154,7 +169,7 @@ def main(argv=None) -> int:
         print(json.dumps([asdict(r) for r in results]))
     else:
         for r in results:
-            print(f"{r.kernel:8} sm_{r.target} {r.dtype:5} r_pad={r.r_pad:<3} shared={r.shared:>6} "
+            print(f"{r.kernel:8} sm_{r.target} {r.dtype:9} r_pad={r.r_pad:<3} shared={r.shared:>6} "
                   f"tensor_cores={r.tensor_cores!s:5} registers={r.registers} stack={r.stack_bytes} {r.config}")  # fmt: skip
     spilling = spilling_in_every_config(results)
     for group in spilling:

@@ -142,14 +142,18 @@ def tiny_llama(seed=0):
     return LlamaForCausalLM(cfg)
 
 
-def peft_llama(seed=0, task_type="CAUSAL_LM", **kw):
-    """Stock PEFT AdaLoRA on every linear of :func:`tiny_llama` (random Λ); ``kw`` overrides the config."""
+def peft_llama(seed=0, task_type="CAUSAL_LM", dtype=None, **kw):
+    """Stock PEFT AdaLoRA on every linear of :func:`tiny_llama` (random Λ); ``kw`` overrides the config.
+
+    ``dtype``: the base model's dtype before ``get_peft_model``, whose defaults then keep the adapters in
+    fp32 over a half-precision model (``autocast_adapter_dtype=True``), as a user following PEFT's docs gets."""
     from peft import AdaLoraConfig, get_peft_model
 
     args = dict(init_r=6, target_r=3, tinit=10, tfinal=30, deltaT=5, total_step=200, lora_alpha=8,
                 target_modules=LLAMA_TARGETS, orth_reg_weight=0.5)  # fmt: skip
     args.update(kw)
-    model = get_peft_model(tiny_llama(seed), AdaLoraConfig(task_type=task_type, **args))
+    base = tiny_llama(seed)
+    model = get_peft_model(base.to(dtype) if dtype is not None else base, AdaLoraConfig(task_type=task_type, **args))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_E" in n:

@@ -28,6 +28,20 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+# Mixed setups, against the reference in the same setup (= stock PEFT's SVDLinear there, which upcasts x to
+# the adapter's dtype, and under autocast runs its matmuls in autocast's dtype):
+# (activations, adapter parameters, autocast dtype or None) -> (tolerance of y and dx, of dQ, dΛ, dP).
+# Outputs carry the activations' rounding (2^-8 bf16, 2^-11 fp16); fp32 parameter gradients the TF32
+# rounding of the fp32 factors on a GPU (2^-11 per product; exact in the interpreter); under autocast the
+# reference itself multiplies in half precision.
+MIXED_TOL = {
+    (F16, F32, None): (2e-3, 5e-3),
+    (BF16, F32, None): (1.6e-2, 5e-3),
+    (F32, F16, None): (2e-3, 1e-2),
+    (F32, F32, BF16): (1.6e-2, 1.6e-2),
+    (F32, F32, F16): (2e-3, 5e-3),
+}
 ALPHA = 8.0
 
 # (x shape, in, out, r): N = 1, rank 1/4/12/16/64, dims not multiples of 16, 3-D input, a 4095-wide input.
@@ -41,7 +55,8 @@ CASES = [
 ]
 
 
-def _layer_tensors(in_f, out_f, r, dtype, bias=True, fan_in_fan_out=False, seed=0):
+def _layer_tensors(in_f, out_f, r, dtype, bias=True, fan_in_fan_out=False, seed=0, param_dtype=None):
+    """W, b in ``dtype``; A, E, B (requiring grad), the mask and ranknum in ``param_dtype`` (default: the same)."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(out_f, in_f, generator=g) / in_f**0.5
     if fan_in_fan_out:
@@ -52,9 +67,9 @@ def _layer_tensors(in_f, out_f, r, dtype, bias=True, fan_in_fan_out=False, seed=
     B = torch.randn(out_f, r, generator=g) / r**0.5
     mask = (torch.rand(r, generator=g) > 0.25).float()
     ranknum = torch.tensor([float(r)])
-    to = dict(device=DEVICE, dtype=dtype)
-    W, A, E, B, mask, ranknum = (t.to(**to) for t in (W, A, E, B, mask, ranknum))
-    b = b.to(**to) if b is not None else None
+    to, pto = dict(device=DEVICE, dtype=dtype), dict(device=DEVICE, dtype=param_dtype or dtype)
+    W, b = W.to(**to), (b.to(**to) if b is not None else None)
+    A, E, B, mask, ranknum = (t.to(**pto) for t in (A, E, B, mask, ranknum))
     return W, b, A.requires_grad_(), E.requires_grad_(), B.requires_grad_(), mask, ranknum
 
 
@@ -72,8 +87,13 @@ def _assert_close(actual, expected, tol, what):
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
-def _compare(x, params, dtype, dropout_p=0.0, fan_in_fan_out=False, seed=1234):
+def _compare(x, params, dtype, dropout_p=0.0, fan_in_fan_out=False, seed=1234, autocast=None, tol=None):
+    """The kernel path against the reference on the same dropout mask: outputs, dtypes, every gradient.
+
+    ``autocast``: run both under ``torch.autocast`` of that dtype; ``tol``: (outputs, parameter gradients)."""
     W, b, A, E, B, mask, ranknum = params
+    out_tol, grad_tol = tol or (TOL[dtype], TOL[dtype])
+    amp = torch.autocast(x.device.type, dtype=autocast) if autocast else torch.autocast(x.device.type, enabled=False)
     keep = svd_adapter_dropout_mask(seed, x.numel() // x.shape[-1], x.shape[-1], dropout_p, x.device).view(x.shape)
 
     def fast(x, W, b, A, E, B, mask, ranknum):
@@ -84,14 +104,17 @@ def _compare(x, params, dtype, dropout_p=0.0, fan_in_fan_out=False, seed=1234):
         return svd_linear_reference(x, W, b, A, E, B, mask, ALPHA, ranknum, fan_in_fan_out=fan_in_fan_out,
                                     dropout_p=dropout_p, dropout_keep=keep)  # fmt: skip
 
-    g = torch.randn(*x.shape[:-1], B.shape[0], device=x.device, dtype=dtype)
-    y, grads = _run(fast, x, params, g)
-    y_ref, grads_ref = _run(ref, x, params, g)
-    assert y.dtype == dtype and y.shape == y_ref.shape
-    _assert_close(y, y_ref, TOL[dtype], "y")
+    out_dtype = autocast or dtype
+    g = torch.randn(*x.shape[:-1], B.shape[0], device=x.device, dtype=out_dtype)
+    with amp:
+        y, grads = _run(fast, x, params, g)
+        y_ref, grads_ref = _run(ref, x, params, g)
+    assert y.dtype == y_ref.dtype == out_dtype and y.shape == y_ref.shape
+    _assert_close(y, y_ref, out_tol, "y")
     for name, a, r in zip(("dx", "dQ", "dΛ", "dP"), grads, grads_ref):
         assert a.dtype == r.dtype and a.shape == r.shape, name
-        _assert_close(a, r, TOL[dtype], name)
+        _assert_close(a, r, out_tol if name == "dx" else grad_tol, name)
+    assert grads[0].dtype == x.dtype and all(g.dtype == A.dtype for g in grads[1:])
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
@@ -109,6 +132,51 @@ def test_non_contiguous_input_without_bias_fan_in_fan_out(dtype):
     x = torch.randn(48, 30, device=DEVICE, dtype=dtype).T.detach().requires_grad_()
     assert not x.is_contiguous()
     _compare(x, params, dtype, 0.1, fan_in_fan_out=True)
+
+
+# (x shape, in, out, r): ranks 1, 12 and 64, dims not multiples of 16, a 3-D input.
+MIXED_CASES = [((37, 45), 45, 29, 1), ((2, 9, 64), 64, 77, 12), ((20, 40), 40, 50, 64)]
+
+
+@pytest.mark.parametrize("pair", list(MIXED_TOL), ids=lambda p: "x{}-params{}{}".format(
+    str(p[0])[6:], str(p[1])[6:], f"-autocast{str(p[2])[6:]}" if p[2] else ""))  # fmt: skip
+@pytest.mark.parametrize("x_shape,in_f,out_f,r", MIXED_CASES)
+def test_mixed_dtypes_match_the_reference_in_the_same_setup(x_shape, in_f, out_f, r, pair):
+    """PEFT's default (fp32 adapters over a half model), half adapters over fp32, and autocast over fp32.
+
+    bf16 activations run here too: over fp32 parameters the products are fp32, which the interpreter
+    computes right (its bf16 tl.dot is what is wrong)."""
+    x_dtype, param_dtype, autocast = pair
+    params = _layer_tensors(in_f, out_f, r, x_dtype, param_dtype=param_dtype)
+    x = torch.randn(x_shape, device=DEVICE, dtype=x_dtype, requires_grad=True)
+    _compare(x, params, x_dtype, dropout_p=0.1 if r == 12 else 0.0, autocast=autocast, tol=MIXED_TOL[pair])
+
+
+@pytest.mark.parametrize("autocast", [None, BF16])
+def test_mixed_non_contiguous_input_and_all_triplets_masked(autocast):
+    x_dtype = F32 if autocast else BF16
+    W, b, A, E, B, mask, ranknum = _layer_tensors(48, 20, 12, x_dtype, bias=False, fan_in_fan_out=True, param_dtype=F32)
+    x = torch.randn(48, 30, device=DEVICE, dtype=x_dtype).T.detach().requires_grad_()
+    assert not x.is_contiguous()
+    _compare(x, (W, b, A, E, B, mask, ranknum), x_dtype, 0.1, fan_in_fan_out=True, autocast=autocast,
+             tol=MIXED_TOL[(x_dtype, F32, autocast)])  # fmt: skip
+    with torch.autocast(DEVICE, dtype=autocast or BF16, enabled=autocast is not None):
+        y = svd_linear_triton(x, W, b, A, E, B, torch.zeros_like(mask), ALPHA, ranknum, fan_in_fan_out=True)
+    assert y.dtype == BF16
+    torch.testing.assert_close(y, torch.nn.functional.linear(x.to(BF16), W.T.to(BF16)), rtol=1e-2, atol=1e-2)
+
+
+def test_autocast_casts_x_once_and_saves_only_that_copy_and_the_rank_tile():
+    """Under autocast the layer saves what F.linear there saves (x and the weight in autocast's dtype) plus
+    N × r_pad fp32: no fp32 copy of x, no dropped copy."""
+    W, b, A, E, B, mask, ranknum = params = _layer_tensors(64, 48, 12, F32)
+    x = torch.randn(40, 64, device=DEVICE, requires_grad=True)
+
+    def fast():
+        with torch.autocast(DEVICE, dtype=BF16):
+            return svd_linear_triton(x, W, b, A, E, B, mask, ALPHA, ranknum, dropout_p=0.1, training=True)
+
+    assert saved_activation_bytes(fast, params) <= x.numel() * 2 + W.numel() * 2 + 40 * 16 * 4
 
 
 def test_all_triplets_masked_is_the_frozen_layer():
@@ -245,9 +313,12 @@ def test_every_kernel_compiles_for_sm90_and_sm80_with_tensor_cores():
     kernels = {r["kernel"] for r in results}
     assert kernels == {"shrink", "expand", "grad_h", "reduce", "grad_q_x"}
     assert {r["target"] for r in results} == {80, 90}
+    # every dtype setup the kernels take: half, half activations over fp32 adapters (PEFT's default), fp32
+    assert {(r["target"], r["dtype"]) for r in results} >= {(90, "bf16"), (90, "bf16/fp32"), (80, "fp16"),
+                                                          (80, "fp16/fp32"), (90, "fp32")}  # fmt: skip
     for r in results:
         assert r["shared_ok"], r
-        if r["kernel"] != "reduce" and r["dtype"] in ("bf16", "fp16"):
+        if r["kernel"] != "reduce" and r["dtype"] != "fp32":  # half inputs, or TF32 over fp32 adapters
             assert r["tensor_cores"], r
     # Registers: for every kernel, target, dtype and rank pad the autotuner has a config that does not spill.
     from adalora_fast.kernels.compile_check import CompileResult, _cuobjdump, spilling_in_every_config
