@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import check_svd_linear_input, svd_linear
+from .functional import check_input_dtype, check_svd_linear_input, svd_linear
 from .reference.adapter import svd_delta_weight_reference
 
 
@@ -114,6 +114,7 @@ class FastSVDLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_svd_linear_input(x, self.weight, self.in_features)
         if self.merged:
+            check_input_dtype(x, self.weight)  # (svd_linear checks it on the adapter path)
             return F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)
         emit = self.importance if self._emits_importance() else None
         return svd_linear(

@@ -375,10 +375,12 @@ def test_the_custom_op_and_the_eager_function_are_bitwise_the_same(dropout):
     assert torch.equal(y_op, y_fn) and all(torch.equal(a, b) for a, b in zip(g_op, g_fn))
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_torch_compile_fullgraph_on_the_kernel_path(monkeypatch, dropout):
-    """The Triton path is a torch.library op with a fake implementation: no graph break, eager results."""
+@pytest.mark.parametrize("dropout,autocast", [(0.0, None), (0.1, None), (0.1, BF16)])
+def test_torch_compile_fullgraph_on_the_kernel_path(monkeypatch, dropout, autocast):
+    """The Triton path is a torch.library op with a fake implementation: no graph break, eager results;
+    under autocast too (the casts F.linear would get are traced before the op)."""
     monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")
+    dispatch.reset_backend_calls()
     torch.manual_seed(0)
     model = torch.nn.Sequential(FastSVDLinear(24, 20, r=6, lora_alpha=6, lora_dropout=dropout), torch.nn.GELU(),
                                 FastSVDLinear(20, 12, r=6, lora_alpha=6)).to(DEVICE)  # fmt: skip
@@ -388,14 +390,19 @@ def test_torch_compile_fullgraph_on_the_kernel_path(monkeypatch, dropout):
     x = torch.randn(2, 7, 24, device=DEVICE)
     # inductor on a GPU; on a CPU the interpreter runs the kernels and aot_eager keeps the trace cheap
     compiled = torch.compile(model, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+    amp = torch.autocast(DEVICE, dtype=autocast or BF16, enabled=autocast is not None)
     torch.manual_seed(11)
-    y = compiled(x)
-    y.square().sum().backward()
+    with amp:
+        y = compiled(x)
+    y.float().square().sum().backward()
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
     torch.manual_seed(11)  # the same dropout seed is drawn inside the op
-    y_eager = model(x)
-    y_eager.square().sum().backward()
+    with amp:
+        y_eager = model(x)
+    y_eager.float().square().sum().backward()
+    assert y.dtype == (autocast or torch.float32)
+    assert dispatch.backend_calls()["svd_adapter"].get("reference", 0) == 0
     torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-6)
     for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)

@@ -161,3 +161,28 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(y, y_eager, rtol=0, atol=0)
     for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
         torch.testing.assert_close(g, p.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("merged", [False, True])
+def test_an_input_of_another_dtype_is_a_clear_error(x_dtype, merged):
+    """F.linear's rule, in the library's words: the input has the base weight's dtype, or autocast casts both."""
+    layer = FastSVDLinear(8, 4, r=2)
+    layer.train(not merged)
+    with pytest.raises(TypeError, match=rf"base weight is torch.float32 but its input is {x_dtype}.*torch.autocast"):
+        layer(torch.randn(3, 8, dtype=x_dtype))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fp32_layer_under_autocast_takes_half_inputs_like_f_linear(monkeypatch, backend):
+    monkeypatch.setenv("ADALORA_FAST_BACKEND", backend)
+    layer = FastSVDLinear(8, 4, r=2, lora_alpha=2)
+    with torch.no_grad():
+        layer.lora_E.normal_()
+    x = torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and layer.lora_A.grad.dtype == torch.float32
