@@ -30,6 +30,23 @@ def ratios_to_baseline(medians: dict[str, float]) -> tuple[str | None, dict[str,
     return baseline, {p: t / medians[baseline] for p, t in medians.items()}
 
 
+def ran_on(provider: str, calls: dict[str, int]) -> str:
+    """What a provider's adapted layers ran on, from the dispatcher's call counts over its steps
+    (:func:`adalora_fast.dispatch.backend_calls`): ``"triton"``, ``"reference"``, ``"triton+reference"``, or
+    ``"peft"`` for the stock providers (their layers never reach the dispatcher)."""
+    if not provider.startswith("adalora_fast"):
+        return "peft"
+    ran = [backend for backend in ("triton", "reference") if calls.get(backend)]
+    return "+".join(ran) or "none"
+
+
+def check_ran_on_kernels(provider: str, backend: str, device) -> None:
+    """A fast provider measured on a GPU must have run on the kernels: a fallback is a failure, not a figure."""
+    if torch.device(device).type == "cuda" and provider.startswith("adalora_fast") and backend != "triton":
+        raise AssertionError(f"{provider} ran its adapters on {backend!r}, not on the Triton kernels: "
+                             "see the fallback warning and adalora_fast.env_report()")  # fmt: skip
+
+
 PROVIDERS = ("adalora_fast", "peft_svdlinear", "frozen_linear")
 # The fast layer with paper-order importance emitted by every backward (what the sensitivity costs).
 EMITTING_PROVIDER = "adalora_fast_emit"

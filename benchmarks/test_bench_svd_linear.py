@@ -10,7 +10,8 @@ paper-order sensitivity emitted by every backward: its forward+backward against
 import pytest
 import torch
 
-from adalora_fast.benchmarking import EMITTING_PROVIDER, PROVIDERS, build_layer, layer_step
+from adalora_fast import dispatch
+from adalora_fast.benchmarking import EMITTING_PROVIDER, PROVIDERS, build_layer, check_ran_on_kernels, layer_step, ran_on
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -45,8 +46,11 @@ def test_svd_linear_layer(benchmark, provider, mode, dropout, shape):
     layer = build_layer(provider, in_f, out_f, RANK, dropout=dropout, dtype=DTYPE, device=DEVICE)
     x = torch.randn(tokens, in_f, device=DEVICE, dtype=DTYPE, requires_grad=True)
     run = _synchronized(layer_step(layer, x, mode))
+    dispatch.reset_backend_calls()
     run()  # warm-up (and the smoke test's one call when timing is disabled)
     benchmark.pedantic(run, rounds=20 if CUDA else 5, iterations=1, warmup_rounds=2)
+    backend = benchmark.extra_info["adapter_backend"] = ran_on(provider, dispatch.backend_calls()["svd_adapter"])
+    check_ran_on_kernels(provider, backend, DEVICE)
     # The layer still computes the right thing after being timed.
     with torch.no_grad():
         y = layer(x[:4])

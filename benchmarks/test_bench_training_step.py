@@ -10,6 +10,10 @@ capturable=True)``) and for PEFT LoRA alike: compare ``adalora_fast_graph`` with
 only with eager LoRA, since under a capture transformers builds an explicit causal mask for attention
 instead of its packed-sequence check (which reads the device), for both. On a CPU: a tiny model, fp32, as a
 smoke test.
+
+The models are built as a user builds them (``get_peft_model`` defaults: fp32 adapters over the bf16 model).
+``extra_info["adapter_backend"]`` records what each provider's adapters ran on; on a GPU an adalora-fast
+provider that fell back to the reference fails instead of reporting a figure.
 """
 
 import gc
@@ -18,7 +22,15 @@ import math
 import pytest
 import torch
 
-from adalora_fast.benchmarking import GRAPH_PROVIDERS, TRAINING_PROVIDERS, llama_training_model, training_step_runner
+from adalora_fast import dispatch
+from adalora_fast.benchmarking import (
+    GRAPH_PROVIDERS,
+    TRAINING_PROVIDERS,
+    check_ran_on_kernels,
+    llama_training_model,
+    ran_on,
+    training_step_runner,
+)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -41,12 +53,15 @@ def test_training_step(benchmark, model_name, dropout, provider):
     benchmark.group = f"training step {model_name} {BATCH}x{SEQ} tokens dropout={dropout} {str(DTYPE)[6:]}"
     if CUDA:
         torch.cuda.reset_peak_memory_stats()  # before the warm-up (and the capture, whose allocations persist)
+    dispatch.reset_backend_calls()
     run, losses = training_step_runner(model, provider, ids)
     trained = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trained]
     benchmark.pedantic(run, rounds=15 if CUDA else 2, iterations=1, warmup_rounds=2)
     if CUDA:
         benchmark.extra_info["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    backend = benchmark.extra_info["adapter_backend"] = ran_on(provider, dispatch.backend_calls()["svd_adapter"])
+    check_ran_on_kernels(provider, backend, DEVICE)
     # The measured steps trained (a replayed graph too): finite losses, and the adapters moved.
     assert len(losses) > 3 and all(math.isfinite(float(loss)) for loss in losses)
     assert any(not torch.equal(b, p) for b, p in zip(before, trained))

@@ -120,3 +120,16 @@ def test_env_module_prints_the_report():
     lines = out.stdout.splitlines()
     for key in ("torch", "triton", "svd_adapter", "orth_penalty", "calls.svd_adapter"):
         assert any(line.startswith(key + " ") for line in lines), (key, out.stdout)
+
+
+def test_a_benchmark_fails_a_fast_provider_that_fell_back():
+    from adalora_fast.benchmarking import check_ran_on_kernels, ran_on
+
+    assert ran_on("adalora_fast", {"triton": 4}) == "triton"
+    assert ran_on("adalora_fast_graph", {"triton": 4, "reference": 1}) == "triton+reference"
+    assert ran_on("peft_lora", {}) == "peft"
+    check_ran_on_kernels("adalora_fast", "triton", "cuda")
+    check_ran_on_kernels("adalora_fast", "reference", "cpu")  # CPU tensors run the reference by design
+    check_ran_on_kernels("peft_adalora", "peft", "cuda")
+    with pytest.raises(AssertionError, match="not on the Triton kernels"):
+        check_ran_on_kernels("adalora_fast", "triton+reference", "cuda")
