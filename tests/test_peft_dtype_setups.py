@@ -105,3 +105,27 @@ def test_peft_default_setup_saves_less_for_the_backward_than_peft_lora(monkeypat
     x = torch.randn(128, 32, dtype=torch.bfloat16, requires_grad=True)
     exclude = list(layer.parameters()) + list(_ONES.values())
     assert saved_activation_bytes(lambda: layer(x), exclude) == x.numel() * 2 + 128 * 16 * 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 kernels run on a GPU")
+@pytest.mark.parametrize("setup", ["bf16_model_fp32_adapters", "fp32_model_bf16_autocast"])
+def test_on_gpu_the_default_setups_track_stock_peft_for_100_steps(setup):
+    """The GPU twin of the tests above, with no backend forced: the dispatcher itself must pick the kernels."""
+    dtype, autocast = (torch.bfloat16, None) if setup.startswith("bf16") else (None, torch.bfloat16)
+    stock, fast = peft_llama(dtype=dtype).cuda(), adalora_fast.patch_peft(peft_llama(dtype=dtype)).cuda()
+    dispatch.reset_backend_calls()
+    losses = {"stock": [], "fast": []}
+    opts = {"stock": torch.optim.AdamW(lora_params(stock), lr=1e-2), "fast": torch.optim.AdamW(lora_params(fast), lr=1e-2)}
+    for step in range(100):
+        ids = token_batch(step).cuda()
+        for name, model in (("stock", stock), ("fast", fast)):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast is not None):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            opts[name].step()
+            model.base_model.update_and_allocate(step)
+            opts[name].zero_grad()
+            losses[name].append(loss.float().item())
+    assert dispatch.backend_calls()["svd_adapter"] == {"triton": 100 * len(LLAMA_TARGETS) * 2}
+    torch.testing.assert_close(torch.tensor(losses["fast"]), torch.tensor(losses["stock"]), rtol=2e-2, atol=0)
+    assert losses["fast"][-1] < losses["fast"][0]
