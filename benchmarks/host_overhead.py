@@ -14,8 +14,10 @@ Prints markdown tables (paste them into a note):
    against the custom op, one Triton launch by each path, and a rank-r ``addmm`` against a launch.
 
 Without a GPU the kernels go through Triton's real compiled launch path on the fake CUDA driver
-(``adalora_fast.kernels.fake_driver``): everything above the lowest launch call is measured, the launch itself
-is a no-op, and the aten ops run on CPU tensors (small shapes, so their compute stays small). With a GPU the
+(``adalora_fast.kernels.fake_driver``), by default with Triton's own C launcher compiled against the fake
+driver's stub libcuda: everything down to ``cuLaunchKernelEx`` is measured and only that call is a no-op
+(``--python-launcher``: the launcher's C call is left out too). The aten ops run on CPU tensors, on one
+thread (small shapes, so their compute stays small). With a GPU the
 same tables are measured on it (bf16), and a torch.profiler table gives each op's CPU self time per call.
 
 Every figure is the minimum over repeats of the mean of a block of calls, all providers interleaved in one
@@ -35,8 +37,9 @@ import time
 GPU = None  # decided in main(), before adalora_fast is imported
 
 
-def _prepare_process(gpu: bool):
-    """Without a GPU: Triton's compiled path (no interpreter) on the fake driver, kernels forced on CPU tensors."""
+def _prepare_process(gpu: bool, native: bool = True):
+    """Without a GPU: Triton's compiled path (no interpreter) on the fake driver, kernels forced on CPU tensors;
+    ``native``: Triton's own C launcher on the fake driver's stub libcuda (else the Python stand-in)."""
     if gpu:
         return None
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -50,7 +53,7 @@ def _prepare_process(gpu: bool):
     torch.set_num_threads(1)
     from adalora_fast.kernels import fake_driver
 
-    fake = fake_driver.activate(record=False, bench="first")
+    fake = fake_driver.activate(record=False, bench="first", native=native)
     from adalora_fast import dispatch
 
     dispatch.triton_interpreter_enabled = lambda: True  # lets dispatch send CPU tensors to the kernels
@@ -379,9 +382,10 @@ def steps_table(args, dtype, dropout, device):
     if not GPU:
         from adalora_fast.kernels import fake_driver
 
-        fake_launch = fake_driver.active().launcher_cls(compiled.src, compiled.metadata)
-        cases["  fake driver's no-op launcher (in every launch above)"] = lambda: fake_launch(
-            *fixed_grid, 0, function, packed, None, None, None, *shrink_args, *tail)
+        if not fake_driver.active().native:
+            fake_launch = fake_driver.active().launcher_cls(compiled.src, compiled.metadata)
+            cases["  the Python stand-in launcher (in every launch above)"] = lambda: fake_launch(
+                *fixed_grid, 0, function, packed, None, None, None, *shrink_args, *tail)
     t = measure({name: (fn, None) for name, fn in cases.items()}, args.number * 5, args.repeats)
 
     # autograd.Function.apply against the custom op, whole forward and forward+backward
@@ -452,6 +456,8 @@ def main(argv=None) -> None:
     parser.add_argument("--number", type=int, default=None, help="calls per timed block")
     parser.add_argument("--repeats", type=int, default=None, help="timed blocks per case (the minimum is kept)")
     parser.add_argument("--cpu", action="store_true", help="the fake-driver measurement even where a GPU is present")
+    parser.add_argument("--python-launcher", action="store_true",
+                        help="fake driver: a Python stand-in for Triton's C launcher (no stub libcuda, no C compiler)")
     args = parser.parse_args(argv)
     args.number = args.number or (5 if args.quick else 100)
     args.repeats = args.repeats or (2 if args.quick else 7)
@@ -459,13 +465,19 @@ def main(argv=None) -> None:
     import torch  # noqa: F401  (torch first: is there a GPU?)
 
     GPU = torch.cuda.is_available() and not args.cpu
-    fake = _prepare_process(GPU)
+    # the stub libcuda must not meet a real CUDA driver in one process
+    fake = _prepare_process(GPU, native=not (args.python_launcher or torch.cuda.is_available()))
     import triton
 
     device = "cuda" if GPU else "cpu"
     dtype_names = ("bfloat16",) if GPU else (("float32",) if args.quick else ("float32", "float16"))
     dtype = getattr(torch, dtype_names[0])
-    where = torch.cuda.get_device_name(0) if GPU else "CPU, fake CUDA driver (launches are no-ops)"
+    if GPU:
+        where = torch.cuda.get_device_name(0)
+    elif fake.native:
+        where = "CPU, fake CUDA driver: Triton's C launcher on a stub libcuda, cuLaunchKernelEx a no-op"
+    else:
+        where = "CPU, fake CUDA driver: a Python stand-in for the C launch call"
     print(f"# Host overhead per layer call ({where})\n")
     print(f"torch {torch.__version__}, triton {triton.__version__}; {args.tokens} tokens × "
           f"{args.in_features}→{args.out_features}, r {args.rank}; min over {args.repeats} blocks of "
@@ -483,7 +495,7 @@ def main(argv=None) -> None:
     counts = launch_counts()
     print(f"\nCachedLauncher calls in this run: {counts}")
     if fake is not None:
-        print(f"fake driver: {fake.launches} launches, {fake.utils.loaded} kernels loaded")
+        print(f"fake driver: {fake.launch_count()} launches")
     if counts["plain"]:
         raise SystemExit("a CachedLauncher call fell back to kernel[grid]: the direct path was not measured")
 

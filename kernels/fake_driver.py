@@ -18,8 +18,12 @@ Only what needs a GPU is replaced:
   ``bench="call"`` it calls each config's kernel once first (compiling it and running the autotuner's
   pre/post hooks, e.g. ``restore_value``'s copies), still reporting equal times.
 
-Not measured: the C launcher's argument extraction (one ``data_ptr()`` call and ``cuPointerGetAttribute``
-per tensor) and ``cuLaunchKernelEx`` itself.
+With ``native=False`` (the default) the launcher's C ``launch`` call is what is left out: its argument
+extraction (one ``data_ptr()`` call and ``cuPointerGetAttribute`` per tensor) and ``cuLaunchKernelEx``. With
+``native=True`` (a machine without a CUDA driver: Linux, a C compiler) a stub ``libcuda.so.1`` is built (its
+entry points return constants; ``cuLaunchKernelEx`` counts and returns) and Triton's own C launcher and
+driver utilities are compiled against it, so that only ``cuLaunchKernelEx`` is left out; the stub counts the
+launches that reached it (:func:`stub_launches`).
 
 Activate before the first launch, in a process without ``TRITON_INTERPRET=1`` (Triton decides between the
 interpreter and the compiler when a ``@triton.jit`` function is defined, and ``adalora_fast.kernels``
@@ -29,7 +33,7 @@ chooses its tile configs by that flag when it is imported)::
     fake = fake_driver.activate()          # before importing the kernel modules is safest
     import adalora_fast.kernels.svd_adapter
     ...
-    fake.launches                           # launcher calls so far; fake.records when record=True
+    fake.launch_count()                     # launches so far; fake.records when record=True
 """
 
 from __future__ import annotations
@@ -116,15 +120,173 @@ def _launcher_shell(src, metadata):
     shell.kernel_signature = None
     return shell
 
+# ------------------------------------------------------------------------------------------------------------
+# native=True: a stub libcuda.so.1 for Triton's own C launcher
+# ------------------------------------------------------------------------------------------------------------
+
+_STUB_SOURCE = r"""
+#include "cuda.h"
+#include <stdint.h>
+#include <string.h>
+
+/* A CUDA driver that has no device: every query answers as an H100/H200 would, nothing runs. */
+long long adalora_fast_stub_launches = 0;
+unsigned adalora_fast_stub_last_grid[3] = {0, 0, 0};
+static uintptr_t next_function = 0x10000;
+
+CUresult CUDAAPI cuInit(unsigned int Flags) { return CUDA_SUCCESS; }
+CUresult CUDAAPI cuDriverGetVersion(int *v) { *v = 12080; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuDeviceGet(CUdevice *d, int ordinal) { *d = ordinal; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuDeviceGetAttribute(int *pi, CUdevice_attribute a, CUdevice dev) {
+  switch (a) {
+  case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *pi = 232448; break;
+  case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK: *pi = 49152; break;
+  case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: *pi = 132; break;
+  case CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_BLOCK: *pi = 65536; break;
+  case CU_DEVICE_ATTRIBUTE_WARP_SIZE: *pi = 32; break;
+  case CU_DEVICE_ATTRIBUTE_CLOCK_RATE: *pi = 1980000; break;
+  case CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE: *pi = 2619000; break;
+  case CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH: *pi = 5120; break;
+  case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *pi = 9; break;
+  case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *pi = 0; break;
+  case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *pi = 1024; break;
+  default: *pi = 0;
+  }
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuDevicePrimaryCtxRetain(CUcontext *c, CUdevice dev) { *c = (CUcontext)0x1000; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuCtxGetCurrent(CUcontext *c) { *c = (CUcontext)0x1000; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuCtxSetCurrent(CUcontext c) { return CUDA_SUCCESS; }
+CUresult CUDAAPI cuCtxGetDevice(CUdevice *d) { *d = 0; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuCtxGetLimit(size_t *v, CUlimit l) { *v = 1 << 20; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuCtxSetLimit(CUlimit l, size_t v) { return CUDA_SUCCESS; }
+CUresult CUDAAPI cuGetErrorString(CUresult e, const char **s) { *s = "stub libcuda"; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuModuleLoadData(CUmodule *m, const void *image) { *m = (CUmodule)0x2000; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuModuleUnload(CUmodule m) { return CUDA_SUCCESS; }
+CUresult CUDAAPI cuModuleGetFunction(CUfunction *f, CUmodule m, const char *name) {
+  next_function += 0x10;
+  *f = (CUfunction)next_function;
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuFuncGetAttribute(int *pi, CUfunction_attribute a, CUfunction f) {
+  switch (a) {
+  case CU_FUNC_ATTRIBUTE_NUM_REGS: *pi = 32; break;
+  case CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *pi = 1024; break;
+  default: *pi = 0;
+  }
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuFuncSetAttribute(CUfunction f, CUfunction_attribute a, int v) { return CUDA_SUCCESS; }
+CUresult CUDAAPI cuFuncSetCacheConfig(CUfunction f, CUfunc_cache c) { return CUDA_SUCCESS; }
+CUresult CUDAAPI cuPointerGetAttribute(void *data, CUpointer_attribute a, CUdeviceptr p) {
+  *(CUdeviceptr *)data = p;
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuStreamIsCapturing(CUstream s, CUstreamCaptureStatus *st) {
+  *st = CU_STREAM_CAPTURE_STATUS_NONE;
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuOccupancyMaxActiveClusters(int *n, CUfunction f, const CUlaunchConfig *c) { *n = 1; return CUDA_SUCCESS; }
+CUresult CUDAAPI cuTensorMapEncodeTiled(CUtensorMap *m, CUtensorMapDataType t, cuuint32_t r, void *g, const cuuint64_t *d,
+    const cuuint64_t *s, const cuuint32_t *b, const cuuint32_t *e, CUtensorMapInterleave i, CUtensorMapSwizzle w,
+    CUtensorMapL2promotion l, CUtensorMapFloatOOBfill o) { memset(m, 0, sizeof(*m)); return CUDA_SUCCESS; }
+CUresult CUDAAPI cuTensorMapEncodeIm2col(CUtensorMap *m, CUtensorMapDataType t, cuuint32_t r, void *g,
+    const cuuint64_t *d, const cuuint64_t *s, const int *lo, const int *hi, cuuint32_t c, cuuint32_t p,
+    const cuuint32_t *e, CUtensorMapInterleave i, CUtensorMapSwizzle w, CUtensorMapL2promotion l,
+    CUtensorMapFloatOOBfill o) { memset(m, 0, sizeof(*m)); return CUDA_SUCCESS; }
+CUresult CUDAAPI cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {
+  adalora_fast_stub_launches++;
+  adalora_fast_stub_last_grid[0] = config->gridDimX;
+  adalora_fast_stub_last_grid[1] = config->gridDimY;
+  adalora_fast_stub_last_grid[2] = config->gridDimZ;
+  return CUDA_SUCCESS;
+}
+"""
+
+_STUB = None
+
+
+def _stub_dir() -> str:
+    import hashlib
+
+    import triton
+
+    tag = hashlib.sha256((_STUB_SOURCE + triton.__version__).encode()).hexdigest()[:16]
+    return os.path.join(os.path.expanduser("~"), ".cache", "adalora_fast", f"stub-libcuda-{tag}")
+
+
+def load_stub_libcuda():
+    """Build (once per Triton version, cached under ~/.cache/adalora_fast) and load the stub libcuda.so.1
+    globally, so that Triton's C modules link against it and its ``dlopen("libcuda.so.1")`` finds it."""
+    global _STUB
+    if _STUB is not None:
+        return _STUB
+    import ctypes
+    import shutil
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia import driver as nvidia
+
+    directory = _stub_dir()
+    path = os.path.join(directory, "libcuda.so.1")
+    if not os.path.exists(path):
+        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+        if cc is None:
+            raise RuntimeError("the native fake driver needs a C compiler (gcc, cc or clang)")
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "stub_libcuda.c")
+            with open(src, "w") as f:
+                f.write(_STUB_SOURCE)
+            built = os.path.join(tmp, "libcuda.so.1")
+            subprocess.check_call([cc, src, "-O2", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", built,
+                                   *(f"-I{d}" for d in nvidia.include_dirs)])  # fmt: skip
+            os.replace(built, path)
+    _STUB = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    # Triton's C modules link with -L<libcuda dirs> -l:libcuda.so.1
+    from triton import knobs
+
+    knobs.nvidia.libcuda_path = directory
+    nvidia.libcuda_dirs.cache_clear()
+    nvidia.library_dirs.cache_clear()
+    return _STUB
+
+
+def stub_launches() -> int:
+    """How many launches reached the stub's cuLaunchKernelEx (native mode), or 0."""
+    import ctypes
+
+    if _STUB is None:
+        return 0
+    return ctypes.c_longlong.in_dll(_STUB, "adalora_fast_stub_launches").value
+
+
+def stub_last_grid() -> tuple[int, int, int] | None:
+    """The grid (in CTAs) of the last launch that reached the stub, or None."""
+    import ctypes
+
+    if _STUB is None:
+        return None
+    grid = (ctypes.c_uint * 3).in_dll(_STUB, "adalora_fast_stub_last_grid")
+    return grid[0], grid[1], grid[2]
+
 
 class FakeCudaDriver(GPUDriver):
     """See the module docstring."""
 
-    def __init__(self, record: bool = False, bench: str = "first"):
+    def __init__(self, record: bool = False, bench: str = "first", native: bool = False):
         if bench not in ("first", "call"):
             raise ValueError(f"bench must be 'first' or 'call', got {bench!r}")
         # GPUDriver.__init__ would bind torch.cuda's queries, which fail without a GPU.
-        self.utils = _FakeUtils()
+        self.native = native
+        if native:
+            load_stub_libcuda()
+            from triton.backends.nvidia.driver import CudaUtils
+
+            self.utils = CudaUtils()  # Triton's own, compiled against the stub
+        else:
+            self.utils = _FakeUtils()
         self.record = record
         self.bench = bench
         self.records: list[LaunchRecord] = []
@@ -135,6 +297,12 @@ class FakeCudaDriver(GPUDriver):
         class FakeLauncher:
             def __init__(self, src, metadata):
                 self.src, self.metadata = src, metadata
+                if driver.native:  # Triton's own launcher, its C part compiled against the stub
+                    from triton.backends.nvidia.driver import CudaLauncher
+
+                    self._shell = CudaLauncher(src, metadata)
+                    self._shell_call = CudaLauncher.__call__
+                    return
                 shell = _launcher_shell(src, metadata)
                 self._shell_call = type(shell).__call__ if shell is not None else None
                 self._shell = shell
@@ -149,7 +317,12 @@ class FakeCudaDriver(GPUDriver):
                     self._shell_call(self._shell, gridX, gridY, gridZ, stream, function, packed_metadata,
                                      launch_metadata, enter_hook, exit_hook, *args)  # fmt: skip
 
-        self.launcher_cls = FakeLauncher
+        if native and not record:  # nothing to record: Triton's own launcher class, unwrapped
+            from triton.backends.nvidia.driver import CudaLauncher
+
+            self.launcher_cls = CudaLauncher
+        else:
+            self.launcher_cls = FakeLauncher
 
     # -- what Triton asks a driver -------------------------------------------------------------------------
     @staticmethod
@@ -204,6 +377,10 @@ class FakeCudaDriver(GPUDriver):
         return None
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    def launch_count(self) -> int:
+        """Launches so far: those that reached the stub's cuLaunchKernelEx (native), else the launcher calls."""
+        return stub_launches() if self.native else self.launches
+
     def clear_records(self) -> None:
         self.records.clear()
         self.launches = 0
@@ -212,8 +389,9 @@ class FakeCudaDriver(GPUDriver):
 _previous = None
 
 
-def activate(record: bool = False, bench: str = "first") -> FakeCudaDriver:
-    """Make a new :class:`FakeCudaDriver` Triton's active driver and return it.
+def activate(record: bool = False, bench: str = "first", native: bool = False) -> FakeCudaDriver:
+    """Make a new :class:`FakeCudaDriver` Triton's active driver and return it (``native``: see the module
+    docstring; not in a process where a real CUDA driver is loaded).
 
     Refuses to run under ``TRITON_INTERPRET=1``: the interpreter never reaches a driver.
     """
@@ -224,7 +402,7 @@ def activate(record: bool = False, bench: str = "first") -> FakeCudaDriver:
 
     if not isinstance(config._active, FakeCudaDriver):
         _previous = config._active
-    fake = FakeCudaDriver(record=record, bench=bench)
+    fake = FakeCudaDriver(record=record, bench=bench, native=native)
     config.set_active(fake)
     return fake
 
@@ -243,4 +421,5 @@ def active() -> FakeCudaDriver | None:
     return config._active if isinstance(config._active, FakeCudaDriver) else None
 
 
-__all__ = ["FakeCudaDriver", "LaunchRecord", "TARGET", "activate", "deactivate", "active"]
+__all__ = ["FakeCudaDriver", "LaunchRecord", "TARGET", "activate", "active", "deactivate", "load_stub_libcuda",
+           "stub_launches", "stub_last_grid"]

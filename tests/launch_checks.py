@@ -1,8 +1,10 @@
 """Launch-path checks of CachedLauncher against Triton's own path, on the fake CUDA driver.
 
 Run as a script in a process without TRITON_INTERPRET (the test suite's conftest turns the interpreter on
-in-process): ``python tests/launch_checks.py`` prints one JSON line, {check name: null or the failure}.
-tests/test_launch.py runs it; so can anyone, under any installed Triton.
+in-process): ``python tests/launch_checks.py [--native]`` prints one JSON line, {check name: null or the
+failure}. ``--native``: Triton's own C launcher runs, compiled against the fake driver's stub libcuda (only
+where no CUDA driver is loaded), and every launch must reach the stub's cuLaunchKernelEx with its grid.
+tests/test_launch.py runs both; so can anyone, under any installed Triton.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 
 from adalora_fast.kernels import fake_driver  # noqa: E402
 
-FAKE = fake_driver.activate(record=True, bench="call")
+NATIVE = "--native" in sys.argv
+FAKE = fake_driver.activate(record=True, bench="call", native=NATIVE)
+_STUB_AT_CLEAR = [0]
+
+
+def _clear():
+    FAKE.clear_records()
+    _STUB_AT_CLEAR[0] = fake_driver.stub_launches()
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -59,6 +68,10 @@ def _same_value(a, b) -> bool:
 
 def _same_launch(ref: fake_driver.LaunchRecord, got: fake_driver.LaunchRecord, hooks: bool) -> None:
     assert got.grid == ref.grid, (got.grid, ref.grid)
+    if NATIVE:  # the direct call went through Triton's C launcher down to cuLaunchKernelEx
+        reached = fake_driver.stub_launches() - _STUB_AT_CLEAR[0]
+        assert reached == FAKE.launches, (reached, FAKE.launches)
+        assert fake_driver.stub_last_grid() == got.grid
     assert got.stream == ref.stream
     assert got.function == ref.function
     assert got.packed_metadata == ref.packed_metadata
@@ -75,7 +88,7 @@ def _same_launch(ref: fake_driver.LaunchRecord, got: fake_driver.LaunchRecord, h
 
 def _launch_both(launcher, kernel, grid, args, kwargs, hooks=False):
     """(Triton's kernel and record, the launcher's first and second kernels and the direct call's record)."""
-    FAKE.clear_records()
+    _clear()
     ref_kernel = kernel[grid](*args, **kwargs)
     ref = FAKE.records[-1]
     before = launcher.counts()
@@ -205,7 +218,7 @@ def check_switch_off_means_plain_launches():
     launcher((8,), x, y, z, 1024, 16, 2.0, BLOCK=128)
     launch.set_direct_launch(False)
     try:
-        FAKE.clear_records()
+        _clear()
         ref_kernel = _scale_add[(8,)](x, y, z, 1024, 16, 2.0, BLOCK=128)
         got = launcher((8,), x, y, z, 1024, 16, 2.0, BLOCK=128)
         assert got is ref_kernel
@@ -228,7 +241,7 @@ CHECKS = [
 
 
 def main() -> None:
-    results = {"triton": triton.__version__, "supported": launch.triton_supported()}
+    results = {"triton": triton.__version__, "supported": launch.triton_supported(), "native": NATIVE}
     for check in CHECKS:
         try:
             check()

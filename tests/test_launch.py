@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,13 +34,23 @@ CHECK_NAMES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def fake_driver_results():
+# python: the fake driver's launcher stands in for the C launch; native: Triton's own C launcher runs against the
+# fake driver's stub libcuda (not beside a real CUDA driver, nor without a C compiler).
+MODES = ["python", pytest.param("native", marks=pytest.mark.skipif(
+    CUDA or shutil.which(os.environ.get("CC") or "gcc") is None and shutil.which("cc") is None,
+    reason="the stub libcuda is for machines without a CUDA driver, with a C compiler"))]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def fake_driver_results(request):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run([sys.executable, CHECKS], capture_output=True, text=True, env=env, timeout=300)
+    cmd = [sys.executable, CHECKS] + (["--native"] if request.param == "native" else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results["native"] == (request.param == "native")
+    return results
 
 
 def test_the_installed_triton_takes_the_direct_path(fake_driver_results):
