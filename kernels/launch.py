@@ -177,23 +177,41 @@ _NUMBERS = (float, bool, type(None))
 
 def _make_keyfn(types: tuple, tune_positions: frozenset, spec):
     """A function of the positional arguments returning their specialization key (straight-line code for
-    these argument types, like Triton's own binder), or None when these types cannot be keyed."""
+    these argument types, like Triton's own binder), or None when these types cannot be keyed.
+
+    The usual case, every pointer 16-byte aligned and every int within int32, is one guard and a short key:
+    each tensor's dtype, one class per int (a multiple of 16, equal to 1, or neither). Otherwise the key has
+    every tensor's alignment and every int's classes in full (is it 1, a multiple of 16, int32, int64)."""
     names = [f"a{i}" for i in range(len(types))]
-    parts = []
+    tensors = [a for t, a in zip(types, names) if issubclass(t, torch.Tensor)]
+    ints = [a for t, a in zip(types, names) if t is int]
+    short, full = [], []
     for i, (t, a) in enumerate(zip(types, names)):
         if i in tune_positions:
             if t not in (int, float, bool, str, type(None)):
                 return None  # an autotune key that is not a plain value: leave it to Triton
-            parts.append(a)
+            short.append(a)
+            full.append(a)
         if issubclass(t, torch.Tensor):
-            parts += [f"{a}.dtype", f"{a}.data_ptr() & 15 == 0"]
+            short.append(f"{a}.dtype")
+            full += [f"{a}.dtype", f"{a}.data_ptr() & 15 == 0"]
         elif t is int:
-            parts += [f"{a} == 1", f"{a} & 15 == 0", f"-0x80000000 <= {a} <= 0x7fffffff", f"{a} <= 0x7fffffffffffffff"]
+            short.append(f"(not {a} & 15) + 2 * ({a} == 1)")
+            full += [f"{a} == 1", f"{a} & 15 == 0", f"-0x80000000 <= {a} <= 0x7fffffff", f"{a} <= 0x7fffffffffffffff"]
         elif t in _NUMBERS:
             pass  # specialised on the type alone, and the type is in the key
         else:
-            parts.append(f"_spec({a})")
-    src = f"def keyfn({', '.join(names)}):\n    return ({''.join(p + ', ' for p in parts)})\n"
+            short.append(f"_spec({a})")
+            full.append(f"_spec({a})")
+    guard = []
+    if tensors:
+        guard.append(f"({' | '.join(f'{a}.data_ptr()' for a in tensors)}) & 15")
+    if ints:
+        guard.append(f"not ({' and '.join(f'-0x80000000 <= {a} <= 0x7fffffff' for a in ints)})")
+    body = f"    return ({''.join(p + ', ' for p in short)})\n"
+    if guard:
+        body = f"    if {' or '.join(guard)}:\n        return ('full', {''.join(p + ', ' for p in full)})\n" + body
+    src = f"def keyfn({', '.join(names)}):\n{body}"
     scope = {"_spec": spec}
     exec(src, scope)  # noqa: S102 - generated from the argument types only
     return scope["keyfn"]
