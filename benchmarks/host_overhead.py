@@ -21,7 +21,8 @@ thread (small shapes, so their compute stays small). With a GPU the
 same tables are measured on it (bf16), and a torch.profiler table gives each op's CPU self time per call.
 
 Every figure is the minimum over repeats of the mean of a block of calls, all providers interleaved in one
-run. Ratios are meaningful only between providers of the same run.
+run; without a GPU the clock is this thread's CPU time (what the host spends on the call, whatever else the
+machine runs), with one the wall time. Ratios are meaningful only between providers of the same run.
 """
 
 from __future__ import annotations
@@ -76,12 +77,13 @@ def _block_us(fn, number: int) -> float:
     _sync()
     gc_was_on = gc.isenabled()
     gc.disable()  # as timeit does: a collection inside a block is noise, not the call's cost
+    clock = time.perf_counter_ns if GPU else time.thread_time_ns
     try:
-        t0 = time.perf_counter_ns()
+        t0 = clock()
         for _ in range(number):
             fn()
         _sync()
-        return (time.perf_counter_ns() - t0) / number / 1e3
+        return (clock() - t0) / number / 1e3
     finally:
         if gc_was_on:
             gc.enable()
@@ -307,6 +309,25 @@ def breakdown_table(args, dtype, dropout, device):
                [(name, v["kernel[grid]"], v["CachedLauncher"]) for name, v in merged.items()])  # fmt: skip
 
 
+def _pointer_kernels():
+    """Two trivial kernels, with 4 and with 20 pointer arguments: what each pointer argument costs a launch."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def four_pointers(P0, P1, P2, P3, N, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(P0 + i, tl.load(P1 + i, mask=i < N), mask=i < N)
+
+    @triton.jit
+    def twenty_pointers(P0, P1, P2, P3, P4, P5, P6, P7, P8, P9, P10, P11, P12, P13, P14, P15, P16, P17, P18, P19, N,
+                        BLOCK: tl.constexpr):  # fmt: skip
+        i = tl.arange(0, BLOCK)
+        tl.store(P0 + i, tl.load(P1 + i, mask=i < N), mask=i < N)
+
+    return four_pointers, twenty_pointers
+
+
 def steps_table(args, dtype, dropout, device):
     """µs of single steps of a layer call."""
     import torch
@@ -379,6 +400,21 @@ def steps_table(args, dtype, dropout, device):
         "expand as aten: torch.addmm(y, h[:, :r]·λ, Bᵀ) (mul + addmm)": lambda: torch.addmm(y, h_r * lam, B.t()),
         "aten: y.addmm_(x, Wᵀ) (the base GEMM)": lambda: y.addmm_(x, W.t()),
     }
+    # what one more pointer argument costs: Triton's launcher (C: data_ptr(), cuPointerGetAttribute) and the key
+    four, twenty = _pointer_kernels()
+    bufs = [torch.empty(64, device=dev) for _ in range(20)]
+    for name, kernel, n_ptr in (("4 pointers", four, 4), ("20 pointers", twenty, 20)):
+        ptr_args = (*bufs[:n_ptr], 64)
+        ck = kernel[(1,)](*ptr_args, BLOCK=64)
+        cached = CachedLauncher(kernel)
+        cached((1,), *ptr_args, BLOCK=64)
+        cases[f"kernel with {name}: JITFunction[grid](...)"] = functools.partial(
+            lambda k, a: k[(1,)](*a, BLOCK=64), kernel, ptr_args)
+        cases[f"kernel with {name}: CachedLauncher"] = functools.partial(lambda c, a: c((1,), *a, BLOCK=64), cached,
+                                                                          ptr_args)
+        cases[f"kernel with {name}: its launcher alone"] = functools.partial(
+            lambda r, f, m, a: r(1, 1, 1, 0, f, m, None, None, None, *a, 64), ck.run, ck.function,
+            ck.packed_metadata, ptr_args)
     if not GPU:
         from adalora_fast.kernels import fake_driver
 
