@@ -455,6 +455,45 @@ def steps_table(args, dtype, dropout, device):
     return _md(("step", "µs per call"), rows)
 
 
+def cprofile_table(args, dtype, dropout, device, top: int = 22):
+    """Where a fast-layer forward+backward spends its host time, by function (cProfile's own time, as shares of
+    the profiled total: system noise hits every function alike), with both launch paths."""
+    import cProfile
+    import pstats
+
+    from adalora_fast.benchmarking import build_layer
+
+    layer = build_layer("adalora_fast", args.in_features, args.out_features, args.rank, dropout=dropout, dtype=dtype,
+                        device=device)  # fmt: skip
+    import torch
+
+    x = torch.randn(args.tokens, args.in_features, device=device, dtype=dtype, requires_grad=True)
+    _, fwd_bwd = step_fns(layer, x)
+    steps = max(20, args.number * 3)
+    out = []
+    for label, ctx in (("kernel[grid]", contextlib.nullcontext), ("CachedLauncher", cached_launches)):
+        with ctx():
+            for _ in range(5):
+                fwd_bwd()
+            unprofiled = measure({"f": (fwd_bwd, None)}, args.number, max(3, args.repeats // 3))["f"]
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(steps):
+                fwd_bwd()
+            _sync()
+            prof.disable()
+        stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, tottime, cumtime, callers)
+        total = sum(v[2] for v in stats.values())
+        rows = []
+        for (file, line, name), (_, calls, tottime, _, _) in sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]:
+            where = name if file == "~" else f"{os.path.basename(file)}:{line} {name}"
+            rows.append((where[:70], f"{calls / steps:g}", f"{100 * tottime / total:.1f}",
+                         f"{unprofiled * tottime / total:.1f}"))  # fmt: skip
+        out.append(f"**{label}**: {unprofiled:.0f} µs per forward+backward unprofiled\n\n"
+                   + _md(("function (own time)", "calls", "% of time", "≈ µs"), rows))  # fmt: skip
+    return "\n\n".join(out)
+
+
 def profile_table(args, dtype, dropout, device):
     """GPU only: each op's CPU self time per call over forward+backward steps, per provider."""
     import torch
@@ -491,12 +530,15 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=12)
     parser.add_argument("--number", type=int, default=None, help="calls per timed block")
     parser.add_argument("--repeats", type=int, default=None, help="timed blocks per case (the minimum is kept)")
+    parser.add_argument("--tables", default="layers,levels,functions,steps,profile",
+                        help="which tables, of layers,levels,functions,steps,profile (profile: on a GPU only)")
     parser.add_argument("--cpu", action="store_true", help="the fake-driver measurement even where a GPU is present")
     parser.add_argument("--python-launcher", action="store_true",
                         help="fake driver: a Python stand-in for Triton's C launcher (no stub libcuda, no C compiler)")
     args = parser.parse_args(argv)
-    args.number = args.number or (5 if args.quick else 100)
-    args.repeats = args.repeats or (2 if args.quick else 7)
+    args.number = args.number or (5 if args.quick else 40)
+    args.repeats = args.repeats or (2 if args.quick else 25)
+    tables = set(args.tables.split(","))
 
     import torch  # noqa: F401  (torch first: is there a GPU?)
 
@@ -518,12 +560,18 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, triton {triton.__version__}; {args.tokens} tokens × "
           f"{args.in_features}→{args.out_features}, r {args.rank}; min over {args.repeats} blocks of "
           f"{args.number} calls\n")  # fmt: skip
-    print(provider_table(args, dtype_names, (0.0, 0.1), device))
-    print(f"\n## The fast layer's call, level by level ({dtype_names[0]}, dropout 0.1)\n")
-    print(breakdown_table(args, dtype, 0.1, device))
-    print(f"\n## Single steps ({dtype_names[0]}, dropout 0.1)\n")
-    print(steps_table(args, dtype, 0.1, device))
-    if GPU:
+    if "layers" in tables:
+        print(provider_table(args, dtype_names, (0.0, 0.1), device))
+    if "levels" in tables:
+        print(f"\n## The fast layer's call, level by level ({dtype_names[0]}, dropout 0.1)\n")
+        print(breakdown_table(args, dtype, 0.1, device))
+    if "functions" in tables:
+        print(f"\n## The fast layer's forward+backward by function, cProfile ({dtype_names[0]}, dropout 0.1)\n")
+        print(cprofile_table(args, dtype, 0.1, device))
+    if "steps" in tables:
+        print(f"\n## Single steps ({dtype_names[0]}, dropout 0.1)\n")
+        print(steps_table(args, dtype, 0.1, device))
+    if GPU and "profile" in tables:
         print(f"\n## torch.profiler: CPU self time per op ({dtype_names[0]}, dropout 0.1)\n")
         print(profile_table(args, dtype, 0.1, device))
     from adalora_fast.kernels.launch import launch_counts

@@ -23,7 +23,8 @@ extraction (one ``data_ptr()`` call and ``cuPointerGetAttribute`` per tensor) an
 ``native=True`` (a machine without a CUDA driver: Linux, a C compiler) a stub ``libcuda.so.1`` is built (its
 entry points return constants; ``cuLaunchKernelEx`` counts and returns) and Triton's own C launcher and
 driver utilities are compiled against it, so that only ``cuLaunchKernelEx`` is left out; the stub counts the
-launches that reached it (:func:`stub_launches`).
+launches that reached it (:func:`stub_launches`). The launcher is then Triton's ``CudaLauncher`` itself, and
+``record=True`` records the calls of its C ``launch`` function (the lowest call Python makes).
 
 Activate before the first launch, in a process without ``TRITON_INTERPRET=1`` (Triton decides between the
 interpreter and the compiler when a ``@triton.jit`` function is defined, and ``adalora_fast.kernels``
@@ -61,7 +62,10 @@ DEVICE_PROPERTIES = {
 
 @dataclass(frozen=True)
 class LaunchRecord:
-    """One call of a compiled kernel's launcher: exactly what ``CompiledKernel.run`` was called with."""
+    """One launch: what ``CompiledKernel.run`` (the launcher) was called with, or, in native mode, what the
+    launcher's C ``launch`` function was called with, in the same fields; ``c_extra`` then holds that call's
+    other arguments (cooperative grid, PDL, the scratch pointers, and in 3.9 the argument annotations and
+    signature)."""
 
     grid: tuple
     stream: int
@@ -71,6 +75,18 @@ class LaunchRecord:
     enter_hook: object
     exit_hook: object
     args: tuple
+    c_extra: tuple | None = None
+
+
+def _record_of_c_launch(c_args: tuple) -> LaunchRecord:
+    """A LaunchRecord of a call of CudaLauncher's C ``launch`` (the installed Triton's form of that call)."""
+    if isinstance(c_args[-1], tuple) and len(c_args) == 16:  # 3.9: ..., annotations, signature, (args)
+        g0, g1, g2, stream, function, coop, pdl, meta, lmeta, enter, leave, gs, ps, ann, sig, args = c_args
+        return LaunchRecord((g0, g1, g2), stream, function, meta, lmeta, enter, leave, args,
+                            (coop, pdl, gs, ps, ann, bytes(sig) if sig is not None else None))  # fmt: skip
+    g0, g1, g2, stream, function, coop, pdl, gs, ps, meta, lmeta, enter, leave = c_args[:13]  # 3.6: args flat
+    return LaunchRecord((g0, g1, g2), stream, function, meta, lmeta, enter, leave, tuple(c_args[13:]),
+                        (coop, pdl, gs, ps))  # fmt: skip
 
 
 class _FakeUtils:
@@ -297,12 +313,6 @@ class FakeCudaDriver(GPUDriver):
         class FakeLauncher:
             def __init__(self, src, metadata):
                 self.src, self.metadata = src, metadata
-                if driver.native:  # Triton's own launcher, its C part compiled against the stub
-                    from triton.backends.nvidia.driver import CudaLauncher
-
-                    self._shell = CudaLauncher(src, metadata)
-                    self._shell_call = CudaLauncher.__call__
-                    return
                 shell = _launcher_shell(src, metadata)
                 self._shell_call = type(shell).__call__ if shell is not None else None
                 self._shell = shell
@@ -317,10 +327,22 @@ class FakeCudaDriver(GPUDriver):
                     self._shell_call(self._shell, gridX, gridY, gridZ, stream, function, packed_metadata,
                                      launch_metadata, enter_hook, exit_hook, *args)  # fmt: skip
 
-        if native and not record:  # nothing to record: Triton's own launcher class, unwrapped
+        if native:  # Triton's own launcher class; recording wraps its C launch call (the lowest Python-visible one)
             from triton.backends.nvidia.driver import CudaLauncher
 
-            self.launcher_cls = CudaLauncher
+            class RecordingCudaLauncher(CudaLauncher):
+                def __init__(self, src, metadata):
+                    super().__init__(src, metadata)
+                    c_launch = self.launch
+
+                    def launch(*c_args):
+                        driver.launches += 1
+                        driver.records.append(_record_of_c_launch(c_args))
+                        return c_launch(*c_args)
+
+                    self.launch = launch
+
+            self.launcher_cls = RecordingCudaLauncher if record else CudaLauncher
         else:
             self.launcher_cls = FakeLauncher
 

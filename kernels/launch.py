@@ -4,7 +4,9 @@
 (specialization of every argument), the kernel-cache key (``str`` of the options), the autotuner's key
 (every argument's dtype), the check of the kernel's globals, the launch metadata and the launch hooks, and
 then the compiled kernel's launcher. A ``CachedLauncher`` does that once per cache key and afterwards calls
-the compiled kernel's launcher directly::
+the compiled kernel's launcher directly (for Triton's own ``CudaLauncher`` of a verified version, with no
+scratch memory to allocate, the C ``launch`` function beneath it, with the arguments its ``__call__`` would
+pass)::
 
     shrink = CachedLauncher(svd_adapter_shrink)       # module level, one per kernel (autotuned or not)
     shrink(grid, *args, **constexprs)                 # the meaning of svd_adapter_shrink[grid](*args, **constexprs)
@@ -135,10 +137,38 @@ def reset_counts() -> None:
         launcher.direct = launcher.triton = launcher.plain = 0
 
 
+# How a direct launch calls the launcher: through the launcher object (any Triton, any launcher), or, for
+# Triton's own CudaLauncher of a verified version with nothing to allocate, its C ``launch`` function itself,
+# with the arguments CudaLauncher.__call__ would give it (3.9: the kernel arguments as one tuple after the
+# launcher's argument annotations and signature; 3.6: the scratch pointers before the metadata, then the
+# arguments flat).
+_VIA_LAUNCHER, _C_LAUNCH_39, _C_LAUNCH_36 = 0, 1, 2
+
+
+def _lowest_call_form(launcher) -> int:
+    """Which call a direct launch makes for this launcher (see above)."""
+    try:
+        from triton.backends.nvidia.driver import CudaLauncher
+    except Exception:  # pragma: no cover - no CUDA backend in this Triton
+        return _VIA_LAUNCHER
+    if not isinstance(launcher, CudaLauncher) or type(launcher).__call__ is not CudaLauncher.__call__:
+        return _VIA_LAUNCHER  # another launcher, or one whose call does more: keep it
+    if getattr(launcher, "global_scratch_size", 1) or getattr(launcher, "profile_scratch_size", 1):
+        return _VIA_LAUNCHER  # the launcher allocates scratch memory per launch
+    if getattr(launcher, "gsan_enabled", False):
+        return _VIA_LAUNCHER
+    if _TRITON_VERSION == (3, 9) and hasattr(launcher, "arg_annotations") and hasattr(launcher, "kernel_signature"):
+        return _C_LAUNCH_39
+    if _TRITON_VERSION == (3, 6) and not hasattr(launcher, "arg_annotations"):
+        return _C_LAUNCH_36
+    return _VIA_LAUNCHER
+
+
 class _Entry:
     """What a direct launch needs, decided by the first call with a key."""
 
-    __slots__ = ("kernel", "run", "function", "packed_metadata", "tail", "meta")
+    __slots__ = ("kernel", "run", "function", "packed_metadata", "tail", "meta", "form", "c_launch", "coop", "pdl",
+                 "annotations", "signature")  # fmt: skip
 
     def __init__(self, kernel, tail, meta):
         self.kernel = kernel
@@ -147,6 +177,26 @@ class _Entry:
         self.packed_metadata = kernel.packed_metadata
         self.tail = tail  # the constexpr parameters' values in signature order
         self.meta = meta  # name -> value of those parameters, for grid callables
+        self.form = _lowest_call_form(self.run)
+        self.c_launch = self.coop = self.pdl = self.annotations = self.signature = None
+        if self.form != _VIA_LAUNCHER:
+            self.c_launch = self.run.launch
+            self.coop, self.pdl = self.run.launch_cooperative_grid, self.run.launch_pdl
+        if self.form == _C_LAUNCH_39:
+            self.annotations, self.signature = self.run.arg_annotations, self.run.kernel_signature
+
+    def launch(self, g0, g1, g2, stream, metadata, enter, leave, args):
+        """The launcher call, or the call CudaLauncher.__call__ would make for it."""
+        form = self.form
+        if form == _C_LAUNCH_39:
+            self.c_launch(g0, g1, g2, stream, self.function, self.coop, self.pdl, self.packed_metadata, metadata,
+                          enter, leave, None, None, self.annotations, self.signature, (*args, *self.tail))  # fmt: skip
+        elif form == _C_LAUNCH_36:
+            self.c_launch(g0, g1, g2, stream, self.function, self.coop, self.pdl, None, None, self.packed_metadata,
+                          metadata, enter, leave, *args, *self.tail)  # fmt: skip
+        else:
+            self.run(g0, g1, g2, stream, self.function, self.packed_metadata, metadata, enter, leave, *args,
+                     *self.tail)  # fmt: skip
 
 
 class _GridMeta(Mapping):
@@ -288,11 +338,19 @@ class CachedLauncher:
         if (enter is None or (enter.__class__ is _HookChain and not enter.calls)) and (
             leave is None or (leave.__class__ is _HookChain and not leave.calls)
         ):  # no launch hook: Triton's launcher would call two empty chains with metadata nobody reads
-            entry.run(g0, g1, g2, stream, entry.function, entry.packed_metadata, None, None, None, *args, *entry.tail)
+            form = entry.form  # (entry.launch, inlined)
+            if form == _C_LAUNCH_39:
+                entry.c_launch(g0, g1, g2, stream, entry.function, entry.coop, entry.pdl, entry.packed_metadata, None,
+                               None, None, None, None, entry.annotations, entry.signature, (*args, *entry.tail))
+            elif form == _C_LAUNCH_36:
+                entry.c_launch(g0, g1, g2, stream, entry.function, entry.coop, entry.pdl, None, None,
+                               entry.packed_metadata, None, None, None, *args, *entry.tail)
+            else:
+                entry.run(g0, g1, g2, stream, entry.function, entry.packed_metadata, None, None, None, *args,
+                          *entry.tail)
         else:
-            full = (*args, *entry.tail)
-            metadata = entry.kernel.launch_metadata(grid, stream, *full)
-            entry.run(g0, g1, g2, stream, entry.function, entry.packed_metadata, metadata, enter, leave, *full)
+            metadata = entry.kernel.launch_metadata(grid, stream, *args, *entry.tail)
+            entry.launch(g0, g1, g2, stream, metadata, enter, leave, args)
         self.direct += 1
         return entry.kernel
 

@@ -75,6 +75,10 @@ def _same_launch(ref: fake_driver.LaunchRecord, got: fake_driver.LaunchRecord, h
     assert got.stream == ref.stream
     assert got.function == ref.function
     assert got.packed_metadata == ref.packed_metadata
+    if NATIVE:  # the C launch call's other arguments: the same objects
+        assert got.c_extra is not None and len(got.c_extra) == len(ref.c_extra)
+        for a, b in zip(got.c_extra, ref.c_extra):
+            assert a is b or a == b, (got.c_extra, ref.c_extra)
     assert len(got.args) == len(ref.args), (len(got.args), len(ref.args))
     for i, (a, b) in enumerate(zip(got.args, ref.args)):
         assert _same_value(a, b), (i, a, b)
@@ -231,7 +235,21 @@ def check_switch_off_means_plain_launches():
     assert launcher.counts()["plain"] == 2
 
 
+def check_direct_calls_go_to_the_lowest_launch_call():
+    x, y, z = torch.randn(1024), torch.randn(1024), torch.empty(1024)
+    launcher = CachedLauncher(_scale_add)
+    launcher((8,), x, y, z, 1024, 16, 2.0, BLOCK=128)
+    (entry,) = launcher._entries.values()
+    # native: Triton's own CudaLauncher, whose C launch function the direct call makes itself; the fake
+    # driver's Python launcher is called as a launcher
+    assert (entry.form != launch._VIA_LAUNCHER) == NATIVE, entry.form
+    _clear()
+    launcher((8,), x, y, z, 1024, 16, 2.0, BLOCK=128)
+    assert FAKE.launches == 1
+
+
 CHECKS = [
+    check_direct_calls_go_to_the_lowest_launch_call,
     check_jit_same_launch_and_specialization_misses,
     check_launch_hooks_and_metadata,
     check_grid_callable_sees_the_meta_parameters,

@@ -26,6 +26,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 CHECKS = os.path.join(os.path.dirname(__file__), "launch_checks.py")
 CHECK_NAMES = [
+    "check_direct_calls_go_to_the_lowest_launch_call",
     "check_jit_same_launch_and_specialization_misses",
     "check_launch_hooks_and_metadata",
     "check_grid_callable_sees_the_meta_parameters",
