@@ -476,17 +476,20 @@ def cprofile_table(args, dtype, dropout, device, top: int = 22):
             for _ in range(5):
                 fwd_bwd()
             unprofiled = measure({"f": (fwd_bwd, None)}, args.number, max(3, args.repeats // 3))["f"]
+            gc.disable()
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(steps):
                 fwd_bwd()
             _sync()
             prof.disable()
+            gc.enable()
         stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, tottime, cumtime, callers)
         total = sum(v[2] for v in stats.values())
         rows = []
         for (file, line, name), (_, calls, tottime, _, _) in sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]:
-            where = name if file == "~" else f"{os.path.basename(file)}:{line} {name}"
+            short = os.path.join(os.path.basename(os.path.dirname(file)), os.path.basename(file))
+            where = name if file == "~" else f"{short}:{line} {name}"
             rows.append((where[:70], f"{calls / steps:g}", f"{100 * tottime / total:.1f}",
                          f"{unprofiled * tottime / total:.1f}"))  # fmt: skip
         out.append(f"**{label}**: {unprofiled:.0f} µs per forward+backward unprofiled\n\n"
