@@ -2,7 +2,7 @@
 # On a CUDA machine whose Python already has torch, triton, peft, transformers, pytest, pytest-benchmark and
 # ninja: install adalora-fast (building the CUDA extension), then run the test suite, the benchmarks, or
 # both, and profile the training step (where the time goes: host, kernels), keeping the logs, bench.json, a
-# BENCHMARKS.md section, the plots and profile.md in $RESULTS (default gpu-results/).
+# BENCHMARKS.md section, the plots, profile.md and host_overhead.md in $RESULTS (default gpu-results/).
 # Usage: bash scripts/gpu_check.sh [tests|bench|profile|all] [pytest arguments, e.g. -k training_step].
 # Exits non-zero if any step failed.
 set -uo pipefail
@@ -27,6 +27,9 @@ if [[ $WHAT == bench || $WHAT == all ]]; then
     --command "bash scripts/gpu_check.sh $*" || status=1
 fi
 if [[ $WHAT == profile || $WHAT == all ]]; then
+  # the host time of one layer call, part by part (small shapes: the host, not the kernels, sets the time)
+  "$PY" benchmarks/host_overhead.py > "$RESULTS/host_overhead.md" 2> "$RESULTS/host_overhead.log" \
+    || { status=1; tail -20 "$RESULTS/host_overhead.log"; }
   for model in llama_160m llama_1b; do
     "$PY" benchmarks/profile_step.py --model "$model" --out "$RESULTS/profile.md" > "$RESULTS/profile_$model.log" 2>&1 \
       || { status=1; tail -20 "$RESULTS/profile_$model.log"; }

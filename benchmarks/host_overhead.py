@@ -1,0 +1,591 @@
+"""Host overhead of one adapted layer call: where the microseconds go, beside nn.Linear and PEFT's layers.
+
+    python benchmarks/host_overhead.py [--quick] [--tokens 64] [--in-features 64] [--out-features 64] [--rank 12]
+
+Prints markdown tables (paste them into a note):
+
+1. per layer call, µs per forward (no_grad) and per forward+backward for the frozen ``nn.Linear``, PEFT's
+   LoRA ``Linear``, PEFT's AdaLoRA ``SVDLinear``, ``FastSVDLinear`` on the kernel path as the package
+   launches today (``kernel[grid](...)``), and the same layer with its five kernels launched through
+   ``adalora_fast.kernels.launch.CachedLauncher`` (patched in by this script, nothing else changed);
+2. the fast layer's call split into its levels (module, functional + dispatch, ``svd_linear_triton``,
+   ``autograd.Function.apply``, the launchers, the Triton launches themselves);
+3. what single steps cost: allocations, grid lambdas, ``dropout_seed``, ``_unmasked``, ``Function.apply``
+   against the custom op, one Triton launch by each path, and a rank-r ``addmm`` against a launch.
+
+Without a GPU the kernels go through Triton's real compiled launch path on the fake CUDA driver
+(``adalora_fast.kernels.fake_driver``), by default with Triton's own C launcher compiled against the fake
+driver's stub libcuda: everything down to ``cuLaunchKernelEx`` is measured and only that call is a no-op
+(``--python-launcher``: the launcher's C call is left out too). The aten ops run on CPU tensors, on one
+thread (small shapes, so their compute stays small). With a GPU the
+same tables are measured on it (bf16), and a torch.profiler table gives each op's CPU self time per call.
+
+Every figure is the minimum over repeats of the mean of a block of calls, all providers interleaved in one
+run; without a GPU the clock is this thread's CPU time (what the host spends on the call, whatever else the
+machine runs), with one the wall time. Ratios are meaningful only between providers of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import os
+import sys
+import time
+
+GPU = None  # decided in main(), before adalora_fast is imported
+
+
+def _prepare_process(gpu: bool, native: bool = True):
+    """Without a GPU: Triton's compiled path (no interpreter) on the fake driver, kernels forced on CPU tensors;
+    ``native``: Triton's own C launcher on the fake driver's stub libcuda (else the Python stand-in)."""
+    if gpu:
+        return None
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("host_overhead measures Triton's compiled launch path: run it without TRITON_INTERPRET=1")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    os.environ["ADALORA_FAST_BACKEND"] = "triton"
+    import torch
+
+    # One intra-op thread: the CPU aten ops then cost their dispatch and their (small) compute, not the wait
+    # for a second thread of a loaded machine.
+    torch.set_num_threads(1)
+    from adalora_fast.kernels import fake_driver
+
+    fake = fake_driver.activate(record=False, bench="first", native=native)
+    from adalora_fast import dispatch
+
+    dispatch.triton_interpreter_enabled = lambda: True  # lets dispatch send CPU tensors to the kernels
+    return fake
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _sync():
+    import torch
+
+    if GPU:
+        torch.cuda.synchronize()
+
+
+def _block_us(fn, number: int) -> float:
+    _sync()
+    gc_was_on = gc.isenabled()
+    gc.disable()  # as timeit does: a collection inside a block is noise, not the call's cost
+    clock = time.perf_counter_ns if GPU else time.thread_time_ns
+    try:
+        t0 = clock()
+        for _ in range(number):
+            fn()
+        _sync()
+        return (clock() - t0) / number / 1e3
+    finally:
+        if gc_was_on:
+            gc.enable()
+
+
+def measure(cases: dict, number: int, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """{name: µs per call}: the minimum over repeats of a block of ``number`` calls, cases interleaved.
+
+    ``cases``: name -> (fn, context manager factory or None), the context entered around each block."""
+    for fn, ctx in cases.values():
+        with ctx() if ctx else contextlib.nullcontext():
+            for _ in range(warmup):
+                fn()
+    best = {name: float("inf") for name in cases}
+    for _ in range(repeats):
+        for name, (fn, ctx) in cases.items():
+            with ctx() if ctx else contextlib.nullcontext():
+                best[name] = min(best[name], _block_us(fn, number))
+    return best
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Providers
+# ------------------------------------------------------------------------------------------------------------
+
+LAUNCH_NAMES = ("svd_adapter_shrink", "svd_adapter_expand", "svd_adapter_grad_h", "svd_adapter_grad_reduce",
+                "svd_adapter_grad_q_x")  # fmt: skip
+
+
+class _Subscriptable:
+    """``obj[grid](*args)`` -> ``launcher(grid, *args)``: CachedLauncher behind svd_adapter's call sites
+    (the partial per launch is this patch's, not something the wired-in form would pay)."""
+
+    def __init__(self, launcher):
+        self.launcher = launcher
+
+    def __getitem__(self, grid):
+        return functools.partial(self.launcher, grid)
+
+
+_LAUNCHERS: dict = {}
+
+
+@contextlib.contextmanager
+def cached_launches():
+    """svd_adapter's five kernels launched through CachedLauncher (one launcher per kernel, kept across blocks)."""
+    from adalora_fast.kernels import svd_adapter as sa
+    from adalora_fast.kernels.launch import CachedLauncher
+
+    saved = {name: getattr(sa, name) for name in LAUNCH_NAMES}
+    for name in LAUNCH_NAMES:
+        if name not in _LAUNCHERS:
+            _LAUNCHERS[name] = _Subscriptable(CachedLauncher(saved[name]))
+        setattr(sa, name, _LAUNCHERS[name])
+    try:
+        yield
+    finally:
+        for name, kernel in saved.items():
+            setattr(sa, name, kernel)
+
+
+def peft_lora_linear(base, r: int, lora_alpha: int, dropout: float):
+    """PEFT's LoRA ``Linear`` around ``base`` (built directly, as get_peft_model builds it)."""
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear
+
+    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=["fc"])
+    layer = Linear(base, "default", config=cfg, r=r, lora_alpha=lora_alpha, lora_dropout=dropout)
+    import torch
+
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()  # non-zero B, as after a few steps
+    return layer
+
+
+def build_providers(tokens, in_f, out_f, r, dtype, dropout, device):
+    import torch
+
+    from adalora_fast.benchmarking import build_layer
+
+    layers = {
+        "nn.Linear (frozen)": build_layer("frozen_linear", in_f, out_f, r, dtype=dtype, device=device),
+        "PEFT LoRA Linear": None,
+        "PEFT AdaLoRA SVDLinear": build_layer("peft_svdlinear", in_f, out_f, r, dropout=dropout, dtype=dtype,
+                                              device=device),  # fmt: skip
+        "FastSVDLinear, kernel[grid]": build_layer("adalora_fast", in_f, out_f, r, dropout=dropout, dtype=dtype,
+                                                   device=device),  # fmt: skip
+    }
+    base = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
+    base.weight.requires_grad_(False)
+    layers["PEFT LoRA Linear"] = peft_lora_linear(base, r, 16, dropout).to(device=device, dtype=dtype)
+    layers["FastSVDLinear, CachedLauncher"] = layers["FastSVDLinear, kernel[grid]"]
+    contexts = {"FastSVDLinear, CachedLauncher": cached_launches}
+    x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
+    return layers, contexts, x
+
+
+def step_fns(layer, x):
+    """(forward under no_grad, forward+backward with the trainable grads and x.grad set to None after)."""
+    import torch
+
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    with torch.no_grad():
+        grad_out = torch.randn_like(layer(x))
+
+    def forward():
+        with torch.no_grad():
+            layer(x)
+
+    def forward_backward():
+        layer(x).backward(grad_out)
+        for p in trainable:
+            p.grad = None
+        x.grad = None
+
+    return forward, forward_backward
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _md(headers, rows) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def provider_table(args, dtype_names, dropouts, device):
+    import torch
+
+    rows = []
+    for dtype_name in dtype_names:
+        dtype = getattr(torch, dtype_name)
+        for p in dropouts:
+            layers, contexts, x = build_providers(args.tokens, args.in_features, args.out_features, args.rank, dtype,
+                                                  p, device)  # fmt: skip
+            cases = {}
+            for name, layer in layers.items():
+                fwd, fwd_bwd = step_fns(layer, x)
+                ctx = contexts.get(name)
+                cases[(name, "fwd")] = (fwd, ctx)
+                cases[(name, "fwd+bwd")] = (fwd_bwd, ctx)
+            t = measure(cases, args.number, args.repeats)
+            lora = t[("PEFT LoRA Linear", "fwd+bwd")]
+            for name in layers:
+                rows.append((name, dtype_name, p, f"{t[(name, 'fwd')]:.1f}", f"{t[(name, 'fwd+bwd')]:.1f}",
+                             f"{t[(name, 'fwd+bwd')] / lora:.2f}"))  # fmt: skip
+    return _md(("layer", "dtype", "dropout", "fwd µs", "fwd+bwd µs", "fwd+bwd / PEFT LoRA"), rows)
+
+
+def _fast_layer_parts(args, dtype, dropout, device):
+    """Closures calling the fast layer's forward at each level, and its backward's parts."""
+    import torch
+
+    from adalora_fast import functional
+    from adalora_fast.benchmarking import build_layer
+    from adalora_fast.kernels import svd_adapter as sa
+
+    layer = build_layer("adalora_fast", args.in_features, args.out_features, args.rank, dropout=dropout, dtype=dtype,
+                        device=device)  # fmt: skip
+    x = torch.randn(args.tokens, args.in_features, device=device, dtype=dtype, requires_grad=True)
+    W, b, A, E, B, mask, ranknum = layer.weight, layer.bias, layer.lora_A, layer.lora_E, layer.lora_B, \
+        layer.triplet_mask, layer.ranknum  # fmt: skip
+    s = float(layer.scaling)
+    seed = sa.dropout_seed(dropout, x.device)
+    x2d = x.detach()
+    y, h = sa.svd_adapter_forward(x2d, W, b, A, E, B, mask, ranknum, s, False, dropout, seed)
+    dy = torch.randn_like(y)
+    trainable = [A, E, B]
+
+    def clear():
+        for p in trainable:
+            p.grad = None
+        x.grad = None
+
+    fwd = {
+        "module: layer(x)": lambda: layer(x),
+        "functional.svd_linear (dispatch)": lambda: functional.svd_linear(
+            x, W, b, A, E, B, mask, layer.scaling, ranknum, dropout_p=dropout, training=True),
+        "svd_linear_triton": lambda: sa.svd_linear_triton(x, W, b, A, E, B, mask, layer.scaling, ranknum,
+                                                          dropout_p=dropout, training=True),  # fmt: skip
+        "SVDLinearFunction.apply": lambda: sa.SVDLinearFunction.apply(x, W, b, A, E, B, mask, ranknum, s, False,
+                                                                      dropout, seed, None),  # fmt: skip
+        "svd_adapter_forward (2 launches + addmm_)": lambda: sa.svd_adapter_forward(x2d, W, b, A, E, B, mask,
+                                                                                    ranknum, s, False, dropout, seed),
+        "svd_adapter_forward, base_gemm=False (2 launches)": lambda: sa.svd_adapter_forward(
+            x2d, W, b, A, E, B, mask, ranknum, s, False, dropout, seed, base_gemm=False),
+    }
+
+    def module_fwd_bwd():
+        layer(x).backward(dy)
+        clear()
+
+    def function_fwd_bwd():
+        sa.SVDLinearFunction.apply(x, W, b, A, E, B, mask, ranknum, s, False, dropout, seed, None).backward(dy)
+        clear()
+
+    bwd = {
+        "module: layer(x).backward()": module_fwd_bwd,
+        "SVDLinearFunction.apply(...).backward()": function_fwd_bwd,
+        "svd_adapter_backward (3 launches + addmm_)": lambda: sa.svd_adapter_backward(
+            dy, x2d, W, A, E, B, mask, ranknum, s, h, False, dropout, seed, True),
+        "svd_adapter_backward, base_gemm=False (3 launches)": lambda: sa.svd_adapter_backward(
+            dy, x2d, W, A, E, B, mask, ranknum, s, h, False, dropout, seed, True, base_gemm=False),
+    }
+    return fwd, bwd
+
+
+def breakdown_table(args, dtype, dropout, device):
+    fwd, bwd = _fast_layer_parts(args, dtype, dropout, device)
+    rows = []
+    for label, ctx in (("kernel[grid]", None), ("CachedLauncher", cached_launches)):
+        cases = {(name, label): (fn, ctx) for name, fn in {**fwd, **bwd}.items()}
+        t = measure(cases, args.number, args.repeats)
+        for name in {**fwd, **bwd}:
+            rows.append((name, label, f"{t[(name, label)]:.1f}"))
+    merged = {}
+    for name, label, us in rows:
+        merged.setdefault(name, {})[label] = us
+    return _md(("level (each includes the ones below it)", "µs, kernel[grid]", "µs, CachedLauncher"),
+               [(name, v["kernel[grid]"], v["CachedLauncher"]) for name, v in merged.items()])  # fmt: skip
+
+
+def _pointer_kernels():
+    """Two trivial kernels, with 4 and with 20 pointer arguments: what each pointer argument costs a launch."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def four_pointers(P0, P1, P2, P3, N, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(P0 + i, tl.load(P1 + i, mask=i < N), mask=i < N)
+
+    @triton.jit
+    def twenty_pointers(P0, P1, P2, P3, P4, P5, P6, P7, P8, P9, P10, P11, P12, P13, P14, P15, P16, P17, P18, P19, N,
+                        BLOCK: tl.constexpr):  # fmt: skip
+        i = tl.arange(0, BLOCK)
+        tl.store(P0 + i, tl.load(P1 + i, mask=i < N), mask=i < N)
+
+    return four_pointers, twenty_pointers
+
+
+def steps_table(args, dtype, dropout, device):
+    """µs of single steps of a layer call."""
+    import torch
+    import triton
+
+    from adalora_fast import dispatch, functional
+    from adalora_fast.kernels import svd_adapter as sa
+    from adalora_fast.kernels.launch import CachedLauncher
+    from adalora_fast.kernels.utils import cdiv, dot_settings, rank_pad
+
+    n, k, out, r = args.tokens, args.in_features, args.out_features, args.rank
+    r_pad = rank_pad(r)
+    dev = torch.device(device)
+    x = torch.randn(n, k, device=dev, dtype=dtype)
+    A = torch.randn(r, k, device=dev, dtype=dtype)
+    E = torch.randn(r, 1, device=dev, dtype=dtype)
+    B = torch.randn(out, r, device=dev, dtype=dtype)
+    mask = torch.ones(r, device=dev, dtype=dtype)
+    ranknum = torch.full((1,), float(r), device=dev, dtype=dtype)
+    W = torch.randn(out, k, device=dev, dtype=dtype)
+    seed = sa.dropout_seed(dropout, dev, 1234)
+    h = torch.empty((n, r_pad), device=dev, dtype=torch.float32)
+    y = torch.empty((n, out), device=dev, dtype=dtype)
+    p, keep_scale, has_dropout = sa._dropout_args(dropout)
+    dots = dot_settings(dtype)
+    shrink_args = (x, A, h, n, k, r, seed, p, keep_scale, x.stride(0), x.stride(1), A.stride(0), A.stride(1))
+    shrink_kw = dict(R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots)
+    expand_args = (h, E, mask, ranknum, B, h, y, n, out, r, 2.0, E.stride(0), B.stride(0), B.stride(1), y.stride(0),
+                   y.stride(1))  # fmt: skip
+    expand_kw = dict(R_PAD=r_pad, HAS_BIAS=False, **dots)
+    grid = lambda meta: (cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
+
+    shrink_cached = CachedLauncher(sa.svd_adapter_shrink)
+    expand_cached = CachedLauncher(sa.svd_adapter_expand)
+    compiled = sa.svd_adapter_shrink[grid](*shrink_args, **shrink_kw)  # autotune + compile
+    config = sa.svd_adapter_shrink.best_config.all_kwargs()
+    fixed_grid = (cdiv(n, config["BLOCK_M"]), 1, 1)
+    launcher, function, packed = compiled.run, compiled.function, compiled.packed_metadata
+    tail = tuple({**shrink_kw, **config}[name] for name in shrink_cached._tail_names)
+    expand_grid = lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(out, meta["BLOCK_N"]))  # noqa: E731
+    shrink_cached(grid, *shrink_args, **shrink_kw)
+    expand_cached(expand_grid, *expand_args, **expand_kw)
+    keyfn = shrink_cached._keyfns[tuple(map(type, shrink_args))]
+    u = torch.randn(n, r, device=dev, dtype=dtype)
+    lam = torch.randn(r, device=dev, dtype=dtype)
+    h_r = h[:, :r].to(dtype)
+
+    cases = {
+        "torch.empty((N, R_PAD)) (a layer makes ~11 per fwd+bwd)": lambda: torch.empty((n, r_pad), device=dev,
+                                                                                       dtype=torch.float32),
+        "grid lambda: made and called once": lambda: (lambda meta: (cdiv(n, meta["BLOCK_M"]),))({"BLOCK_M": 64}),
+        "float(scaling)": lambda: float(16),
+        "dot_settings(dtype)": lambda: dot_settings(dtype),
+        f"dropout_seed(p={dropout})": lambda: sa.dropout_seed(dropout, dev),
+        "dropout_seed(p=0)": lambda: sa.dropout_seed(0.0, dev),
+        "_unmasked(r, device, dtype)": lambda: sa._unmasked(r, dev, dtype),
+        "check_svd_linear_input": lambda: functional.check_svd_linear_input(x, W, k),
+        "dispatch.adapter_backend": lambda: dispatch.adapter_backend(x, W, A, E, B),
+        "shrink launch: autotuned kernel[grid](...)": lambda: sa.svd_adapter_shrink[grid](*shrink_args, **shrink_kw),
+        "shrink launch: JITFunction[grid](...) with the config": lambda: sa._svd_adapter_shrink_kernel[grid](
+            *shrink_args, **shrink_kw, **config),
+        "shrink launch: CachedLauncher(grid, ...)": lambda: shrink_cached(grid, *shrink_args, **shrink_kw),
+        "shrink launch: CachedLauncher, tuple grid": lambda: shrink_cached(fixed_grid, *shrink_args, **shrink_kw),
+        "  of which the key (types, specialization, kwargs)": lambda: (
+            keyfn, 0, keyfn(*shrink_args), *shrink_kw.items()),
+        "shrink launch: the compiled kernel's launcher alone": lambda: launcher(
+            *fixed_grid, 0, function, packed, None, None, None, *shrink_args, *tail),
+        "expand launch: CachedLauncher(grid, ...)": lambda: expand_cached(expand_grid, *expand_args, **expand_kw),
+        "expand as aten: y.addmm_(u, Bᵀ) (rank r)": lambda: y.addmm_(u, B.t()),
+        "expand as aten: torch.addmm(y, h[:, :r]·λ, Bᵀ) (mul + addmm)": lambda: torch.addmm(y, h_r * lam, B.t()),
+        "aten: y.addmm_(x, Wᵀ) (the base GEMM)": lambda: y.addmm_(x, W.t()),
+    }
+    # what one more pointer argument costs: Triton's launcher (C: data_ptr(), cuPointerGetAttribute) and the key
+    four, twenty = _pointer_kernels()
+    bufs = [torch.empty(64, device=dev) for _ in range(20)]
+    for name, kernel, n_ptr in (("4 pointers", four, 4), ("20 pointers", twenty, 20)):
+        ptr_args = (*bufs[:n_ptr], 64)
+        ck = kernel[(1,)](*ptr_args, BLOCK=64)
+        cached = CachedLauncher(kernel)
+        cached((1,), *ptr_args, BLOCK=64)
+        cases[f"kernel with {name}: JITFunction[grid](...)"] = functools.partial(
+            lambda k, a: k[(1,)](*a, BLOCK=64), kernel, ptr_args)
+        cases[f"kernel with {name}: CachedLauncher"] = functools.partial(lambda c, a: c((1,), *a, BLOCK=64), cached,
+                                                                          ptr_args)
+        cases[f"kernel with {name}: its launcher alone"] = functools.partial(
+            lambda r, f, m, a: r(1, 1, 1, 0, f, m, None, None, None, *a, 64), ck.run, ck.function,
+            ck.packed_metadata, ptr_args)
+    if not GPU:
+        from adalora_fast.kernels import fake_driver
+
+        if not fake_driver.active().native:
+            fake_launch = fake_driver.active().launcher_cls(compiled.src, compiled.metadata)
+            cases["  the Python stand-in launcher (in every launch above)"] = lambda: fake_launch(
+                *fixed_grid, 0, function, packed, None, None, None, *shrink_args, *tail)
+    t = measure({name: (fn, None) for name, fn in cases.items()}, args.number * 5, args.repeats)
+
+    # autograd.Function.apply against the custom op, whole forward and forward+backward
+    xg = x.clone().requires_grad_(True)
+    Ag, Eg, Bg = (p.clone().requires_grad_(True) for p in (A, E, B))
+    dy = torch.randn(n, out, device=dev, dtype=dtype)
+    seed_apply = sa.dropout_seed(dropout, dev)
+
+    def via_function():
+        return sa.SVDLinearFunction.apply(xg, W, None, Ag, Eg, Bg, mask, ranknum, 16.0, False, dropout, seed_apply,
+                                          None)  # fmt: skip
+
+    def via_op():
+        return sa.svd_linear_forward_op(xg, W, None, Ag, Eg, Bg, mask, ranknum, 16.0, False, dropout, -1)[0]
+
+    def clear():
+        xg.grad = Ag.grad = Eg.grad = Bg.grad = None
+
+    def fb(fn):
+        def run():
+            fn().backward(dy)
+            clear()
+
+        return run
+
+    t2 = measure({"autograd.Function.apply: fwd": (via_function, None), "custom op: fwd": (via_op, None),
+                  "autograd.Function.apply: fwd+bwd": (fb(via_function), None),
+                  "custom op: fwd+bwd": (fb(via_op), None)}, args.number, args.repeats)  # fmt: skip
+    rows = [(name, f"{us:.2f}") for name, us in {**t, **t2}.items()]
+    _ = triton
+    return _md(("step", "µs per call"), rows)
+
+
+def cprofile_table(args, dtype, dropout, device, top: int = 22):
+    """Where a fast-layer forward+backward spends its host time, by function (cProfile's own time, as shares of
+    the profiled total: system noise hits every function alike), with both launch paths."""
+    import cProfile
+    import pstats
+
+    from adalora_fast.benchmarking import build_layer
+
+    layer = build_layer("adalora_fast", args.in_features, args.out_features, args.rank, dropout=dropout, dtype=dtype,
+                        device=device)  # fmt: skip
+    import torch
+
+    x = torch.randn(args.tokens, args.in_features, device=device, dtype=dtype, requires_grad=True)
+    _, fwd_bwd = step_fns(layer, x)
+    steps = max(20, args.number * 3)
+    out = []
+    for label, ctx in (("kernel[grid]", contextlib.nullcontext), ("CachedLauncher", cached_launches)):
+        with ctx():
+            for _ in range(5):
+                fwd_bwd()
+            unprofiled = measure({"f": (fwd_bwd, None)}, args.number, max(3, args.repeats // 3))["f"]
+            gc.disable()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(steps):
+                fwd_bwd()
+            _sync()
+            prof.disable()
+            gc.enable()
+        stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, tottime, cumtime, callers)
+        total = sum(v[2] for v in stats.values())
+        rows = []
+        for (file, line, name), (_, calls, tottime, _, _) in sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]:
+            short = os.path.join(os.path.basename(os.path.dirname(file)), os.path.basename(file))
+            where = name if file == "~" else f"{short}:{line} {name}"
+            rows.append((where[:70], f"{calls / steps:g}", f"{100 * tottime / total:.1f}",
+                         f"{unprofiled * tottime / total:.1f}"))  # fmt: skip
+        out.append(f"**{label}**: {unprofiled:.0f} µs per forward+backward unprofiled\n\n"
+                   + _md(("function (own time)", "calls", "% of time", "≈ µs"), rows))  # fmt: skip
+    return "\n\n".join(out)
+
+
+def profile_table(args, dtype, dropout, device):
+    """GPU only: each op's CPU self time per call over forward+backward steps, per provider."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    layers, contexts, x = build_providers(args.tokens, args.in_features, args.out_features, args.rank, dtype,
+                                          dropout, device)  # fmt: skip
+    out = []
+    steps = 20
+    for name in ("PEFT LoRA Linear", "FastSVDLinear, kernel[grid]", "FastSVDLinear, CachedLauncher"):
+        _, fwd_bwd = step_fns(layers[name], x)
+        ctx = contexts.get(name)
+        with ctx() if ctx else contextlib.nullcontext():
+            for _ in range(5):
+                fwd_bwd()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    fwd_bwd()
+                torch.cuda.synchronize()
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+        rows = [(e.key[:60], e.count // steps, f"{e.self_cpu_time_total / steps:.1f}") for e in events]
+        out.append(f"**{name}** (per fwd+bwd, {steps} steps)\n\n" + _md(("op", "calls", "CPU self µs"), rows))
+    return "\n\n".join(out)
+
+
+def main(argv=None) -> None:
+    global GPU
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one dtype, dropout 0 and 0.1, few repeats (CI)")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--in-features", type=int, default=64)
+    parser.add_argument("--out-features", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=12)
+    parser.add_argument("--number", type=int, default=None, help="calls per timed block")
+    parser.add_argument("--repeats", type=int, default=None, help="timed blocks per case (the minimum is kept)")
+    parser.add_argument("--tables", default="layers,levels,functions,steps,profile",
+                        help="which tables, of layers,levels,functions,steps,profile (profile: on a GPU only)")
+    parser.add_argument("--cpu", action="store_true", help="the fake-driver measurement even where a GPU is present")
+    parser.add_argument("--python-launcher", action="store_true",
+                        help="fake driver: a Python stand-in for Triton's C launcher (no stub libcuda, no C compiler)")
+    args = parser.parse_args(argv)
+    args.number = args.number or (5 if args.quick else 40)
+    args.repeats = args.repeats or (2 if args.quick else 25)
+    tables = set(args.tables.split(","))
+
+    import torch  # noqa: F401  (torch first: is there a GPU?)
+
+    GPU = torch.cuda.is_available() and not args.cpu
+    # the stub libcuda must not meet a real CUDA driver in one process
+    fake = _prepare_process(GPU, native=not (args.python_launcher or torch.cuda.is_available()))
+    import triton
+
+    device = "cuda" if GPU else "cpu"
+    dtype_names = ("bfloat16",) if GPU else (("float32",) if args.quick else ("float32", "float16"))
+    dtype = getattr(torch, dtype_names[0])
+    if GPU:
+        where = torch.cuda.get_device_name(0)
+    elif fake.native:
+        where = "CPU, fake CUDA driver: Triton's C launcher on a stub libcuda, cuLaunchKernelEx a no-op"
+    else:
+        where = "CPU, fake CUDA driver: a Python stand-in for the C launch call"
+    print(f"# Host overhead per layer call ({where})\n")
+    print(f"torch {torch.__version__}, triton {triton.__version__}; {args.tokens} tokens × "
+          f"{args.in_features}→{args.out_features}, r {args.rank}; min over {args.repeats} blocks of "
+          f"{args.number} calls\n")  # fmt: skip
+    if "layers" in tables:
+        print(provider_table(args, dtype_names, (0.0, 0.1), device))
+    if "levels" in tables:
+        print(f"\n## The fast layer's call, level by level ({dtype_names[0]}, dropout 0.1)\n")
+        print(breakdown_table(args, dtype, 0.1, device))
+    if "functions" in tables:
+        print(f"\n## The fast layer's forward+backward by function, cProfile ({dtype_names[0]}, dropout 0.1)\n")
+        print(cprofile_table(args, dtype, 0.1, device))
+    if "steps" in tables:
+        print(f"\n## Single steps ({dtype_names[0]}, dropout 0.1)\n")
+        print(steps_table(args, dtype, 0.1, device))
+    if GPU and "profile" in tables:
+        print(f"\n## torch.profiler: CPU self time per op ({dtype_names[0]}, dropout 0.1)\n")
+        print(profile_table(args, dtype, 0.1, device))
+    from adalora_fast.kernels.launch import launch_counts
+
+    counts = launch_counts()
+    print(f"\nCachedLauncher calls in this run: {counts}")
+    if fake is not None:
+        print(f"fake driver: {fake.launch_count()} launches")
+    if counts["plain"]:
+        raise SystemExit("a CachedLauncher call fell back to kernel[grid]: the direct path was not measured")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""The lowest-cost launch path for a Triton kernel: ``CachedLauncher``.
+
+``kernel[grid](*args, **constexprs)`` runs, on every call, Triton's whole host path: the binder
+(specialization of every argument), the kernel-cache key (``str`` of the options), the autotuner's key
+(every argument's dtype), the check of the kernel's globals, the launch metadata and the launch hooks, and
+then the compiled kernel's launcher. A ``CachedLauncher`` does that once per cache key and afterwards calls
+the compiled kernel's launcher directly (for Triton's own ``CudaLauncher`` of a verified version, with no
+scratch memory to allocate, the C ``launch`` function beneath it, with the arguments its ``__call__`` would
+pass)::
+
+    shrink = CachedLauncher(svd_adapter_shrink)       # module level, one per kernel (autotuned or not)
+    shrink(grid, *args, **constexprs)                 # the meaning of svd_adapter_shrink[grid](*args, **constexprs)
+
+``grid`` is a tuple or a callable of the launch's meta-parameters, as for ``kernel[grid]``. The return value is
+the ``CompiledKernel`` that ran (what ``kernel[grid](...)`` returns).
+
+When a cached launch is the same launch
+---------------------------------------
+The first call with a given key goes through Triton's normal path (``Autotuner.run`` / ``JITFunction.run``:
+autotuning, with its ``restore_value`` / ``reset_to_zero`` hooks, happens there, once per key, as before) and
+records the config it chose and the ``CompiledKernel`` it launched. The key holds everything that decides
+which compiled kernel Triton would launch:
+
+* the current device (Triton compiles and caches per device);
+* the Python type of every positional argument;
+* for a tensor: its dtype and whether ``data_ptr()`` is 16-byte aligned;
+* for an int: whether it is 1, whether it is divisible by 16, and whether it fits int32 / int64 (Triton
+  specialises ints equal to 1 as constants, marks multiples of 16, and types ints i32 / i64 / u64);
+* floats, bools and None: their type alone (Triton specialises them on their type alone);
+* any other object: Triton's own ``native_specialize_impl`` of it;
+* the exact value of every autotune-key argument, and every keyword argument (constexprs and options) by
+  name and value.
+
+That is at least as fine as Triton's own kernel-cache key (its specialization of every argument, the
+constexprs and the options) together with the autotuner's key (its key arguments' values and every
+argument's dtype), so a call that hits a cache entry would have been launched by Triton with the same config
+and the same compiled kernel. What the direct call then passes to the launcher is what Triton's
+``JITFunction.run`` passes (grid, current stream, function, packed metadata, the launch metadata and hooks,
+then the arguments and the constexprs in signature order); the launch hooks and their metadata are left out
+(None) only while both of Triton's launch hook chains are empty, as calling an empty chain does nothing.
+
+The direct path runs only where it is known to be the same launch: a ``JITFunction`` or an ``Autotuner``
+over one, called with every non-constexpr parameter positional and every constexpr by keyword (the form of
+every launch in this package), with no ``pre_run_hooks`` and no per-config ``pre_hook``, on a Triton whose
+launch path has been checked (3.6 to 3.9). Otherwise, under ``TRITON_INTERPRET=1``, or with
+``ADALORA_FAST_DIRECT_LAUNCH=0`` in the environment when this module is imported (or after
+``set_direct_launch(False)``), every call is the plain ``kernel[grid](...)``.
+
+What Triton checks on every call and a cached launch does not: that the module globals a kernel reads have
+not changed since it was compiled (this package's kernels read none), and Triton's debug and
+instrumentation knobs (decided when the entry is made; call :meth:`CachedLauncher.clear` or
+:func:`clear_all` after changing them).
+
+CUDA graphs: the direct launch asks Triton's driver for the current stream, as Triton does, so a capture
+records it on the capturing stream.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Mapping
+
+import torch
+
+try:  # Triton is optional for the package (the PyTorch reference runs without it)
+    import triton
+    from triton import knobs as _knobs
+    from triton.compiler.compiler import CompiledKernel as _CompiledKernel
+    from triton.runtime.autotuner import Autotuner as _Autotuner
+    from triton.runtime.driver import driver as _driver
+    from triton.runtime.jit import JITFunction as _JITFunction
+
+    try:
+        from triton.knobs import HookChain as _HookChain
+    except ImportError:  # pragma: no cover - older Triton: hooks are plain callables or None
+        _HookChain = None
+    _TRITON_VERSION = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+except Exception:  # pragma: no cover
+    triton = None
+    _TRITON_VERSION = None
+
+# Triton versions whose launch path (JITFunction.run -> CompiledKernel.run(grid, stream, function, packed
+# metadata, launch metadata, enter hook, exit hook, *args)) this module has been checked against.
+VERIFIED_TRITON = ((3, 6), (3, 9))
+ENV = "ADALORA_FAST_DIRECT_LAUNCH"
+MAX_ENTRIES = 4096  # per launcher; past this the cache starts over (a bound, not a working size)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_supported() -> bool:
+    """Whether the installed Triton's launch path is one this module drives directly."""
+    return (
+        _TRITON_VERSION is not None
+        and VERIFIED_TRITON[0] <= _TRITON_VERSION <= VERIFIED_TRITON[-1]
+        and not _interpreting()
+    )
+
+
+_ENABLED = os.environ.get(ENV, "1") != "0"
+
+
+def set_direct_launch(enabled: bool) -> None:
+    """Turn the direct path on or off for every launcher (off: every call is ``kernel[grid](...)``)."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def direct_launch_enabled() -> bool:
+    return _ENABLED
+
+
+_LAUNCHERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def clear_all() -> None:
+    """Forget every launcher's cached launches (the next call per key goes through Triton again)."""
+    for launcher in list(_LAUNCHERS):
+        launcher.clear()
+
+
+def launch_counts() -> dict[str, int]:
+    """Calls so far over every launcher, by path: ``direct`` (the cached launcher call), ``triton`` (Triton's
+    normal path, filling the cache), ``plain`` (``kernel[grid](...)``: direct launch off or not possible)."""
+    counts = {"direct": 0, "triton": 0, "plain": 0}
+    for launcher in list(_LAUNCHERS):
+        for path, n in launcher.counts().items():
+            counts[path] += n
+    return counts
+
+
+def reset_counts() -> None:
+    for launcher in list(_LAUNCHERS):
+        launcher.direct = launcher.triton = launcher.plain = 0
+
+
+# How a direct launch calls the launcher: through the launcher object (any Triton, any launcher), or, for
+# Triton's own CudaLauncher of a verified version with nothing to allocate, its C ``launch`` function itself,
+# with the arguments CudaLauncher.__call__ would give it (3.9: the kernel arguments as one tuple after the
+# launcher's argument annotations and signature; 3.6: the scratch pointers before the metadata, then the
+# arguments flat).
+_VIA_LAUNCHER, _C_LAUNCH_39, _C_LAUNCH_36 = 0, 1, 2
+
+
+def _lowest_call_form(launcher) -> int:
+    """Which call a direct launch makes for this launcher (see above)."""
+    try:
+        from triton.backends.nvidia.driver import CudaLauncher
+    except Exception:  # pragma: no cover - no CUDA backend in this Triton
+        return _VIA_LAUNCHER
+    if not isinstance(launcher, CudaLauncher) or type(launcher).__call__ is not CudaLauncher.__call__:
+        return _VIA_LAUNCHER  # another launcher, or one whose call does more: keep it
+    if getattr(launcher, "global_scratch_size", 1) or getattr(launcher, "profile_scratch_size", 1):
+        return _VIA_LAUNCHER  # the launcher allocates scratch memory per launch
+    if getattr(launcher, "gsan_enabled", False):
+        return _VIA_LAUNCHER
+    if _TRITON_VERSION == (3, 9) and hasattr(launcher, "arg_annotations") and hasattr(launcher, "kernel_signature"):
+        return _C_LAUNCH_39
+    if _TRITON_VERSION == (3, 6) and not hasattr(launcher, "arg_annotations"):
+        return _C_LAUNCH_36
+    return _VIA_LAUNCHER
+
+
+class _Entry:
+    """What a direct launch needs, decided by the first call with a key."""
+
+    __slots__ = ("kernel", "run", "function", "packed_metadata", "tail", "meta", "form", "c_launch", "coop", "pdl",
+                 "annotations", "signature")  # fmt: skip
+
+    def __init__(self, kernel, tail, meta):
+        self.kernel = kernel
+        self.run = kernel.run  # the launcher (the property loads the binary the first time)
+        self.function = kernel.function
+        self.packed_metadata = kernel.packed_metadata
+        self.tail = tail  # the constexpr parameters' values in signature order
+        self.meta = meta  # name -> value of those parameters, for grid callables
+        self.form = _lowest_call_form(self.run)
+        self.c_launch = self.coop = self.pdl = self.annotations = self.signature = None
+        if self.form != _VIA_LAUNCHER:
+            self.c_launch = self.run.launch
+            self.coop, self.pdl = self.run.launch_cooperative_grid, self.run.launch_pdl
+        if self.form == _C_LAUNCH_39:
+            self.annotations, self.signature = self.run.arg_annotations, self.run.kernel_signature
+
+    def launch(self, g0, g1, g2, stream, metadata, enter, leave, args):
+        """The launcher call, or the call CudaLauncher.__call__ would make for it."""
+        form = self.form
+        if form == _C_LAUNCH_39:
+            self.c_launch(g0, g1, g2, stream, self.function, self.coop, self.pdl, self.packed_metadata, metadata,
+                          enter, leave, None, None, self.annotations, self.signature, (*args, *self.tail))  # fmt: skip
+        elif form == _C_LAUNCH_36:
+            self.c_launch(g0, g1, g2, stream, self.function, self.coop, self.pdl, None, None, self.packed_metadata,
+                          metadata, enter, leave, *args, *self.tail)  # fmt: skip
+        else:
+            self.run(g0, g1, g2, stream, self.function, self.packed_metadata, metadata, enter, leave, *args,
+                     *self.tail)  # fmt: skip
+
+
+class _GridMeta(Mapping):
+    """The launch's meta-parameters as a grid callable sees them (``kernel[grid]`` passes a dict of every
+    parameter): constexprs from the entry, the rest read from the call's arguments only when asked for."""
+
+    __slots__ = ("_fixed", "_index", "_args")
+
+    def __init__(self, fixed, index, args):
+        self._fixed, self._index, self._args = fixed, index, args
+
+    def __getitem__(self, name):
+        fixed = self._fixed
+        if name in fixed:
+            return fixed[name]
+        return self._args[self._index[name]]
+
+    def __iter__(self):
+        yield from self._index
+        yield from self._fixed
+
+    def __len__(self):
+        return len(self._index) + len(self._fixed)
+
+
+_NUMBERS = (float, bool, type(None))
+
+
+def _make_keyfn(types: tuple, tune_positions: frozenset, spec):
+    """A function of the positional arguments returning their specialization key (straight-line code for
+    these argument types, like Triton's own binder), or None when these types cannot be keyed.
+
+    The usual case, every pointer 16-byte aligned and every int within int32, is one guard and a short key:
+    each tensor's dtype, one class per int (a multiple of 16, equal to 1, or neither). Otherwise the key has
+    every tensor's alignment and every int's classes in full (is it 1, a multiple of 16, int32, int64)."""
+    names = [f"a{i}" for i in range(len(types))]
+    tensors = [a for t, a in zip(types, names) if issubclass(t, torch.Tensor)]
+    ints = [a for t, a in zip(types, names) if t is int]
+    short, full = [], []
+    for i, (t, a) in enumerate(zip(types, names)):
+        if i in tune_positions:
+            if t not in (int, float, bool, str, type(None)):
+                return None  # an autotune key that is not a plain value: leave it to Triton
+            short.append(a)
+            full.append(a)
+        if issubclass(t, torch.Tensor):
+            short.append(f"{a}.dtype")
+            full += [f"{a}.dtype", f"{a}.data_ptr() & 15 == 0"]
+        elif t is int:
+            short.append(f"(not {a} & 15) + 2 * ({a} == 1)")
+            full += [f"{a} == 1", f"{a} & 15 == 0", f"-0x80000000 <= {a} <= 0x7fffffff", f"{a} <= 0x7fffffffffffffff"]
+        elif t in _NUMBERS:
+            pass  # specialised on the type alone, and the type is in the key
+        else:
+            short.append(f"_spec({a})")
+            full.append(f"_spec({a})")
+    guard = []
+    if tensors:
+        guard.append(f"({' | '.join(f'{a}.data_ptr()' for a in tensors)}) & 15")
+    if ints:
+        guard.append(f"not ({' and '.join(f'-0x80000000 <= {a} <= 0x7fffffff' for a in ints)})")
+    body = f"    return ({''.join(p + ', ' for p in short)})\n"
+    if guard:
+        body = f"    if {' or '.join(guard)}:\n        return ('full', {''.join(p + ', ' for p in full)})\n" + body
+    src = f"def keyfn({', '.join(names)}):\n{body}"
+    scope = {"_spec": spec}
+    exec(src, scope)  # noqa: S102 - generated from the argument types only
+    return scope["keyfn"]
+
+
+class CachedLauncher:
+    """``launcher(grid, *args, **constexprs)`` = ``kernel[grid](*args, **constexprs)``, at the cost of a
+    dictionary lookup and the launcher call once a key has been seen. See the module docstring."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.direct = self.triton = self.plain = 0
+        self._entries: dict = {}
+        self._keyfns: dict = {}
+        self.autotuner = kernel if triton is not None and isinstance(kernel, _Autotuner) else None
+        fn = kernel.fn if self.autotuner is not None else kernel
+        self.jit = fn if triton is not None and isinstance(fn, _JITFunction) else None
+        self._n_positional = None
+        if self.jit is not None:
+            params = self.jit.params
+            first = next((i for i, p in enumerate(params) if p.is_constexpr), len(params))
+            if all(p.is_constexpr for p in params[first:]):
+                self._n_positional = first
+                self._index = {p.name: i for i, p in enumerate(params[:first])}
+                self._tail_names = tuple(p.name for p in params[first:])
+                self._defaults = {p.name: p.default for p in params[first:] if p.has_default}
+                keys = self.autotuner.keys if self.autotuner is not None and len(self.autotuner.configs) > 1 else ()
+                self._tune_positions = frozenset(self._index[k] for k in keys if k in self._index)
+        self._usable = self._n_positional is not None and triton_supported()
+        _LAUNCHERS.add(self)
+
+    # -- bookkeeping -----------------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        return {"direct": self.direct, "triton": self.triton, "plain": self.plain}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __repr__(self):
+        name = getattr(self.jit, "__name__", None) or repr(self.kernel)
+        return f"CachedLauncher({name}, entries={len(self._entries)}, {self.counts()})"
+
+    # -- launch ----------------------------------------------------------------------------------------------
+    def __call__(self, grid, *args, **kwargs):
+        if not (_ENABLED and self._usable and len(args) == self._n_positional):
+            self.plain += 1
+            return self.kernel[grid](*args, **kwargs)
+        types = tuple(map(type, args))
+        keyfn = self._keyfns.get(types)
+        if keyfn is None:
+            keyfn = self._keyfns[types] = _make_keyfn(types, self._tune_positions, self._spec) or False
+        if keyfn is False:
+            self.plain += 1
+            return self.kernel[grid](*args, **kwargs)
+        active = _driver.active
+        device = active.get_current_device()
+        key = (keyfn, device, keyfn(*args), *kwargs.items())
+        try:
+            entry = self._entries.get(key)
+        except TypeError:  # an unhashable keyword argument: Triton's path
+            self.plain += 1
+            return self.kernel[grid](*args, **kwargs)
+        if entry is None:
+            return self._first_launch(key, grid, args, kwargs)
+        stream = active.get_current_stream(device)
+        if callable(grid):
+            grid = grid(_GridMeta(entry.meta, self._index, args))
+        size = len(grid)
+        g0 = grid[0]
+        g1 = grid[1] if size > 1 else 1
+        g2 = grid[2] if size > 2 else 1
+        runtime = _knobs.runtime
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+        if (enter is None or (enter.__class__ is _HookChain and not enter.calls)) and (
+            leave is None or (leave.__class__ is _HookChain and not leave.calls)
+        ):  # no launch hook: Triton's launcher would call two empty chains with metadata nobody reads
+            form = entry.form  # (entry.launch, inlined)
+            if form == _C_LAUNCH_39:
+                entry.c_launch(g0, g1, g2, stream, entry.function, entry.coop, entry.pdl, entry.packed_metadata, None,
+                               None, None, None, None, entry.annotations, entry.signature, (*args, *entry.tail))
+            elif form == _C_LAUNCH_36:
+                entry.c_launch(g0, g1, g2, stream, entry.function, entry.coop, entry.pdl, None, None,
+                               entry.packed_metadata, None, None, None, *args, *entry.tail)
+            else:
+                entry.run(g0, g1, g2, stream, entry.function, entry.packed_metadata, None, None, None, *args,
+                          *entry.tail)
+        else:
+            metadata = entry.kernel.launch_metadata(grid, stream, *args, *entry.tail)
+            entry.launch(g0, g1, g2, stream, metadata, enter, leave, args)
+        self.direct += 1
+        return entry.kernel
+
+    @staticmethod
+    def _spec(value):
+        """Triton's own specialization of an argument of a type the key function has no rule for."""
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends import BaseBackend
+
+        return native_specialize_impl(BaseBackend, value, False, True, True)
+
+    def _first_launch(self, key, grid, args, kwargs):
+        """Triton's normal path (autotuning, compiling); then the entry for this key."""
+        self.triton += 1
+        kernel = self.kernel[grid](*args, **kwargs)
+        if not isinstance(kernel, _CompiledKernel) or self.jit.pre_run_hooks:
+            return kernel  # e.g. an asynchronous compile's future: nothing to cache
+        merged = dict(kwargs)
+        if self.autotuner is not None:
+            config = self.autotuner.best_config
+            if config.pre_hook is not None:
+                return kernel  # Triton calls it before every launch: keep Triton's path
+            merged.update(config.all_kwargs())
+        try:
+            tail = tuple(merged[name] if name in merged else self._defaults[name] for name in self._tail_names)
+        except KeyError:
+            return kernel
+        if len(self._entries) >= MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[key] = _Entry(kernel, tail, dict(zip(self._tail_names, tail)))
+        return kernel
+
+
+__all__ = [
+    "CachedLauncher",
+    "VERIFIED_TRITON",
+    "clear_all",
+    "direct_launch_enabled",
+    "launch_counts",
+    "reset_counts",
+    "set_direct_launch",
+    "triton_supported",
+]

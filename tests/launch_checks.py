@@ -1,0 +1,273 @@
+"""Launch-path checks of CachedLauncher against Triton's own path, on the fake CUDA driver.
+
+Run as a script in a process without TRITON_INTERPRET (the test suite's conftest turns the interpreter on
+in-process): ``python tests/launch_checks.py [--native]`` prints one JSON line, {check name: null or the
+failure}. ``--native``: Triton's own C launcher runs, compiled against the fake driver's stub libcuda (only
+where no CUDA driver is loaded), and every launch must reach the stub's cuLaunchKernelEx with its grid.
+tests/test_launch.py runs both; so can anyone, under any installed Triton.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("launch_checks needs Triton's compiled path: run it without TRITON_INTERPRET=1")
+
+from adalora_fast.kernels import fake_driver  # noqa: E402
+
+NATIVE = "--native" in sys.argv
+FAKE = fake_driver.activate(record=True, bench="call", native=NATIVE)
+_STUB_AT_CLEAR = [0]
+
+
+def _clear():
+    FAKE.clear_records()
+    _STUB_AT_CLEAR[0] = fake_driver.stub_launches()
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton import knobs  # noqa: E402
+
+from adalora_fast.kernels import launch  # noqa: E402
+from adalora_fast.kernels.launch import CachedLauncher  # noqa: E402
+
+
+@triton.jit
+def _scale_add(X, Y, Z, N, stride, s, BLOCK: tl.constexpr, HAS_Y: tl.constexpr = True):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(X + i * stride, mask=i < N) * s
+    if HAS_Y:
+        v += tl.load(Y + i, mask=i < N)
+    tl.store(Z + i, v, mask=i < N)
+
+
+@triton.jit
+def _accumulate(X, ACC, N, BLOCK: tl.constexpr):
+    """ACC += X in place (so autotuning must restore ACC after each trial)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(ACC + i, tl.load(ACC + i, mask=i < N) + tl.load(X + i, mask=i < N), mask=i < N)
+
+
+_accumulate_tuned = triton.autotune(
+    [triton.Config({"BLOCK": 64}, num_warps=2), triton.Config({"BLOCK": 128}, num_warps=4)],
+    key=["N"],
+    restore_value=["ACC"],
+)(_accumulate)
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return type(a) is type(b) and a == b
+
+
+def _same_launch(ref: fake_driver.LaunchRecord, got: fake_driver.LaunchRecord, hooks: bool) -> None:
+    assert got.grid == ref.grid, (got.grid, ref.grid)
+    if NATIVE:  # the direct call went through Triton's C launcher down to cuLaunchKernelEx
+        reached = fake_driver.stub_launches() - _STUB_AT_CLEAR[0]
+        assert reached == FAKE.launches, (reached, FAKE.launches)
+        assert fake_driver.stub_last_grid() == got.grid
+    assert got.stream == ref.stream
+    assert got.function == ref.function
+    assert got.packed_metadata == ref.packed_metadata
+    if NATIVE:  # the C launch call's other arguments: the same objects
+        assert got.c_extra is not None and len(got.c_extra) == len(ref.c_extra)
+        for a, b in zip(got.c_extra, ref.c_extra):
+            assert a is b or a == b, (got.c_extra, ref.c_extra)
+    assert len(got.args) == len(ref.args), (len(got.args), len(ref.args))
+    for i, (a, b) in enumerate(zip(got.args, ref.args)):
+        assert _same_value(a, b), (i, a, b)
+    if hooks:  # the same hooks, and launch metadata with the same content
+        assert got.enter_hook is ref.enter_hook and got.exit_hook is ref.exit_hook
+        assert got.launch_metadata.get() == ref.launch_metadata.get()
+    else:  # Triton's chains are empty: the direct call passes no hook (calling an empty chain does nothing)
+        assert not ref.enter_hook.calls and not ref.exit_hook.calls
+        assert got.launch_metadata is None and got.enter_hook is None and got.exit_hook is None
+
+
+def _launch_both(launcher, kernel, grid, args, kwargs, hooks=False):
+    """(Triton's kernel and record, the launcher's first and second kernels and the direct call's record)."""
+    _clear()
+    ref_kernel = kernel[grid](*args, **kwargs)
+    ref = FAKE.records[-1]
+    before = launcher.counts()
+    first = launcher(grid, *args, **kwargs)
+    second = launcher(grid, *args, **kwargs)
+    got = FAKE.records[-1]
+    after = launcher.counts()
+    _same_launch(ref, got, hooks)
+    delta = {k: after[k] - before[k] for k in after}
+    return ref_kernel, first, second, delta
+
+
+def check_jit_same_launch_and_specialization_misses():
+    n = 1008
+    x, y, z = torch.randn(4096), torch.randn(4096), torch.empty(4096)
+    launcher = CachedLauncher(_scale_add)
+    grid = (triton.cdiv(n, 128),)
+    variants = {
+        "base": ((x, y, z, n, 16, 2.0), {"BLOCK": 128}),
+        "stride is 1": ((x, y, z, n, 1, 2.0), {"BLOCK": 128}),
+        "N not a multiple of 16": ((x, y, z, n + 1, 16, 2.0), {"BLOCK": 128}),
+        "misaligned pointer": ((x[1:], y, z, n, 16, 2.0), {"BLOCK": 128}),
+        "dtype": ((x.half(), y, z, n, 16, 2.0), {"BLOCK": 128}),
+        "constexpr": ((x, y, z, n, 16, 2.0), {"BLOCK": 64}),
+        "defaulted constexpr given": ((x, y, z, n, 16, 2.0), {"BLOCK": 128, "HAS_Y": False}),
+        "int64 argument": ((x, y, z, n, 2**31 + 16, 2.0), {"BLOCK": 128}),
+    }
+    kernels = {}
+    for name, (args, kwargs) in variants.items():
+        ref_kernel, first, second, delta = _launch_both(launcher, _scale_add, grid, args, kwargs)
+        assert first is ref_kernel and second is ref_kernel, name
+        assert delta == {"direct": 1, "triton": 1, "plain": 0}, (name, delta)
+        kernels[name] = ref_kernel
+    # every variant specialises differently: Triton compiled a kernel for each, and the launcher missed on each
+    assert len({id(k) for k in kernels.values()}) == len(variants)
+    # the same specialization with other values hits the base entry
+    x2, y2, z2 = torch.randn(8192), torch.randn(8192), torch.empty(8192)
+    ref_kernel, first, second, delta = _launch_both(launcher, _scale_add, (64,), (x2, y2, z2, 2000, 32, 0.5),
+                                                    {"BLOCK": 128})  # fmt: skip
+    assert first is kernels["base"] and ref_kernel is kernels["base"]
+    assert delta == {"direct": 2, "triton": 0, "plain": 0}, delta
+
+
+def check_launch_hooks_and_metadata():
+    x, y, z = torch.randn(1024), torch.randn(1024), torch.empty(1024)
+    launcher = CachedLauncher(_scale_add)
+    launcher((8,), x, y, z, 1024, 16, 2.0, BLOCK=128)  # the entry
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata)
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        _, first, second, delta = _launch_both(launcher, _scale_add, (8,), (x, y, z, 1024, 16, 2.0), {"BLOCK": 128},
+                                               hooks=True)  # fmt: skip
+        assert delta == {"direct": 2, "triton": 0, "plain": 0}, delta
+        assert FAKE.records[-1].launch_metadata.get()["name"] == first.name
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+
+
+def check_grid_callable_sees_the_meta_parameters():
+    x, y, z = torch.randn(1024), torch.randn(1024), torch.empty(1024)
+    launcher = CachedLauncher(_scale_add)
+    seen = []
+
+    def grid(meta):
+        seen.append((meta["N"], meta["BLOCK"], meta["HAS_Y"], "stride" in meta, sorted(meta)))
+        return (triton.cdiv(meta["N"], meta["BLOCK"]),)
+
+    _launch_both(launcher, _scale_add, grid, (x, y, z, 1000, 16, 2.0), {"BLOCK": 64})
+    # Triton's call, the launcher's first (Triton's path) and its direct call see the same meta-parameters
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2], seen
+    assert seen[0][:4] == (1000, 64, True, True)
+
+
+def check_autotuned_restore_value_tunes_once_per_key():
+    tuned = _accumulate_tuned
+    hook_calls = []
+    pre, post = tuned.pre_hook, tuned.post_hook
+
+    def counting_pre(kwargs, reset_only=False):
+        hook_calls.append("pre")
+        return pre(kwargs, reset_only=reset_only)
+
+    def counting_post(kwargs, exception):
+        hook_calls.append("post")
+        return post(kwargs, exception)
+
+    tuned.pre_hook, tuned.post_hook = counting_pre, counting_post
+    try:
+        launcher = CachedLauncher(tuned)
+        x, acc = torch.randn(4096), torch.zeros(4096)
+
+        def grid(meta):
+            return (triton.cdiv(meta["N"], meta["BLOCK"]),)
+
+        FAKE.benchmarked = 0
+        first = launcher(grid, x, acc, 1024)  # tunes: each config benchmarked once, with the restore hooks
+        assert FAKE.benchmarked == 2, FAKE.benchmarked
+        assert launcher.counts() == {"direct": 0, "triton": 1, "plain": 0}
+        tuned_hooks = len(hook_calls)
+        assert tuned_hooks >= 4, hook_calls  # pre + post per trial (+ the reset after tuning)
+        assert tuned.best_config.kwargs == {"BLOCK": 64}  # equal times: the first config
+        for _ in range(5):
+            assert launcher(grid, x, acc, 1024) is first
+        assert launcher.counts() == {"direct": 5, "triton": 1, "plain": 0}
+        assert FAKE.benchmarked == 2 and len(hook_calls) == tuned_hooks  # no tuning, no hook on direct calls
+        # the same launch as Triton's (whose autotuner now hits its own cache)
+        ref_kernel, a, b, delta = _launch_both(launcher, tuned, grid, (x, acc, 1024), {})
+        assert ref_kernel is first and a is first and b is first
+        assert FAKE.records[-1].grid == (16, 1, 1)  # the grid saw the tuned BLOCK
+        assert FAKE.benchmarked == 2
+        # another autotune key value: tuned again (once), then direct
+        launcher(grid, x, acc, 2048)
+        assert FAKE.benchmarked == 4
+        launcher(grid, x, acc, 2048)
+        assert launcher.counts()["triton"] == 2 and FAKE.benchmarked == 4
+    finally:
+        tuned.pre_hook, tuned.post_hook = pre, post
+
+
+def check_switch_off_means_plain_launches():
+    x, y, z = torch.randn(1024), torch.randn(1024), torch.empty(1024)
+    launcher = CachedLauncher(_scale_add)
+    launcher((8,), x, y, z, 1024, 16, 2.0, BLOCK=128)
+    launch.set_direct_launch(False)
+    try:
+        _clear()
+        ref_kernel = _scale_add[(8,)](x, y, z, 1024, 16, 2.0, BLOCK=128)
+        got = launcher((8,), x, y, z, 1024, 16, 2.0, BLOCK=128)
+        assert got is ref_kernel
+        _same_launch(FAKE.records[0], FAKE.records[1], hooks=True)  # both Triton's: its hooks and metadata
+        assert launcher.counts() == {"direct": 0, "triton": 1, "plain": 1}
+    finally:
+        launch.set_direct_launch(True)
+    # keyword-passed tensors (not the launcher's form) go through Triton's path every time
+    launcher((8,), x, y, z, 1024, 16, s=2.0, BLOCK=128)
+    assert launcher.counts()["plain"] == 2
+
+
+def check_direct_calls_go_to_the_lowest_launch_call():
+    x, y, z = torch.randn(1024), torch.randn(1024), torch.empty(1024)
+    launcher = CachedLauncher(_scale_add)
+    launcher((8,), x, y, z, 1024, 16, 2.0, BLOCK=128)
+    (entry,) = launcher._entries.values()
+    # native: Triton's own CudaLauncher, whose C launch function the direct call makes itself; the fake
+    # driver's Python launcher is called as a launcher
+    assert (entry.form != launch._VIA_LAUNCHER) == NATIVE, entry.form
+    _clear()
+    launcher((8,), x, y, z, 1024, 16, 2.0, BLOCK=128)
+    assert FAKE.launches == 1
+
+
+CHECKS = [
+    check_direct_calls_go_to_the_lowest_launch_call,
+    check_jit_same_launch_and_specialization_misses,
+    check_launch_hooks_and_metadata,
+    check_grid_callable_sees_the_meta_parameters,
+    check_autotuned_restore_value_tunes_once_per_key,
+    check_switch_off_means_plain_launches,
+]
+
+
+def main() -> None:
+    results = {"triton": triton.__version__, "supported": launch.triton_supported(), "native": NATIVE}
+    for check in CHECKS:
+        try:
+            check()
+            results[check.__name__] = None
+        except Exception:
+            results[check.__name__] = traceback.format_exc()[-3000:]
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
