@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .importance import gradient_total, update_importance
+from .launch import CachedLauncher
 from .utils import (
     accumulate_dtype,
     apply_dropout,
@@ -291,6 +292,15 @@ svd_adapter_grad_q_x = triton.autotune(GRAD_Q_X_CONFIGS, key=["K", "R_PAD", "HAS
     _svd_adapter_grad_q_x_kernel
 )
 
+# What the launchers call: each kernel through a CachedLauncher, which takes Triton's own path (autotuning
+# included) once per specialization and then calls the compiled kernel's launcher directly (on a GPU with
+# a verified Triton; ``kernel[grid](...)`` otherwise). Launches are the fixed cost of small layers.
+launch_shrink = CachedLauncher(svd_adapter_shrink)
+launch_expand = CachedLauncher(svd_adapter_expand)
+launch_grad_h = CachedLauncher(svd_adapter_grad_h)
+launch_grad_reduce = CachedLauncher(svd_adapter_grad_reduce)
+launch_grad_q_x = CachedLauncher(svd_adapter_grad_q_x)
+
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
@@ -333,12 +343,14 @@ def svd_adapter_forward(x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask,
         return y, h
     p, keep_scale, has_dropout = _dropout_args(dropout_p)
     dots = dot_settings(x2d.dtype, lora_A.dtype)
-    svd_adapter_shrink[lambda meta: (cdiv(n, meta["BLOCK_M"]),)](
+    launch_shrink(
+        lambda meta: (cdiv(n, meta["BLOCK_M"]),),
         x2d, lora_A, h, n, k, r, seed, p, keep_scale,
         x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1),
         R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots,
     )  # fmt: skip
-    svd_adapter_expand[lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(out, meta["BLOCK_N"]))](
+    launch_expand(
+        lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(out, meta["BLOCK_N"])),
         h, lora_E, triplet_mask, ranknum, lora_B, bias if bias is not None else h, y, n, out, r, float(scaling),
         lora_E.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
         R_PAD=r_pad, HAS_BIAS=bias is not None, **dots,
@@ -410,7 +422,8 @@ def _reduce_factor_grads(ws_p, ws_q, ws_l, d_b, d_a, d_e, lora_B, lora_A, lora_E
     emit = importance is not None
     scores = torch.empty((tiles_p + tiles_q + 1, r_pad), device=d_b.device, dtype=torch.float32) if emit else ws_l
     inv_scale = _inverse_grad_scale(importance, d_b.device)
-    svd_adapter_grad_reduce[(tiles_p + tiles_q + 1,)](
+    launch_grad_reduce(
+        (tiles_p + tiles_q + 1,),
         ws_p, d_b, *ops_p, out, ws_p.shape[0], d_b.stride(0), d_b.stride(1),
         ws_q, d_a, *ops_q, k, ws_q.shape[0], d_a.stride(1), d_a.stride(0),
         ws_l, d_e, *ops_e, d_e.stride(0),
@@ -453,7 +466,8 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
     gs = torch.empty((n, r_pad), device=dev, dtype=acc)
     ws_p = torch.empty((n_tiles, out, r_pad), device=dev, dtype=acc)
     ws_l = torch.empty((n_tiles, r_pad), device=dev, dtype=acc)
-    svd_adapter_grad_h[(n_tiles,)](
+    launch_grad_h(
+        (n_tiles,),
         dy2d, h, lora_E, triplet_mask, ranknum, lora_B, gs, ws_p, ws_l, n, out, r, float(scaling),
         dy2d.stride(0), dy2d.stride(1), lora_E.stride(0), lora_B.stride(0), lora_B.stride(1),
         BLOCK_M=GRAD_H_BLOCK_M, R_PAD=r_pad, **dots,
@@ -464,7 +478,8 @@ def svd_adapter_backward(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask
     ws_q = torch.empty((n_splits, k, r_pad), device=dev, dtype=acc)
     dx = torch.empty_like(x2d, memory_format=torch.contiguous_format) if needs_dx else None
     dx_arg = dx if needs_dx else ws_q  # a dummy the kernel does not touch without HAS_DX
-    svd_adapter_grad_q_x[lambda meta: (cdiv(k, meta["BLOCK_K"]), n_splits)](
+    launch_grad_q_x(
+        lambda meta: (cdiv(k, meta["BLOCK_K"]), n_splits),
         x2d, gs, lora_A, ws_q, dx_arg, n, k, r, rows_per_split, seed, p, keep_scale,
         x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1), dx_arg.stride(0), dx_arg.stride(1),
         R_PAD=r_pad, HAS_DROPOUT=has_dropout, HAS_DX=needs_dx, **dots,
