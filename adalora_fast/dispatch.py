@@ -37,9 +37,12 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 try:  # a guarded static import: without Triton the library still runs, and says why
     from .kernels import svd_adapter as _svd_adapter_kernels
 
+    from .kernels.svd_adapter import svd_linear_triton  # the kernel path's entry point
+
     _ADAPTER_KERNELS = (_svd_adapter_kernels, None)
 except Exception as _exc:  # ImportError, or a Triton that fails on import
     _ADAPTER_KERNELS = (None, _exc)
+    svd_linear_triton = None
 
 # Calls per op and backend since import (eager calls, and each trace under torch.compile).
 _CALLS = {"svd_adapter": Counter(), "orth_penalty": Counter()}
@@ -88,11 +91,13 @@ def triton_unavailable_reason(x: torch.Tensor | None = None, *params: torch.Tens
     act = activation_dtype(x)
     if act not in KERNEL_DTYPES:
         return f"the kernels take {'/'.join(str(d)[6:] for d in KERNEL_DTYPES)} activations, not {act}"
-    dtypes = sorted({str(p.dtype) for p in params if p is not None})
-    if len(dtypes) > 1:
-        return f"the adapter's parameters (lora_A, lora_E, lora_B) have different dtypes {dtypes}; the kernels need one"
-    if dtypes and dtypes[0] not in {str(d) for d in KERNEL_DTYPES}:
-        return f"the kernels take fp16/bf16/fp32 adapter parameters, not {dtypes[0]}"
+    if params:
+        dtype = params[0].dtype
+        if any(p.dtype is not dtype for p in params[1:]):
+            dtypes = [str(p.dtype) for p in params]
+            return f"the adapter's parameters (lora_A, lora_E, lora_B) have different dtypes {dtypes}; the kernels need one"
+        if dtype not in KERNEL_DTYPES:
+            return f"the kernels take fp16/bf16/fp32 adapter parameters, not {dtype}"
     return None
 
 

@@ -63,9 +63,7 @@ def svd_linear(
     check_input_dtype(x, weight)
     backend = dispatch.adapter_backend(x, lora_A, lora_E, lora_B)
     if backend == "triton":
-        from .kernels.svd_adapter import svd_linear_triton
-
-        return svd_linear_triton(
+        return dispatch.svd_linear_triton(
             x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum,
             fan_in_fan_out=fan_in_fan_out, dropout_p=dropout_p, training=training, importance=importance,
         )  # fmt: skip

@@ -109,40 +109,18 @@ def measure(cases: dict, number: int, repeats: int, warmup: int = 3) -> dict[str
 # Providers
 # ------------------------------------------------------------------------------------------------------------
 
-LAUNCH_NAMES = ("svd_adapter_shrink", "svd_adapter_expand", "svd_adapter_grad_h", "svd_adapter_grad_reduce",
-                "svd_adapter_grad_q_x")  # fmt: skip
-
-
-class _Subscriptable:
-    """``obj[grid](*args)`` -> ``launcher(grid, *args)``: CachedLauncher behind svd_adapter's call sites
-    (the partial per launch is this patch's, not something the wired-in form would pay)."""
-
-    def __init__(self, launcher):
-        self.launcher = launcher
-
-    def __getitem__(self, grid):
-        return functools.partial(self.launcher, grid)
-
-
-_LAUNCHERS: dict = {}
-
-
 @contextlib.contextmanager
-def cached_launches():
-    """svd_adapter's five kernels launched through CachedLauncher (one launcher per kernel, kept across blocks)."""
-    from adalora_fast.kernels import svd_adapter as sa
-    from adalora_fast.kernels.launch import CachedLauncher
+def plain_launches():
+    """Every kernel launched as ``kernel[grid](...)`` through Triton's whole path (CachedLauncher's direct
+    path off): the package's launches before CachedLauncher, for comparison."""
+    from adalora_fast.kernels.launch import direct_launch_enabled, set_direct_launch
 
-    saved = {name: getattr(sa, name) for name in LAUNCH_NAMES}
-    for name in LAUNCH_NAMES:
-        if name not in _LAUNCHERS:
-            _LAUNCHERS[name] = _Subscriptable(CachedLauncher(saved[name]))
-        setattr(sa, name, _LAUNCHERS[name])
+    was = direct_launch_enabled()
+    set_direct_launch(False)
     try:
         yield
     finally:
-        for name, kernel in saved.items():
-            setattr(sa, name, kernel)
+        set_direct_launch(was)
 
 
 def peft_lora_linear(base, r: int, lora_alpha: int, dropout: float):
@@ -176,7 +154,7 @@ def build_providers(tokens, in_f, out_f, r, dtype, dropout, device):
     base.weight.requires_grad_(False)
     layers["PEFT LoRA Linear"] = peft_lora_linear(base, r, 16, dropout).to(device=device, dtype=dtype)
     layers["FastSVDLinear, CachedLauncher"] = layers["FastSVDLinear, kernel[grid]"]
-    contexts = {"FastSVDLinear, CachedLauncher": cached_launches}
+    contexts = {"FastSVDLinear, kernel[grid]": plain_launches}
     x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
     return layers, contexts, x
 
@@ -297,7 +275,7 @@ def _fast_layer_parts(args, dtype, dropout, device):
 def breakdown_table(args, dtype, dropout, device):
     fwd, bwd = _fast_layer_parts(args, dtype, dropout, device)
     rows = []
-    for label, ctx in (("kernel[grid]", None), ("CachedLauncher", cached_launches)):
+    for label, ctx in (("kernel[grid]", plain_launches), ("CachedLauncher", None)):
         cases = {(name, label): (fn, ctx) for name, fn in {**fwd, **bwd}.items()}
         t = measure(cases, args.number, args.repeats)
         for name in {**fwd, **bwd}:
@@ -471,7 +449,7 @@ def cprofile_table(args, dtype, dropout, device, top: int = 22):
     _, fwd_bwd = step_fns(layer, x)
     steps = max(20, args.number * 3)
     out = []
-    for label, ctx in (("kernel[grid]", contextlib.nullcontext), ("CachedLauncher", cached_launches)):
+    for label, ctx in (("kernel[grid]", plain_launches), ("CachedLauncher", contextlib.nullcontext)):
         with ctx():
             for _ in range(5):
                 fwd_bwd()

@@ -262,7 +262,7 @@ def _svd_adapter_grad_q_x_kernel(
 # Every list holds, for every rank pad, at least one config whose registers do not spill on sm_90 and
 # sm_80 (the in-kernel dropout's Philox state is what spills first; compile_check reports it).
 ROW_TILE_CONFIGS = tile_configs(
-    ("BLOCK_M", "BLOCK_K"), [(64, 128, 8, 3), (128, 64, 8, 3), (64, 256, 8, 3), (32, 128, 4, 4)], (16, 32, 4, 1)
+    ("BLOCK_M", "BLOCK_K"), [(64, 128, 8, 3), (128, 64, 8, 3), (64, 256, 8, 2), (32, 128, 4, 4)], (16, 32, 4, 1)
 )
 OUTPUT_TILE_CONFIGS = tile_configs(
     ("BLOCK_M", "BLOCK_N"), [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4)], (16, 32, 4, 1)
@@ -311,15 +311,24 @@ def _dropout_args(dropout_p: float) -> tuple[float, float, bool]:
     return dropout_p, (1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0), dropout_p > 0
 
 
+_UNUSED_SEED: dict = {}
+
+
 def dropout_seed(dropout_p: float, device, seed: int | None = None) -> torch.Tensor:
     """The one-element int64 tensor on ``device`` that the kernels read the dropout seed from.
 
     ``seed=None`` draws it on the device from torch's generator (reproducible under
     ``torch.manual_seed``; no host sync; inside a CUDA graph each replay draws a fresh one).
-    Left uninitialised without dropout: the kernels do not read it then.
+    Without dropout the kernels do not read it: a shared uninitialised placeholder is returned.
     """
-    if dropout_p <= 0:
-        return torch.empty(1, dtype=torch.int64, device=device)
+    if dropout_p <= 0:  # one cached placeholder per device (made outside a capture, like the ones mask)
+        unused = _UNUSED_SEED.get(device)
+        if unused is None:
+            unused = torch.empty(1, dtype=torch.int64, device=device)
+            if not (unused.is_cuda and torch.cuda.is_current_stream_capturing()):
+                with torch.inference_mode(False):
+                    unused = _UNUSED_SEED[device] = torch.empty(1, dtype=torch.int64, device=device)
+        return unused
     if seed is None:
         return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
     return torch.full((1,), int(seed), dtype=torch.int64, device=device)
@@ -547,7 +556,8 @@ def svd_linear_forward_op(
     dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(y, H, the dropout seed tensor the backward reuses). ``seed < 0`` draws one on the device."""
-    seed_t = dropout_seed(dropout_p, x.device, None if seed < 0 else seed)
+    seed_t = (dropout_seed(dropout_p, x.device, None if seed < 0 else seed) if dropout_p > 0
+              else torch.empty(1, dtype=torch.int64, device=x.device))  # an op's output is its own tensor
     x2d = x.reshape(-1, x.shape[-1])
     y, h = svd_adapter_forward(
         x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, fan_in_fan_out, dropout_p, seed_t
@@ -618,10 +628,10 @@ def _unmasked(r: int, device, dtype) -> torch.Tensor:
     Made outside inference mode (an inference tensor cannot be saved for a later training backward), and
     not cached while a CUDA graph is being captured (its fill would only run at the first replay).
     """
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.ones(r, device=device, dtype=dtype)
     ones = _ONES.get((device, dtype))
     if ones is None or ones.numel() < r:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.ones(r, device=device, dtype=dtype)
         with torch.inference_mode(False):
             ones = _ONES[device, dtype] = torch.ones(max(64, r), device=device, dtype=dtype)
     return ones[:r]
