@@ -13,6 +13,7 @@ Two of them look alarming and are harmless for AdaLoRA (see the README's PEFT se
 
 import contextlib
 import os
+import re
 import warnings
 
 import pytest
@@ -112,5 +113,7 @@ def test_the_installed_peft_is_the_one_that_warns(saved):
     _, stock_loading = _load(saved["stock"][1], load_patched=False)
     if not stock_saving and not stock_loading:
         pytest.skip("the installed PEFT raises neither warning")
-    known = ("invalid shape", "rank_pattern keys did not match")
-    assert all(any(k in m for k in known) for m in stock_saving + stock_loading), stock_saving + stock_loading
+    # the filters the README gives silence exactly these (warnings.filterwarnings matches from the start)
+    readme_filters = ("The following rank_pattern keys did not match", r"Adapter .* LoRA tensor\(s\) have invalid shape")
+    for message in stock_saving + stock_loading:
+        assert any(re.match(f, message) for f in readme_filters), message
