@@ -146,7 +146,7 @@ def path_note(backend: str, reason: str | None) -> str:
         f"The adapter ran its PyTorch reference here ({reason}). That is the computation PEFT's SVDLinear does, "
         "done the same way, so adalora_fast and peft_svdlinear cost about the same above: no speed-up is expected "
         "on this path. The speed-up comes from the fused Triton kernels, which run on CUDA GPUs; the figures "
-        f"measured on one (an H200, against PEFT) are in {GPU_FIGURES}."
+        f"measured on GPUs, against PEFT, are in {GPU_FIGURES}."
     )
 
 
@@ -177,7 +177,7 @@ def main(argv=None) -> dict:
     cuda = device == "cuda"
     shape = (8192, 4096, 4096) if cuda else (2048, 512, 512)
     dtype = torch.bfloat16 if cuda else torch.float32
-    backend, reason = adapter_path(device, dtype, shape[1], shape[2], args.init_r)
+    backend, reason = adapter_path(device, dtype, r=args.init_r)  # the dispatcher's choice does not depend on the size
     rows = compare_layers(*shape, args.init_r, dtype=dtype, device=device, iters=args.bench_iters)
     _print_timings(rows, f"layer timing, {shape[0]} tokens x {shape[1]} -> {shape[2]}, r={args.init_r}, {dtype}, "
                          f"adapter on the {'fused kernels' if backend == 'triton' else 'PyTorch reference'}, one run:")  # fmt: skip
