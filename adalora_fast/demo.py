@@ -6,14 +6,18 @@ Builds a small decoder-only transformer, adapts every linear layer with
 ``FastSVDLinear``, trains only the adapters on a synthetic sequence task with
 the rank allocator and the orthogonality penalty, and prints the loss, the
 ranks allocated per layer and a timing table (fast layer vs PEFT's SVDLinear
-vs the frozen nn.Linear). On a CPU the layers run the PyTorch reference path;
-on a GPU, whatever ``adalora_fast.env_report()`` says the dispatcher picks.
+vs the frozen nn.Linear). The demo says which path the adapter took: where the
+dispatcher runs the PyTorch reference (a CPU, or ``ADALORA_FAST_BACKEND=reference``)
+the fast layer computes what PEFT's SVDLinear computes, the same way, so the
+timing table shows no speed-up there; the fused kernels run on CUDA GPUs, and
+the figures measured on one are in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import textwrap
 import time
 
 import torch
@@ -21,7 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import RankAllocator, compute_orth_regu, convert_linear_layers, env_report, mark_only_lora_as_trainable
+from . import dispatch
 from .benchmarking import compare_layers
+from .svd_linear import FastSVDLinear
+
+GPU_FIGURES = "BENCHMARKS.md (at the top of the adalora-fast repository)"
 
 
 class Block(nn.Module):
@@ -113,6 +121,35 @@ def _print_timings(rows: list[dict], title: str) -> None:
         print(f"  {row['mode']:<17}{row['provider']:<16}{row['ms']:>10.3f}{row['ratio']:>10.2f}x")
 
 
+def adapter_path(device, dtype, in_f: int = 64, out_f: int = 64, r: int = 4) -> tuple[str, str | None]:
+    """(``"triton"`` or ``"reference"``, why the reference) for a FastSVDLinear on ``device`` in ``dtype``:
+    the dispatcher's own decision (:func:`adalora_fast.dispatch.adapter_backend`), not a guess from the device."""
+    layer = FastSVDLinear(in_f, out_f, r=r, device=device, dtype=dtype)
+    x = torch.empty(1, in_f, device=device, dtype=dtype)
+    backend = dispatch.adapter_backend(x, layer.weight, layer.lora_A, layer.lora_E, layer.lora_B)
+    if backend == "triton":
+        return backend, None
+    if dispatch.requested_backend() == "reference":
+        return backend, f"{dispatch.BACKEND_ENV}=reference"
+    reason = dispatch.triton_unavailable_reason(x, layer.weight, layer.lora_A, layer.lora_E, layer.lora_B)
+    return backend, reason or f"the input is on {x.device}; the fused kernels run on CUDA tensors"
+
+
+def path_note(backend: str, reason: str | None) -> str:
+    """What the timing table can and cannot show, given the path the adapter took."""
+    if backend == "triton":
+        return (
+            "The adapter ran the fused Triton kernels. Timings move from run to run: compare the ratios, which "
+            f"were measured side by side. Figures from a full benchmark run: {GPU_FIGURES}."
+        )
+    return (
+        f"The adapter ran its PyTorch reference here ({reason}). That is the computation PEFT's SVDLinear does, "
+        "done the same way, so adalora_fast and peft_svdlinear cost about the same above: no speed-up is expected "
+        "on this path. The speed-up comes from the fused Triton kernels, which run on CUDA GPUs; the figures "
+        f"measured on GPUs, against PEFT, are in {GPU_FIGURES}."
+    )
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
@@ -124,7 +161,12 @@ def main(argv=None) -> dict:
 
     report = env_report()
     print(f"adalora-fast demo on {report['device']} (torch {report['torch']}, triton {report['triton']})")
-    print(f"adapter backend: {report['svd_adapter']}\n")
+    print(f"adapter backend: {report['svd_adapter']}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend, reason = adapter_path(device, torch.float32)
+    if backend == "reference":
+        print("  (the PyTorch reference: the same results as PEFT, at PEFT's speed; the kernels run on CUDA GPUs)")
+    print()
     t0 = time.perf_counter()
     losses, ranks, _ = train(args.steps, args.init_r, args.target_r, args.seed)
     train_s = time.perf_counter() - t0
@@ -132,12 +174,16 @@ def main(argv=None) -> dict:
     print(f"\nloss {first:.4f} -> {last:.4f} over {args.steps} steps ({train_s:.1f} s; chance level {math.log(32):.4f})")
     _print_ranks(ranks, args.init_r)
 
-    cuda = torch.cuda.is_available()
+    cuda = device == "cuda"
     shape = (8192, 4096, 4096) if cuda else (2048, 512, 512)
     dtype = torch.bfloat16 if cuda else torch.float32
-    rows = compare_layers(*shape, args.init_r, dtype=dtype, device="cuda" if cuda else "cpu", iters=args.bench_iters)
-    _print_timings(rows, f"layer timing, {shape[0]} tokens x {shape[1]} -> {shape[2]}, r={args.init_r}, {dtype}, one run:")
-    return dict(losses=losses, ranks=ranks, timings=rows)
+    backend, reason = adapter_path(device, dtype, r=args.init_r)  # the dispatcher's choice does not depend on the size
+    rows = compare_layers(*shape, args.init_r, dtype=dtype, device=device, iters=args.bench_iters)
+    _print_timings(rows, f"layer timing, {shape[0]} tokens x {shape[1]} -> {shape[2]}, r={args.init_r}, {dtype}, "
+                         f"adapter on the {'fused kernels' if backend == 'triton' else 'PyTorch reference'}, one run:")  # fmt: skip
+    note = path_note(backend, reason)
+    print("\n" + textwrap.fill(note, 100))
+    return dict(losses=losses, ranks=ranks, timings=rows, adapter_backend=backend, note=note)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 each case once as a smoke test (as CI does). pytest-benchmark's own table has
 absolute times; the table added here divides each provider's median by the
 median of the group's baseline (the frozen ``nn.Linear`` for layers, PEFT's
-per-matrix loop for the penalty), measured in the same run.
+per-matrix loop for the penalty), measured in the same run. The JSON's
+``machine_info`` also records the GPU, the versions and the backend each op
+ran on, for benchmarks/report.py.
 """
 
 from collections import defaultdict
@@ -12,6 +14,26 @@ from collections import defaultdict
 import torch
 
 from adalora_fast.benchmarking import ratios_to_baseline
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The device, the library versions and the backends, beside pytest-benchmark's CPU and Python details."""
+    import importlib.metadata
+
+    import adalora_fast
+
+    if torch.cuda.is_available():
+        machine_info["gpu"] = torch.cuda.get_device_name(0)
+    versions = {}
+    for package in ("adalora-fast", "torch", "triton", "peft", "transformers"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    versions["torch"] = torch.__version__  # (with its CUDA or CPU tag)
+    machine_info["versions"] = versions
+    report = adalora_fast.env_report()
+    machine_info["backends"] = {op: report[op] for op in ("svd_adapter", "orth_penalty") if op in report}
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -3,7 +3,10 @@
 On a GPU: 154 modules shaped like a ~1B Llama (hidden 2048, intermediate 5632,
 4 KV heads of 64, 22 layers, r = 12), bf16. On a CPU: 2 such layers at hidden
 256, fp32. ``peft_loop`` is PEFT's per-matrix loop (``AdaLoraModel.forward``),
-i.e. the reference path.
+i.e. the reference path. On a CPU the dispatcher runs that reference and this
+times the extension's CPU build (``backend="extension"``) against it; neither is
+faster everywhere there (one thread: level on these shapes, the reference ahead
+on larger models; two threads: the extension ahead): figures in BENCHMARKS.md.
 """
 
 import pytest

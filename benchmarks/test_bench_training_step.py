@@ -2,8 +2,8 @@
 
 Step = forward (loss + orthogonality penalty), backward, AdamW step, allocator (every step, AdaLoRA only).
 On a GPU: bf16, 8×512 tokens, the ~1B (hidden 2048, 22 layers, intermediate 5632, 32 heads, 4 KV heads)
-and ~160M (hidden 768, 12 layers, intermediate 2048) shapes of ``../shared/baselines``, AdaLoRA init_r 12 /
-target_r 8 on q,k,v,o,gate,up,down, LoRA r 8 on the same targets, dropout 0 and 0.1; peak memory per step
+and ~160M (hidden 768, 12 layers, intermediate 2048) shapes of the PEFT baseline in BENCHMARKS.md, AdaLoRA
+init_r 12 / target_r 8 on q,k,v,o,gate,up,down, LoRA r 8 on the same targets, dropout 0 and 0.1; peak memory per step
 goes to ``extra_info``. On a GPU also, the whole step captured as one CUDA graph
 (:func:`adalora_fast.cuda_graph.capture_training_step`) for adalora-fast (``patch_peft(model,
 capturable=True)``) and for PEFT LoRA alike: compare ``adalora_fast_graph`` with ``peft_lora_graph`` too, not

@@ -2,7 +2,7 @@
 
 loralib is not on the package index, so the parity test runs against this oracle, written in loralib's own
 style — a walk over ``named_parameters()`` with per-name dicts — from its documented behaviour
-(``../shared/reference/adalora_semantics.md`` §1-§5), independently of adalora_fast's reference package.
+(the README's Semantics section), independently of adalora_fast's reference package.
 """
 
 import torch

@@ -4,6 +4,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -62,6 +64,103 @@ def test_report_tables_and_plots_the_ranks_steps_and_token_sweep(tmp_path):
     assert "ranks=" not in text  # the rank dict goes to its own table, not the extras column
     for name in ("rank_heatmap.png", "training_step_by_model.png", "layer_by_tokens.png", "training.png"):
         assert (plots / name).stat().st_size > 1000, name
+
+
+def _drawn_providers(fig):
+    """[(axes, provider, colour as hex)] for every bar and line a figure draws under a provider's label."""
+    from matplotlib.colors import to_hex
+
+    drawn = []
+    for ax in fig.axes:
+        for container in ax.containers:
+            drawn += [(ax, container.get_label(), to_hex(patch.get_facecolor())) for patch in container.patches]
+        for line in ax.get_lines():
+            if not line.get_label().startswith("_") and "(= 1)" not in line.get_label():  # not the baseline's line
+                drawn.append((ax, line.get_label(), to_hex(line.get_color())))
+    return drawn
+
+
+def _groups_for_every_plot():
+    """Benchmark groups that make every plot, with a different subset and order of providers per panel."""
+    groups = {}
+    for mode, providers in (("forward", ("frozen_linear", "adalora_fast", "peft_svdlinear")),
+                            ("forward_backward", ("frozen_linear", "adalora_fast_emit", "peft_svdlinear", "adalora_fast"))):  # fmt: skip
+        for n in (1024, 4096, 8192):
+            groups[f"svd_linear {mode} {n}x4096->4096 r=12 dropout=0.0 bfloat16"] = {
+                p: {"median_ms": 1.0 + i * 0.1 * n / 1024} for i, p in enumerate(providers)
+            }
+    for model in ("llama_160m", "llama_1b"):
+        for dropout, providers in (("0.0", ("peft_lora", "peft_adalora", "adalora_fast", "adalora_fast_graph")),
+                                   ("0.1", ("peft_lora", "adalora_fast", "peft_adalora"))):  # fmt: skip
+            groups[f"training step {model} 8x512 tokens dropout={dropout} bfloat16"] = {
+                p: {"median_ms": 100.0 + 10 * i} for i, p in enumerate(providers)
+            }
+    groups["orth_penalty fwd+bwd 154 modules r=12 bfloat16"] = {"peft_loop": {"median_ms": 9.0},
+                                                                 "adalora_fast": {"median_ms": 1.0}}  # fmt: skip
+    groups["rank_allocation minilm"] = {"peft_lora": {"median_ms": 1.0},
+                                        "adalora_fast": {"median_ms": 1.1, "ranks": {"l.0.q": 2, "l.1.q": 3}}}  # fmt: skip
+    return groups
+
+
+def test_plots_draw_each_provider_in_one_colour_with_legend_units_and_device(tmp_path, monkeypatch):
+    """One colour per provider in every figure and panel (PEFT's SVDLinear was orange in one panel of
+    layer_by_tokens.png and green in the next), a legend naming every provider drawn, axis labels with units,
+    and the device in every title."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_hex
+
+    report = _report_module()
+    figures, save = {}, report._save
+
+    def keep(plt, fig, out_dir, name, **kw):  # inspect each figure before _save closes it
+        figures[name] = fig
+        return save(plt, fig, out_dir, name, **kw)
+
+    monkeypatch.setattr(report, "_save", keep)
+    written = report.plot(_groups_for_every_plot(), str(tmp_path), device="NVIDIA H200")
+    assert {os.path.basename(p) for p in written} == set(figures) >= {
+        "layer_by_tokens.png", "training_step_by_model.png", "svd_linear.png", "training.png", "orth_penalty.png",
+        "rank_allocation.png", "rank_heatmap.png"}  # fmt: skip
+
+    colour_of = {}
+    for name, fig in figures.items():
+        drawn = _drawn_providers(fig)
+        assert bool(drawn) != name.startswith("rank_heatmap"), name
+        for ax, provider, colour in drawn:
+            assert colour_of.setdefault(provider, colour) == colour, f"{provider} changes colour in {name}"
+        for ax in fig.axes:
+            in_axes = {(p, c) for a, p, c in drawn if a is ax}
+            assert len({c for _, c in in_axes}) == len(in_axes), f"two providers share a colour in {name}"
+        legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+        assert {p for _, p, _ in drawn} <= {t.get_text() for legend in legends for t in legend.get_texts()}, name
+        for ax in fig.axes:
+            if ax.get_label() == "<colorbar>":
+                assert "rank" in ax.get_ylabel()
+                continue
+            assert "NVIDIA H200" in ax.get_title(), name
+            assert ax.get_xlabel() and ax.get_ylabel(), name
+            if not name.startswith("rank_heatmap"):
+                assert "(×)" in ax.get_xlabel() + ax.get_ylabel(), name  # the ratio's unit
+    assert colour_of == {p: to_hex(report.provider_color(p)) for p in colour_of}  # the fixed table
+    assert colour_of["peft_svdlinear"] == colour_of["peft_adalora"] == to_hex(report.provider_color("peft_loop"))
+    ours_and_theirs = ("adalora_fast", "adalora_fast_emit", "adalora_fast_graph", "peft_svdlinear", "peft_lora",
+                       "frozen_linear")  # fmt: skip
+    assert len({to_hex(report.provider_color(p)) for p in ours_and_theirs}) == len(ours_and_theirs)
+    assert report.provider_color("another_provider") == report.provider_color("another_provider")  # stable
+
+
+def test_report_records_the_device_and_versions(tmp_path):
+    """The header names the GPU benchmarks/conftest.py records (not the host CPU), and the versions."""
+    data = {"machine_info": {"cpu": {"brand_raw": "host cpu"}, "gpu": "NVIDIA H200",
+                             "versions": {"torch": "2.11.0+cu130", "peft": "0.21.0"}},
+            "benchmarks": [_bench("svd_linear fwd", "frozen_linear", 0.002)]}  # fmt: skip
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "BENCHMARKS.md"
+    _report_module().main([str(path), "--out", str(out)])
+    text = out.read_text()
+    assert "— NVIDIA H200" in text and "host cpu" not in text
+    assert "Versions: torch 2.11.0+cu130, peft 0.21.0" in text
 
 
 def test_rank_grid_reads_layer_and_matrix_from_module_names():

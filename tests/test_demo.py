@@ -1,7 +1,9 @@
 """The main job: a small transformer fine-tuned with AdaLoRA learns, and the allocator prunes to budget."""
 
+import torch
+
 from adalora_fast import FastSVDLinear
-from adalora_fast.demo import TinyTransformer, main, train
+from adalora_fast.demo import TinyTransformer, adapter_path, main, path_note, train
 
 
 def test_demo_trains_and_allocates():
@@ -20,6 +22,35 @@ def test_demo_cli_prints_loss_ranks_and_timings(capsys):
     assert "ranks allocated per layer" in out and "layer timing" in out
     assert {r["provider"] for r in result["timings"]} == {"adalora_fast", "peft_svdlinear", "frozen_linear"}
     assert all(r["ms"] > 0 for r in result["timings"])
+    # Where the adapter ran the reference, the demo says so, why the table shows no speed-up, and where GPU figures are.
+    if result["adapter_backend"] == "reference":
+        flat = " ".join(out.split())
+        assert "adapter on the PyTorch reference" in flat
+        assert "ran its PyTorch reference here" in flat and "no speed-up is expected" in flat
+        assert "BENCHMARKS.md" in flat
+
+
+def test_demo_takes_the_path_from_the_dispatcher(monkeypatch):
+    """The message follows the dispatcher's choice, not the device: forced reference, forced kernels (the
+    interpreter on a CPU), and the automatic choice on this machine."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setenv("ADALORA_FAST_BACKEND", "reference")
+    backend, reason = adapter_path(device, torch.float32)
+    assert backend == "reference" and "ADALORA_FAST_BACKEND=reference" in reason
+    note = path_note(backend, reason)
+    assert "ADALORA_FAST_BACKEND=reference" in note and "no speed-up" in note and "BENCHMARKS.md" in note
+
+    monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")  # TRITON_INTERPRET=1 on a CPU (tests/conftest.py)
+    assert adapter_path(device, torch.float32) == ("triton", None)
+    note = path_note("triton", None)
+    assert "fused Triton kernels" in note and "no speed-up" not in note and "BENCHMARKS.md" in note
+
+    monkeypatch.delenv("ADALORA_FAST_BACKEND")
+    backend, reason = adapter_path(device, torch.float32)
+    assert backend == ("triton" if device == "cuda" else "reference")
+    assert (reason is None) == (backend == "triton")
+    if device == "cpu":
+        assert "cpu" in reason
 
 
 def test_tiny_transformer_has_thirteen_linear_layers():
