@@ -666,6 +666,12 @@ def svd_linear_triton(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, sca
             -1 if seed is None else seed,
         )  # fmt: skip
         return y
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                             for t in (x, lora_A, lora_E, lora_B, weight, bias))):  # fmt: skip
+        # Nothing to differentiate (evaluation, no_grad): the launchers alone, without autograd's machinery.
+        y, _ = svd_adapter_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_E, lora_B, triplet_mask,
+                                   ranknum, float(scaling), fan_in_fan_out, p, dropout_seed(p, x.device, seed))  # fmt: skip
+        return y.view(*x.shape[:-1], y.shape[-1])
     # Eagerly, the autograd.Function: the same launchers at about half a custom op's per-call framework
     # overhead (it matters with ~150 adapted layers per step); it also carries the ImportanceState when the
     # backward emits the importance.
