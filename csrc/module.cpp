@@ -1,7 +1,7 @@
 // The Python module adalora_fast._C: importing it runs the op registrations (TORCH_LIBRARY in
 // orth_penalty.cpp, TORCH_LIBRARY_IMPL for CUDA in cuda/); the ops are called as torch.ops.adalora_fast.*.
 //
-// Written against the CPython C API alone (no pybind11): the module exports one symbol, PyInit__C, and
+// Written against the CPython C API alone (no pybind11): of its own symbols the module exports PyInit__C alone, and
 // shares no C++ runtime state with torch's own Python bindings.
 #include <Python.h>
 
