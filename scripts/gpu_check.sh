@@ -21,7 +21,8 @@
 # profile, the BENCHMARKS.md section and plots), plus bench.json, BENCHMARKS-section.md and profile.md: five
 # files, whatever happens to the later stages. Without a GPU the GPU stages shrink to smoke runs (small
 # shapes; GPU_CHECK_QUICK=1 also shrinks the tests), so the script itself can be tested on a CPU.
-# Exits non-zero if any stage failed or ran out of time.
+# GPU_CHECK_STAGES="build env tests ..." runs only the stages named. Exits non-zero if any stage failed or ran
+# out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -117,12 +118,12 @@ if ((CUDA)); then
   export TEST_WORKERS=${GPU_CHECK_WORKERS:-8}
   LAYER_K=${GPU_CHECK_LAYER_K:-2048x4096x4096 or 8192x4096x4096 or 8192x4096x14336}
   STEP_K=${GPU_CHECK_STEP_K:-llama_1b-0.0}
-  PROFILE_ARGS=(--model llama_1b --providers peft_lora,peft_adalora,adalora_fast,adalora_fast_graph --steps 3)
+  PROFILE_ARGS=(--model llama_1b --providers "${GPU_CHECK_PROFILE_PROVIDERS:-peft_lora,peft_adalora,adalora_fast,adalora_fast_graph}" --steps 3)
 else # smoke runs of every stage
   export TEST_WORKERS=${GPU_CHECK_WORKERS:-2}
   LAYER_K=${GPU_CHECK_LAYER_K:-300x77x130 and 0.0}
   STEP_K=${GPU_CHECK_STEP_K:-tiny-0.0 and (peft_lora or adalora_fast)}
-  PROFILE_ARGS=(--model tiny --providers peft_lora,adalora_fast --steps 1)
+  PROFILE_ARGS=(--model tiny --providers "${GPU_CHECK_PROFILE_PROVIDERS:-peft_lora,adalora_fast}" --steps 1)
 fi
 # The device-dependent test modules: those that mention CUDA (the others behave the same on a CPU).
 if [[ -n ${GPU_CHECK_TESTS:-} ]]; then
@@ -147,6 +148,7 @@ trap 'summarize; exit 130' INT TERM
 stage() {
   local name=$1 limit=$2
   shift 2
+  [[ " ${GPU_CHECK_STAGES:-$name} " == *" $name "* ]] || return 0
   local left=$((BUDGET - ($(date +%s) - START) - RESERVE)) t0=$SECONDS rc status
   ((limit > left)) && limit=$left
   if ((limit < 10)); then

@@ -4,7 +4,8 @@
     python scripts/gpu_summary.py merge A.json B.json --out C.json  # pytest-benchmark JSON files into one
 
 Reads from the logs folder: ``stages.tsv`` (stage, status, seconds, note), ``env.json`` (env_report plus
-versions), ``*.jsonl`` (scripts/gpu_check_plugin.py records: test results and benchmarks) and
+versions), ``tests*.jsonl`` and ``bench*.jsonl`` (scripts/gpu_check_plugin.py records of the test and the
+benchmark stages) and
 ``profile.md`` (benchmarks/profile_step.py). Imports neither torch nor the package: it runs even when those
 are broken, and in well under a second.
 """
@@ -186,8 +187,12 @@ def summary(logs: str) -> str:
     if stages:
         lines += ["Stages: " + " · ".join(f"{name} {status} ({secs} s){' — ' + note if note else ''}"
                                           for name, status, secs, note in stages), ""]  # fmt: skip
-    records = _read_jsonl(sorted(glob.glob(os.path.join(logs, "*.jsonl"))))
-    lines += _tests_section(records)
+    lines += _tests_section(_read_jsonl(sorted(glob.glob(os.path.join(logs, "tests*.jsonl")))))
+    records = _read_jsonl(sorted(glob.glob(os.path.join(logs, "bench*.jsonl"))))
+    broken = sorted({r["nodeid"] for r in records if r.get("kind") == "test" and r["outcome"] in ("failed", "error")})
+    if broken:
+        lines += [f"Benchmarks that failed ({len(broken)}): " + ", ".join(f"`{n.split('::')[-1]}`" for n in broken[:12])
+                  + (" …" if len(broken) > 12 else ""), ""]  # fmt: skip
     groups = _bench_groups(records)
     lines += _layer_section(groups)
     lines += _step_section(groups)

@@ -17,37 +17,47 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import gpu_summary  # noqa: E402
 
-TWO_TESTS = '''
+TESTS = '''
 def test_that_passes():
     assert True
 
 def test_that_fails():
     assert 1 == 2, "one is not two"
+
+def test_that_dispatches(benchmark):
+    import torch
+    from adalora_fast import dispatch
+    benchmark(lambda: dispatch.adapter_backend(torch.randn(2, 3)))
 '''
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs its real stages; run it directly")
 def test_the_check_writes_a_summary_naming_passed_and_failed_tests(tmp_path):
-    tests = tmp_path / "test_two.py"
-    tests.write_text(TWO_TESTS)
+    tests = tmp_path / "test_three.py"
+    tests.write_text(TESTS)
     results, logs = tmp_path / "results", tmp_path / "logs"
+    # The stages, on the smallest cases (the training step and the profile build models: skipped here).
     env = dict(os.environ, RESULTS=str(results), GPU_CHECK_LOGS=str(logs), GPU_CHECK_SKIP_BUILD="1",
-               GPU_CHECK_QUICK="1", GPU_CHECK_TESTS=str(tests), GPU_CHECK_BUDGET="300", PYTHON=sys.executable)  # fmt: skip
+               GPU_CHECK_QUICK="1", GPU_CHECK_TESTS=str(tests), GPU_CHECK_BUDGET="300", PYTHON=sys.executable,
+               GPU_CHECK_STAGES="build env tests bench_layer report",
+               GPU_CHECK_LAYER_K="300x77x130-0.0 and forward and not backward and (frozen or adalora_fast-)")  # fmt: skip
     proc = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode != 0, "a failing test must fail the check"
     summary = (results / "SUMMARY.md").read_text()
-    assert "test_two.py::test_that_fails" in summary and "one is not two" in summary
-    assert "1 passed" in summary and "1 failed" in summary and "test_two.py 1" in summary
-    for stage in ("build ok", "env ok", "tests failed", "bench_step ok", "bench_layer ok", "report ok", "profile ok"):
+    assert "test_three.py::test_that_fails" in summary and "one is not two" in summary
+    assert "2 passed" in summary and "1 failed" in summary and "test_three.py 2" in summary
+    for stage in ("build ok", "env ok", "tests failed", "bench_layer ok", "report ok"):
         assert stage in summary, (stage, summary, proc.stdout[-3000:])
-    assert "Training step" in summary and "| adalora_fast |" in summary and "Layer" in summary
-    assert "Profile: tiny" in summary
+    assert "bench_step" not in summary and "Profile:" not in summary
+    assert "| 300×77→130, 0.0 |" in summary and "adapter reference" in summary  # the fast layer's backend
+    # The plugin counts the dispatcher's decisions in every benchmark (here: the test stage's one).
+    records = [json.loads(line) for line in (logs / "tests.jsonl").read_text().splitlines()]
+    (dispatched,) = [r for r in records if r["kind"] == "bench"]
+    assert dispatched["extra_info"]["backends"]["adapter"]["reference"] >= 1
     assert len(summary.splitlines()) < 80
     names = tarfile.open(results / "gpu-check-logs.tar.gz").getnames()
     assert any(n.endswith("tests.log") for n in names) and any(n.endswith("tests.xml") for n in names)
-    assert sorted(os.listdir(results)) == sorted(
-        ["SUMMARY.md", "gpu-check-logs.tar.gz", "bench.json", "BENCHMARKS-section.md", "profile.md"]
-    )
+    assert sorted(os.listdir(results)) == ["BENCHMARKS-section.md", "SUMMARY.md", "bench.json", "gpu-check-logs.tar.gz"]
 
 
 def _write_jsonl(path, records):
