@@ -106,23 +106,23 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
-
-setup(
-    name="adalora-fast",
-    version=_read_version(),
-    description="Fused kernels that make AdaLoRA cost what LoRA costs",
-    long_description=open(os.path.join(ROOT, "README.md")).read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=["adalora_fast", "adalora_fast.reference", "adalora_fast.integrations", "adalora_fast.kernels"],
-    package_dir={"adalora_fast.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "peft>=0.14", "transformers>=4.45"],
-        "peft": ["peft>=0.14", "transformers>=4.45"],
-    },
-    license="Apache-2.0",
-)
+if __name__ == "__main__":  # (setuptools runs this file as __main__; tests import its helpers)
+    ext_modules, cmdclass = _extensions()
+    setup(
+        name="adalora-fast",
+        version=_read_version(),
+        description="Fused kernels that make AdaLoRA cost what LoRA costs",
+        long_description=open(os.path.join(ROOT, "README.md")).read(),
+        long_description_content_type="text/markdown",
+        python_requires=">=3.10",
+        packages=["adalora_fast", "adalora_fast.reference", "adalora_fast.integrations", "adalora_fast.kernels"],
+        package_dir={"adalora_fast.kernels": "kernels"},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
+        extras_require={
+            "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "peft>=0.14", "transformers>=4.45"],
+            "peft": ["peft>=0.14", "transformers>=4.45"],
+        },
+        license="Apache-2.0",
+    )

@@ -75,10 +75,11 @@ def test_pyproject_declares_the_build_system():
 
 @pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory):
-    """pip 24.0, the newest pip, the newest setuptools and wheel, downloaded once (skips with no index)."""
+    """pip 24.0, the newest pip, the newest setuptools and wheel (and its dependency), downloaded once; skips
+    where no package index is reachable."""
     d = tmp_path_factory.mktemp("wheelhouse")
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(d)]
-    for spec in (["pip==24.0"], ["pip", "setuptools", "wheel"]):
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "-d", str(d)]
+    for spec in (["--no-deps", "pip==24.0"], ["pip", "setuptools", "wheel"]):  # (wheel needs packaging)
         got = subprocess.run(cmd + spec, capture_output=True, text=True, timeout=300)
         if got.returncode != 0:
             pytest.skip(f"no package index reachable to fetch {spec}: {got.stderr[-500:]}")
@@ -110,7 +111,10 @@ def _venv(tmp_path, wheelhouse, pip_version):
 
 
 def _import_from(python, cwd):
-    code = "import adalora_fast, adalora_fast.kernels as k, pip, setuptools; print(adalora_fast.__file__, k.__file__, pip.__version__, setuptools.__version__)"
+    code = (
+        "import importlib.metadata as m, adalora_fast, adalora_fast.kernels as k;"
+        "print(adalora_fast.__file__, k.__file__, m.version('pip'), m.version('setuptools'))"
+    )
     out = subprocess.run([python, "-c", code], cwd=cwd, env=_offline_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.split()
