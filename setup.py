@@ -5,18 +5,34 @@ The Triton kernels live in the top-level ``kernels/`` folder but install as
 Hugging Face ``kernels`` package that transformers imports).
 
 C++/CUDA sources in ``csrc/`` are compiled ahead of time into
-``adalora_fast._C`` with torch's BuildExtension (ninja). Nothing is compiled
-at import time. The CUDA part is built when torch has CUDA and nvcc is found,
-or when ``FORCE_CUDA=1``; set ``ADALORA_FAST_BUILD_EXT=0`` to skip the
-extension entirely (the library then runs its PyTorch reference paths).
+``adalora_fast._C`` with torch's BuildExtension (ninja, parallel jobs).
+Nothing is compiled at import time. The build is driven by pyproject.toml
+(setuptools' PEP 517 backend); install with
+``pip install --no-build-isolation -e .`` so that it uses the installed torch.
+
+Environment:
+
+* ``ADALORA_FAST_BUILD_EXT=0``: no extension (the library runs its PyTorch
+  reference paths).
+* ``FORCE_CUDA=1`` / ``FORCE_CUDA=0``: build / skip the CUDA part; by default
+  it is built when torch has CUDA and nvcc is found.
+* ``TORCH_CUDA_ARCH_LIST``: the GPU architectures. When unset, the visible
+  GPUs' architectures; with no GPU visible, every supported one
+  (``SUPPORTED_ARCHS`` that this nvcc knows, PTX for the newest).
+* ``MAX_JOBS``: parallel compile jobs (default: every core).
 """
 
 import glob
 import os
+import re
+import subprocess
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Ampere and newer: the library's kernels use bf16 and need sm_80.
+SUPPORTED_ARCHS = ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
 
 
 def _read_version():
@@ -24,6 +40,28 @@ def _read_version():
     with open(os.path.join(ROOT, "adalora_fast", "version.py")) as f:
         exec(f.read(), scope)
     return scope["__version__"]
+
+
+def _nvcc_archs(nvcc):
+    """The sm_XY architectures this nvcc compiles for, as "X.Y" (None when it cannot say)."""
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    archs = {f"{m[:-1]}.{m[-1]}" for m in re.findall(r"compute_(\d+)", out)}
+    return archs or None
+
+
+def cuda_arch_list(torch, nvcc):
+    """TORCH_CUDA_ARCH_LIST for this build: the visible GPUs' architectures, or every supported one."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in caps)
+    known = _nvcc_archs(nvcc)
+    archs = [a for a in SUPPORTED_ARCHS if known is None or a in known] or list(SUPPORTED_ARCHS[:1])
+    return ";".join(archs) + "+PTX"
 
 
 def _extensions():
@@ -38,42 +76,53 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
-    use_cuda = bool(cu_sources) and (force_cuda or (torch.version.cuda is not None and CUDA_HOME is not None))
-    cxx_flags = ["-O3"]  # the C++ standard is the one torch's BuildExtension picks for its headers
+    force_cuda = os.environ.get("FORCE_CUDA", "")
+    use_cuda = bool(cu_sources) and (
+        force_cuda == "1" or (force_cuda != "0" and torch.version.cuda is not None and CUDA_HOME is not None)
+    )
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    # Only the extension's own symbols stay visible (PyInit__C): no inline C++ symbol of ours can interpose on,
+    # or be interposed by, another library's copy in the process.
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if use_cuda:
-        # Without a visible GPU, BuildExtension would ask the driver for the arch; default to A100 + H100.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else "nvcc"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(torch, nvcc)
+        print(f"adalora-fast: CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         ext = CUDAExtension(
             "adalora_fast._C",
             cpp_sources + cu_sources,
             include_dirs=include_dirs,
             define_macros=[("ADALORA_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
-        )
+            extra_compile_args={
+                "cxx": cxx_flags,
+                # --threads 0: one host thread per target architecture.
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "--threads", "0",
+                         "-Xcompiler", "-fvisibility=hidden", "-Xcompiler", "-fvisibility-inlines-hidden"],
+            },
+        )  # fmt: skip
     else:
         ext = CppExtension("adalora_fast._C", cpp_sources, include_dirs=include_dirs, extra_compile_args=cxx_flags)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
-
-setup(
-    name="adalora-fast",
-    version=_read_version(),
-    description="Fused kernels that make AdaLoRA cost what LoRA costs",
-    long_description=open(os.path.join(ROOT, "README.md")).read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=["adalora_fast", "adalora_fast.reference", "adalora_fast.integrations", "adalora_fast.kernels"],
-    package_dir={"adalora_fast.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft>=0.14", "transformers>=4.45"],
-        "peft": ["peft>=0.14", "transformers>=4.45"],
-    },
-    license="Apache-2.0",
-)
+if __name__ == "__main__":  # (setuptools runs this file as __main__; tests import its helpers)
+    ext_modules, cmdclass = _extensions()
+    setup(
+        name="adalora-fast",
+        version=_read_version(),
+        description="Fused kernels that make AdaLoRA cost what LoRA costs",
+        long_description=open(os.path.join(ROOT, "README.md")).read(),
+        long_description_content_type="text/markdown",
+        python_requires=">=3.10",
+        packages=["adalora_fast", "adalora_fast.reference", "adalora_fast.integrations", "adalora_fast.kernels"],
+        package_dir={"adalora_fast.kernels": "kernels"},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
+        extras_require={
+            "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "peft>=0.14", "transformers>=4.45"],
+            "peft": ["peft>=0.14", "transformers>=4.45"],
+        },
+        license="Apache-2.0",
+    )

@@ -1,8 +1,8 @@
 """Layer benchmark: FastSVDLinear vs PEFT's SVDLinear vs the frozen nn.Linear, forward and forward+backward.
 
 On a GPU: bf16, r_init = 12, 8192 tokens, 4096→4096 and 4096→14336, dropout 0
-and 0.1 (the shapes of the PEFT baseline in BENCHMARKS.md), and 4096→4096 at 1024
-and 4096 tokens. On a CPU: small fp32 shapes, enough to exercise the harness. ``adalora_fast_emit`` is the fast layer with the
+and 0.1 (the shapes of the PEFT baseline in BENCHMARKS.md), and 4096→4096 at 1024, 2048 and 4096 tokens. On a
+CPU: small fp32 shapes, enough to exercise the harness. ``adalora_fast_emit`` is the fast layer with the
 paper-order sensitivity emitted by every backward: its forward+backward against
 ``adalora_fast``'s is the cost of emitting the scores.
 """
@@ -17,7 +17,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 # 4096→4096 at several token counts (the report plots layer time against tokens), plus the wide FFN shape.
-SHAPES = [(1024, 4096, 4096), (4096, 4096, 4096), (8192, 4096, 4096), (8192, 4096, 14336)] if CUDA else \
+SHAPES = [(1024, 4096, 4096), (2048, 4096, 4096), (4096, 4096, 4096), (8192, 4096, 4096), (8192, 4096, 14336)] if CUDA else \
     [(128, 256, 256), (512, 256, 256), (300, 77, 130)]
 RANK = 12
 

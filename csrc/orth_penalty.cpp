@@ -11,8 +11,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "orth_penalty_plan.h"
 
@@ -25,6 +28,13 @@ int parse_mode(c10::string_view mode) {
   return kModeFro;
 }
 
+namespace {
+// The dtypes the kernels are instantiated for (AT_DISPATCH_FLOATING_TYPES_AND2(kHalf, kBFloat16, ...)).
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+}  // namespace
+
 at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -33,17 +43,27 @@ PenaltyPlan make_plan(at::TensorList factors, at::IntArrayRef is_right) {
   TORCH_CHECK(!factors.empty(), "orth_penalty: no lora_A / lora_B matrices were given");
   TORCH_CHECK(factors.size() == is_right.size(), "orth_penalty: ", factors.size(), " factors but ",
               is_right.size(), " is_right flags");
-  PenaltyPlan plan;
   const auto dtype = factors[0].scalar_type();
   const auto device = factors[0].device();
+  // Every factor is checked before any is planned: nothing below reads a tensor that failed a check.
   for (size_t k = 0; k < factors.size(); ++k) {
     const at::Tensor& p = factors[k];
+    TORCH_CHECK(p.defined(), "orth_penalty: factor ", k, " is an undefined tensor");
+    TORCH_CHECK(p.layout() == at::kStrided, "orth_penalty: factor ", k, " must be a strided (dense) tensor, got ",
+                p.layout());
     TORCH_CHECK(p.dim() == 2, "orth_penalty: factor ", k, " must be 2-D, got shape ", p.sizes());
+    TORCH_CHECK(is_supported_dtype(p.scalar_type()),
+                "orth_penalty: factors must be floating point (float64, float32, float16 or bfloat16), factor ", k,
+                " is ", p.scalar_type());
     TORCH_CHECK(p.scalar_type() == dtype, "orth_penalty: factor ", k, " is ", p.scalar_type(),
                 " but factor 0 is ", dtype, "; call once per dtype");
     TORCH_CHECK(p.device() == device, "orth_penalty: factor ", k, " is on ", p.device(), " but factor 0 is on ",
                 device);
-    TORCH_CHECK(at::isFloatingType(dtype), "orth_penalty: factors must be floating point, got ", dtype);
+  }
+  PenaltyPlan plan;
+  plan.factors.reserve(factors.size());
+  for (size_t k = 0; k < factors.size(); ++k) {
+    const at::Tensor& p = factors[k];
     const bool right = is_right[k] != 0;
     FactorView f{};
     f.data = reinterpret_cast<int64_t>(p.data_ptr());
@@ -77,11 +97,25 @@ std::vector<at::Tensor> allocate_gradients(PenaltyPlan& plan, at::TensorList fac
   return grads;
 }
 
-BackwardSetup prepare_backward(at::TensorList factors, at::IntArrayRef is_right, const at::Tensor& dev,
-                               const at::Tensor& sq_norms, c10::string_view mode) {
+BackwardSetup prepare_backward(const at::Tensor& grad_loss, at::TensorList factors, at::IntArrayRef is_right,
+                               const at::Tensor& dev, const at::Tensor& sq_norms, c10::string_view mode) {
   BackwardSetup setup{parse_mode(mode), make_plan(factors, is_right), {}};
+  const auto device = factors[0].device();
+  const struct {
+    const at::Tensor& t;
+    const char* name;
+  } saved[] = {{grad_loss, "grad_loss"}, {dev, "deviation"}, {sq_norms, "sq_norms"}};
+  for (const auto& s : saved) {
+    TORCH_CHECK(s.t.defined() && s.t.layout() == at::kStrided && at::isFloatingType(s.t.scalar_type()),
+                "orth_penalty_backward: ", s.name, " must be a dense floating point tensor");
+    TORCH_CHECK(s.t.device() == device, "orth_penalty_backward: ", s.name, " is on ", s.t.device(),
+                " but the factors are on ", device);
+  }
+  TORCH_CHECK(grad_loss.numel() == 1, "orth_penalty_backward: grad_loss must have one element, got shape ",
+              grad_loss.sizes());
   TORCH_CHECK(dev.numel() == setup.plan.dev_entries && sq_norms.numel() == static_cast<int64_t>(factors.size()),
-              "orth_penalty_backward: saved workspaces do not match the factors");
+              "orth_penalty_backward: saved workspaces do not match the factors (deviation has ", dev.numel(),
+              " entries for ", setup.plan.dev_entries, ", sq_norms ", sq_norms.numel(), " for ", factors.size(), ")");
   setup.grads = allocate_gradients(setup.plan, factors, is_right);
   return setup;
 }
@@ -156,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> orth_penalty_forward_cpu(at::Tens
 std::vector<at::Tensor> orth_penalty_backward_cpu(const at::Tensor& grad_loss, at::TensorList factors,
                                                   at::IntArrayRef is_right, const at::Tensor& dev,
                                                   const at::Tensor& sq_norms, c10::string_view mode) {
-  BackwardSetup setup = prepare_backward(factors, is_right, dev, sq_norms, mode);
+  BackwardSetup setup = prepare_backward(grad_loss, factors, is_right, dev, sq_norms, mode);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, factors[0].scalar_type(), "orth_penalty_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor dev_c = dev.to(accumulate_type(factors[0].scalar_type())).contiguous();
@@ -165,14 +199,6 @@ std::vector<at::Tensor> orth_penalty_backward_cpu(const at::Tensor& grad_loss, a
     backward_cpu_impl<scalar_t, acc_t>(setup.plan, setup.mode, g, dev_c.data_ptr<acc_t>(), sq_c.data_ptr<acc_t>());
   });
   return setup.grads;
-}
-
-bool built_with_cuda() {
-#ifdef ADALORA_FAST_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
 }
 
 }  // namespace
@@ -190,8 +216,3 @@ TORCH_LIBRARY_IMPL(adalora_fast, CPU, m) {
 }
 
 }  // namespace adalora_fast
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "adalora-fast C++/CUDA ops (registered under torch.ops.adalora_fast)";
-  m.def("built_with_cuda", &adalora_fast::built_with_cuda, "whether the CUDA implementation was compiled in");
-}

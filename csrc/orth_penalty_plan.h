@@ -1,4 +1,8 @@
-// Host-side planning of one multi-factor penalty call, shared by the CPU and CUDA implementations.
+// Host-side validation and planning of one multi-factor penalty call, shared by the CPU and CUDA builds.
+//
+// Every entry point validates all of its inputs here first, before it indexes a list, reads a pointer,
+// takes a device guard or launches anything: a bad input ends in a TORCH_CHECK (a Python RuntimeError),
+// never in undefined behaviour.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,7 +23,8 @@ struct PenaltyPlan {
 
 int parse_mode(c10::string_view mode);
 
-// Validates the factors (2-D, one dtype, one device) and lays out the workspaces and work items.
+// Validates the factors (at least one, one flag each, strided 2-D floating point, one dtype, one device) and
+// lays out the workspaces and work items.
 PenaltyPlan make_plan(at::TensorList factors, at::IntArrayRef is_right);
 
 // Gradient tensors for the factors, with their addresses and strides entered in the plan.
@@ -31,8 +36,10 @@ struct BackwardSetup {
   PenaltyPlan plan;
   std::vector<at::Tensor> grads;
 };
-BackwardSetup prepare_backward(at::TensorList factors, at::IntArrayRef is_right, const at::Tensor& dev,
-                               const at::Tensor& sq_norms, c10::string_view mode);
+// Validates a backward call (the factors as make_plan does; grad_loss, deviation and sq_norms: floating point,
+// on the factors' device, of the sizes the forward produced), then plans it.
+BackwardSetup prepare_backward(const at::Tensor& grad_loss, at::TensorList factors, at::IntArrayRef is_right,
+                               const at::Tensor& dev, const at::Tensor& sq_norms, c10::string_view mode);
 
 // The accumulation dtype: float64 for float64 factors, float32 otherwise.
 at::ScalarType accumulate_type(at::ScalarType t);

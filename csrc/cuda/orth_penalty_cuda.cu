@@ -155,8 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> orth_penalty_forward_cuda(at::Ten
 std::vector<at::Tensor> orth_penalty_backward_cuda(const at::Tensor& grad_loss, at::TensorList factors,
                                                    at::IntArrayRef is_right, const at::Tensor& dev,
                                                    const at::Tensor& sq_norms, c10::string_view mode) {
+  // Validation first: the guard below reads factors[0], which exists only once the plan has checked it.
+  BackwardSetup setup = prepare_backward(grad_loss, factors, is_right, dev, sq_norms, mode);
   const c10::cuda::CUDAGuard guard(factors[0].device());
-  BackwardSetup setup = prepare_backward(factors, is_right, dev, sq_norms, mode);
   const PenaltyPlan& plan = setup.plan;
   const int m = setup.mode;
   const DeviceTables tables = upload_tables(plan, factors[0].device());
