@@ -181,7 +181,7 @@ fi
 if [[ $WHAT == all || $WHAT == bench ]]; then
   stage bench_step 130 "${SELF[@]}" bench bench_step test_bench_training_step.py "$STEP_K"
   stage bench_layer 80 "${SELF[@]}" bench bench_layer test_bench_svd_linear.py "$LAYER_K"
-  stage report 40 "${SELF[@]}" report
+  stage report 90 "${SELF[@]}" report  # matplotlib plots: ~10 s on an idle host, far more on a busy one
 fi
 if [[ $WHAT == all || $WHAT == profile ]]; then
   stage profile 80 "$PY" benchmarks/profile_step.py "${PROFILE_ARGS[@]}" --out "$LOGS/profile.md"
