@@ -30,7 +30,7 @@ PY=${PYTHON:-python3}
 PYTEST=("$PY" -m pytest -p gpu_check_plugin -p no:cacheprovider -q -rfE)
 
 # ---- the stages' work (each runs as `bash scripts/gpu_check.sh __stage FUNCTION ARGS...` under `timeout`,
-# ---- with LOGS, GPU_TESTS, TEST_WORKERS, WHAT from the environment)
+# ---- with LOGS, TEST_WORKERS and WHAT from the environment)
 
 build() {
   if [[ ${GPU_CHECK_SKIP_BUILD:-0} == 1 ]]; then
