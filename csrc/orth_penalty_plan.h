@@ -5,7 +5,7 @@
 // never in undefined behaviour.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <string>
 #include <vector>

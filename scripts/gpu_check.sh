@@ -31,7 +31,7 @@ PY=${PYTHON:-python3}
 PYTEST=("$PY" -m pytest -p gpu_check_plugin -p no:cacheprovider -q -rfE)
 
 # ---- the stages' work (each runs as `bash scripts/gpu_check.sh __stage FUNCTION ARGS...` under `timeout`,
-# ---- with LOGS, GPU_TESTS, TEST_WORKERS, WHAT from the environment)
+# ---- with LOGS, TEST_WORKERS and WHAT from the environment)
 
 build() {
   if [[ ${GPU_CHECK_SKIP_BUILD:-0} == 1 ]]; then
@@ -176,7 +176,9 @@ SELF=(bash scripts/gpu_check.sh __stage)
 stage build 180 "${SELF[@]}" build
 stage env 60 "${SELF[@]}" env_report
 if [[ $WHAT == all || $WHAT == tests ]]; then
-  stage tests 170 "${SELF[@]}" run_tests tests "$GPU_TESTS" "${EXTRA[@]}"
+  # The ahead-of-time Triton compile check is the same on any machine (and long): the CPU suite runs it.
+  stage tests 170 "${SELF[@]}" run_tests tests "$GPU_TESTS" \
+    --deselect tests/test_svd_adapter_kernels.py::test_every_kernel_compiles_for_sm90_and_sm80_with_tensor_cores "${EXTRA[@]}"
 fi
 if [[ $WHAT == all || $WHAT == bench ]]; then
   stage bench_step 130 "${SELF[@]}" bench bench_step test_bench_training_step.py "$STEP_K"

@@ -20,6 +20,13 @@ import os
 import pytest
 
 _PATH = os.environ.get("GPU_CHECK_RESULTS")
+_IS_XDIST_WORKER = False
+
+
+def pytest_configure(config):
+    global _IS_XDIST_WORKER
+    # (config, not the environment: a pytest started from inside an xdist worker inherits its variables)
+    _IS_XDIST_WORKER = hasattr(config, "workerinput")
 
 
 def _write(record: dict) -> None:
@@ -38,7 +45,7 @@ def _first_line(report) -> str:
 
 
 def pytest_runtest_logreport(report):
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if _IS_XDIST_WORKER:
         return  # under pytest-xdist the controller writes every result (a crashed worker's included)
     if report.when == "call" or report.outcome != "passed":
         outcome = report.outcome

@@ -21,3 +21,24 @@ def _seed_and_backend(monkeypatch):
     monkeypatch.delenv("ADALORA_FAST_BACKEND", raising=False)
     yield
 
+
+
+# Tests that take a minute or more on a small machine (a compiler, a child Python, a whole fine-tune) start
+# first: under pytest-xdist a long test that starts last sets the wall time of the run.
+LONG_RUNNING = (
+    "test_every_kernel_compiles_for_sm90_and_sm80",
+    "test_cuda_sources_compile_for_sm90_and_sm80",
+    "test_the_check_writes_a_summary",
+    "test_offline_install",
+    "test_without_pyproject",
+    "test_distributed.py",
+    "test_pretrained_minilm.py",
+    "test_demo.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        return next((i for i, name in enumerate(LONG_RUNNING) if name in item.nodeid), len(LONG_RUNNING))
+
+    items.sort(key=rank)  # stable: the others keep their order

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,20 @@ def _signal_name(returncode: int) -> str:
         return f"signal {signal.Signals(-returncode).name}"
     except ValueError:
         return f"signal {-returncode}"
+
+
+def _native_backtrace(cmd: list, env: dict, timeout: float) -> str:
+    """The C/C++ stack of a crash: the child again, under gdb when this machine has it (else nothing)."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        return ""
+    batch = [gdb, "-q", "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40", "--args", *cmd]
+    try:
+        out = subprocess.run(batch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "\n--- gdb: timed out ---"
+    frames = [line[:300] for line in out.stdout.splitlines() if line.startswith("#") or "signal" in line.lower()]
+    return "\n--- native backtrace (gdb) ---\n" + "\n".join(frames[-60:])
 
 
 def run_isolated(code: str, timeout: float = 300) -> list:
@@ -49,8 +64,9 @@ def run_isolated(code: str, timeout: float = 300) -> list:
     steps = [line[len(STEP):] for line in proc.stdout.splitlines() if line.startswith(STEP)]
     if proc.returncode != 0:
         last = steps[-1] if steps else "(before the first step)"
+        native = _native_backtrace([sys.executable, "-c", prelude + code], env, timeout) if proc.returncode < 0 else ""
         raise AssertionError(
             f"the child process ended with {_signal_name(proc.returncode)} during: {last}\n"
-            f"--- stdout (tail) ---\n{proc.stdout[-3000:]}\n--- stderr (tail) ---\n{proc.stderr[-6000:]}"
+            f"--- stdout (tail) ---\n{proc.stdout[-3000:]}\n--- stderr (tail) ---\n{proc.stderr[-6000:]}{native}"
         )
     return [json.loads(line[len(RESULT):]) for line in proc.stdout.splitlines() if line.startswith(RESULT)]

@@ -37,7 +37,8 @@ def test_the_check_writes_a_summary_naming_passed_and_failed_tests(tmp_path):
     tests.write_text(TESTS)
     results, logs = tmp_path / "results", tmp_path / "logs"
     # The stages, on the smallest cases (the training step and the profile build models: skipped here).
-    env = dict(os.environ, RESULTS=str(results), GPU_CHECK_LOGS=str(logs), GPU_CHECK_SKIP_BUILD="1",
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK_", "PYTEST_XDIST_"))}
+    env = dict(inherited, RESULTS=str(results), GPU_CHECK_LOGS=str(logs), GPU_CHECK_SKIP_BUILD="1",
                GPU_CHECK_QUICK="1", GPU_CHECK_TESTS=str(tests), GPU_CHECK_BUDGET="300", PYTHON=sys.executable,
                GPU_CHECK_STAGES="build env tests bench_layer report",
                GPU_CHECK_LAYER_K="300x77x130-0.0 and forward and not backward and (frozen or adalora_fast-)")  # fmt: skip

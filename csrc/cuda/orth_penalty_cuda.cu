@@ -4,9 +4,10 @@
 // (partial Grams per (factor, chunk) item, per-factor deviation and norm, the mean), the backward one
 // upload and one launch. Reductions run in a fixed order with no atomics, so results are bitwise
 // reproducible; the per-entry math is the same as the CPU build's (../orth_penalty.h).
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
