@@ -29,17 +29,17 @@ from collections import Counter
 import torch
 
 from .extension import load_extension, warn_extension_fallback
+from .kernels import interpreting as triton_interpreter_enabled  # (kernels/__init__ imports no Triton)
 
 BACKEND_ENV = "ADALORA_FAST_BACKEND"
 ADAPTER_BACKENDS = ("reference", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 try:  # a guarded static import: without Triton the library still runs, and says why
-    from .kernels import svd_adapter as _svd_adapter_kernels
+    from .kernels import svd_adapter_op as _svd_adapter_op
+    from .kernels.svd_adapter_op import svd_linear_triton  # the kernel path's entry point
 
-    from .kernels.svd_adapter import svd_linear_triton  # the kernel path's entry point
-
-    _ADAPTER_KERNELS = (_svd_adapter_kernels, None)
+    _ADAPTER_KERNELS = (_svd_adapter_op, None)
 except Exception as _exc:  # ImportError, or a Triton that fails on import
     _ADAPTER_KERNELS = (None, _exc)
     svd_linear_triton = None
@@ -50,16 +50,15 @@ _CALLS = {"svd_adapter": Counter(), "orth_penalty": Counter()}
 
 def requested_backend() -> str | None:
     """The backend forced through the environment, or None for automatic choice."""
-    value = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if value in ("", "auto"):
+    value = os.environ.get(BACKEND_ENV)
+    if not value:
+        return None
+    value = value.strip().lower()
+    if value == "auto":
         return None
     if value not in ADAPTER_BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={value!r} is not one of {('auto',) + ADAPTER_BACKENDS}")
     return value
-
-
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _import_adapter_kernels():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from .adapter import SVDAdapter
 from .reference.adapter import svd_linear_reference
 
 
@@ -51,7 +52,8 @@ def svd_linear(
     training: bool = False,
     importance=None,
 ) -> torch.Tensor:
-    """``base(x) + s·dropout(x)·Qᵀ·diag(Λ⊙mask)·Pᵀ`` on the backend the dispatcher picks.
+    """``base(x) + s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ`` (A, E, B = lora_A, lora_E, lora_B; m = triplet_mask) on the
+    backend the dispatcher picks.
 
     ``importance``: an :class:`~adalora_fast.importance.ImportanceState` whose sensitivity this
     call's backward emits (paper order); the kernels do it in their epilogues, the reference
@@ -61,15 +63,21 @@ def svd_linear(
     gradients the parameters' dtype, dx the input's; see :func:`check_input_dtype`.
     """
     check_input_dtype(x, weight)
-    backend = dispatch.adapter_backend(x, lora_A, lora_E, lora_B)
-    if backend == "triton":
-        return dispatch.svd_linear_triton(
-            x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum,
-            fan_in_fan_out=fan_in_fan_out, dropout_p=dropout_p, training=training, importance=importance,
-        )  # fmt: skip
+    adapter = SVDAdapter(lora_A, lora_E, lora_B, triplet_mask, ranknum, float(scaling), fan_in_fan_out,
+                         dropout_p if training else 0.0)  # fmt: skip
+    return svd_adapter_linear(x, weight, bias, adapter, importance)
+
+
+def svd_adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapter: SVDAdapter,
+                       importance=None) -> torch.Tensor:  # fmt: skip
+    """:func:`svd_linear` for an :class:`~adalora_fast.adapter.SVDAdapter` (dtypes already checked): the one
+    place where the op chooses its backend."""
+    if dispatch.adapter_backend(x, adapter.lora_A, adapter.lora_E, adapter.lora_B) == "triton":
+        return dispatch.svd_linear_triton(x, weight, bias, adapter, importance=importance)
     if importance is not None:
         importance.arm_reference()
+    lora_A, lora_E, lora_B, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter
     return svd_linear_reference(
-        x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum,
-        fan_in_fan_out=fan_in_fan_out, dropout_p=dropout_p, training=training,
+        x, weight, bias, lora_A, lora_E, lora_B, mask, scaling, ranknum,
+        fan_in_fan_out=fan_in_fan_out, dropout_p=dropout_p, training=dropout_p > 0,
     )  # fmt: skip

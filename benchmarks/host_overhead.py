@@ -5,13 +5,13 @@
 Prints markdown tables (paste them into a note):
 
 1. per layer call, µs per forward (no_grad) and per forward+backward for the frozen ``nn.Linear``, PEFT's
-   LoRA ``Linear``, PEFT's AdaLoRA ``SVDLinear``, ``FastSVDLinear`` on the kernel path as the package
-   launches today (``kernel[grid](...)``), and the same layer with its five kernels launched through
-   ``adalora_fast.kernels.launch.CachedLauncher`` (patched in by this script, nothing else changed);
+   LoRA ``Linear``, PEFT's AdaLoRA ``SVDLinear``, and ``FastSVDLinear`` on the kernel path twice: as the
+   package launches (each kernel through ``adalora_fast.kernels.launch.CachedLauncher``) and with that
+   launcher's direct path turned off (every launch Triton's whole ``kernel[grid](...)`` path);
 2. the fast layer's call split into its levels (module, functional + dispatch, ``svd_linear_triton``,
    ``autograd.Function.apply``, the launchers, the Triton launches themselves);
-3. what single steps cost: allocations, grid lambdas, ``dropout_seed``, ``_unmasked``, ``Function.apply``
-   against the custom op, one Triton launch by each path, and a rank-r ``addmm`` against a launch.
+3. what single steps cost: allocations, grid lambdas, ``dropout_seed``, ``unit_mask``, ``Function.apply``,
+   one Triton launch by each path, and a rank-r ``addmm`` against a launch.
 
 Without a GPU the kernels go through Triton's real compiled launch path on the fake CUDA driver
 (``adalora_fast.kernels.fake_driver``), by default with Triton's own C launcher compiled against the fake
@@ -225,8 +225,10 @@ def _fast_layer_parts(args, dtype, dropout, device):
     import torch
 
     from adalora_fast import functional
+    from adalora_fast.adapter import SVDAdapter
     from adalora_fast.benchmarking import build_layer
-    from adalora_fast.kernels import svd_adapter as sa
+    from adalora_fast.kernels import svd_adapter_launch as sa
+    from adalora_fast.kernels.svd_adapter_op import SVDLinearFunction, svd_linear_triton
 
     layer = build_layer("adalora_fast", args.in_features, args.out_features, args.rank, dropout=dropout, dtype=dtype,
                         device=device)  # fmt: skip
@@ -236,7 +238,8 @@ def _fast_layer_parts(args, dtype, dropout, device):
     s = float(layer.scaling)
     seed = sa.dropout_seed(dropout, x.device)
     x2d = x.detach()
-    y, h = sa.svd_adapter_forward(x2d, W, b, A, E, B, mask, ranknum, s, False, dropout, seed)
+    adapter = SVDAdapter(A, E, B, mask, ranknum, s, False, dropout)
+    y, h = sa.svd_adapter_forward(x2d, W, b, adapter, seed)
     dy = torch.randn_like(y)
     trainable = [A, E, B]
 
@@ -249,14 +252,11 @@ def _fast_layer_parts(args, dtype, dropout, device):
         "module: layer(x)": lambda: layer(x),
         "functional.svd_linear (dispatch)": lambda: functional.svd_linear(
             x, W, b, A, E, B, mask, layer.scaling, ranknum, dropout_p=dropout, training=True),
-        "svd_linear_triton": lambda: sa.svd_linear_triton(x, W, b, A, E, B, mask, layer.scaling, ranknum,
-                                                          dropout_p=dropout, training=True),  # fmt: skip
-        "SVDLinearFunction.apply": lambda: sa.SVDLinearFunction.apply(x, W, b, A, E, B, mask, ranknum, s, False,
-                                                                      dropout, seed, None),  # fmt: skip
-        "svd_adapter_forward (2 launches + addmm_)": lambda: sa.svd_adapter_forward(x2d, W, b, A, E, B, mask,
-                                                                                    ranknum, s, False, dropout, seed),
+        "svd_linear_triton": lambda: svd_linear_triton(x, W, b, adapter),
+        "SVDLinearFunction.apply": lambda: SVDLinearFunction.apply(x, W, b, A, E, B, adapter, None, None),
+        "svd_adapter_forward (2 launches + addmm_)": lambda: sa.svd_adapter_forward(x2d, W, b, adapter, seed),
         "svd_adapter_forward, base_gemm=False (2 launches)": lambda: sa.svd_adapter_forward(
-            x2d, W, b, A, E, B, mask, ranknum, s, False, dropout, seed, base_gemm=False),
+            x2d, W, b, adapter, seed, base_gemm=False),
     }
 
     def module_fwd_bwd():
@@ -264,16 +264,16 @@ def _fast_layer_parts(args, dtype, dropout, device):
         clear()
 
     def function_fwd_bwd():
-        sa.SVDLinearFunction.apply(x, W, b, A, E, B, mask, ranknum, s, False, dropout, seed, None).backward(dy)
+        SVDLinearFunction.apply(x, W, b, A, E, B, adapter, None, None).backward(dy)
         clear()
 
     bwd = {
         "module: layer(x).backward()": module_fwd_bwd,
         "SVDLinearFunction.apply(...).backward()": function_fwd_bwd,
         "svd_adapter_backward (3 launches + addmm_)": lambda: sa.svd_adapter_backward(
-            dy, x2d, W, A, E, B, mask, ranknum, s, h, False, dropout, seed, True),
+            dy, x2d, W, adapter, h, seed, True),
         "svd_adapter_backward, base_gemm=False (3 launches)": lambda: sa.svd_adapter_backward(
-            dy, x2d, W, A, E, B, mask, ranknum, s, h, False, dropout, seed, True, base_gemm=False),
+            dy, x2d, W, adapter, h, seed, True, base_gemm=False),
     }
     return fwd, bwd
 
@@ -318,8 +318,11 @@ def steps_table(args, dtype, dropout, device):
     import triton
 
     from adalora_fast import dispatch, functional
-    from adalora_fast.kernels import svd_adapter as sa
+    from adalora_fast.adapter import SVDAdapter
+    from adalora_fast.kernels import svd_adapter as kernels
+    from adalora_fast.kernels import svd_adapter_launch as sa
     from adalora_fast.kernels.launch import CachedLauncher
+    from adalora_fast.kernels.svd_adapter_op import SVDLinearFunction
     from adalora_fast.kernels.utils import cdiv, dot_settings, rank_pad
 
     n, k, out, r = args.tokens, args.in_features, args.out_features, args.rank
@@ -344,10 +347,10 @@ def steps_table(args, dtype, dropout, device):
     expand_kw = dict(R_PAD=r_pad, HAS_BIAS=False, **dots)
     grid = lambda meta: (cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
 
-    shrink_cached = CachedLauncher(sa.svd_adapter_shrink)
-    expand_cached = CachedLauncher(sa.svd_adapter_expand)
-    compiled = sa.svd_adapter_shrink[grid](*shrink_args, **shrink_kw)  # autotune + compile
-    config = sa.svd_adapter_shrink.best_config.all_kwargs()
+    shrink_cached = CachedLauncher(kernels.svd_adapter_shrink)
+    expand_cached = CachedLauncher(kernels.svd_adapter_expand)
+    compiled = kernels.svd_adapter_shrink[grid](*shrink_args, **shrink_kw)  # autotune + compile
+    config = kernels.svd_adapter_shrink.best_config.all_kwargs()
     fixed_grid = (cdiv(n, config["BLOCK_M"]), 1, 1)
     launcher, function, packed = compiled.run, compiled.function, compiled.packed_metadata
     tail = tuple({**shrink_kw, **config}[name] for name in shrink_cached._tail_names)
@@ -367,11 +370,11 @@ def steps_table(args, dtype, dropout, device):
         "dot_settings(dtype)": lambda: dot_settings(dtype),
         f"dropout_seed(p={dropout})": lambda: sa.dropout_seed(dropout, dev),
         "dropout_seed(p=0)": lambda: sa.dropout_seed(0.0, dev),
-        "_unmasked(r, device, dtype)": lambda: sa._unmasked(r, dev, dtype),
+        "unit_mask(r, device, dtype)": lambda: sa.unit_mask(r, dev, dtype),
         "check_svd_linear_input": lambda: functional.check_svd_linear_input(x, W, k),
         "dispatch.adapter_backend": lambda: dispatch.adapter_backend(x, W, A, E, B),
-        "shrink launch: autotuned kernel[grid](...)": lambda: sa.svd_adapter_shrink[grid](*shrink_args, **shrink_kw),
-        "shrink launch: JITFunction[grid](...) with the config": lambda: sa._svd_adapter_shrink_kernel[grid](
+        "shrink launch: autotuned kernel[grid](...)": lambda: kernels.svd_adapter_shrink[grid](*shrink_args, **shrink_kw),
+        "shrink launch: JITFunction[grid](...) with the config": lambda: kernels._svd_adapter_shrink_kernel[grid](
             *shrink_args, **shrink_kw, **config),
         "shrink launch: CachedLauncher(grid, ...)": lambda: shrink_cached(grid, *shrink_args, **shrink_kw),
         "shrink launch: CachedLauncher, tuple grid": lambda: shrink_cached(fixed_grid, *shrink_args, **shrink_kw),
@@ -408,32 +411,21 @@ def steps_table(args, dtype, dropout, device):
                 *fixed_grid, 0, function, packed, None, None, None, *shrink_args, *tail)
     t = measure({name: (fn, None) for name, fn in cases.items()}, args.number * 5, args.repeats)
 
-    # autograd.Function.apply against the custom op, whole forward and forward+backward
+    # the autograd path, whole forward and forward+backward
     xg = x.clone().requires_grad_(True)
     Ag, Eg, Bg = (p.clone().requires_grad_(True) for p in (A, E, B))
     dy = torch.randn(n, out, device=dev, dtype=dtype)
-    seed_apply = sa.dropout_seed(dropout, dev)
+    adapter = SVDAdapter(Ag, Eg, Bg, mask, ranknum, 16.0, False, dropout)
 
     def via_function():
-        return sa.SVDLinearFunction.apply(xg, W, None, Ag, Eg, Bg, mask, ranknum, 16.0, False, dropout, seed_apply,
-                                          None)  # fmt: skip
+        return SVDLinearFunction.apply(xg, W, None, Ag, Eg, Bg, adapter, None, None)
 
-    def via_op():
-        return sa.svd_linear_forward_op(xg, W, None, Ag, Eg, Bg, mask, ranknum, 16.0, False, dropout, -1)[0]
-
-    def clear():
+    def fwd_bwd():
+        via_function().backward(dy)
         xg.grad = Ag.grad = Eg.grad = Bg.grad = None
 
-    def fb(fn):
-        def run():
-            fn().backward(dy)
-            clear()
-
-        return run
-
-    t2 = measure({"autograd.Function.apply: fwd": (via_function, None), "custom op: fwd": (via_op, None),
-                  "autograd.Function.apply: fwd+bwd": (fb(via_function), None),
-                  "custom op: fwd+bwd": (fb(via_op), None)}, args.number, args.repeats)  # fmt: skip
+    t2 = measure({"SVDLinearFunction.apply: fwd": (via_function, None),
+                  "SVDLinearFunction.apply: fwd+bwd": (fwd_bwd, None)}, args.number, args.repeats)  # fmt: skip
     rows = [(name, f"{us:.2f}") for name, us in {**t, **t2}.items()]
     _ = triton
     return _md(("step", "µs per call"), rows)

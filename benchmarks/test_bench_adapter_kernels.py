@@ -42,47 +42,54 @@ def _record(benchmark, nbytes):
     print(f"\n{benchmark.group}: {gbps:.0f} GB/s" + (f" = {gbps / peak:.0%} of {peak:.0f} GB/s peak" if peak else ""))
 
 
+def _adapter(layer):
+    from adalora_fast.adapter import SVDAdapter
+
+    return SVDAdapter(layer.lora_A, layer.lora_E, layer.lora_B, layer.triplet_mask, layer.ranknum, layer.scaling)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_adapter_forward_kernels_bandwidth(benchmark, shape):
-    from adalora_fast.kernels.svd_adapter import dropout_seed, svd_adapter_forward
+    from adalora_fast.kernels.svd_adapter_launch import dropout_seed, svd_adapter_forward
 
     tokens, in_f, out_f = shape
     layer, x = _tensors(tokens, in_f, out_f)
+    adapter = _adapter(layer)
     seed = dropout_seed(0.0, x.device)
     benchmark.group = f"adapter forward kernels {tokens}x{in_f}->{out_f} r={RANK} bf16"
 
     def run():
-        svd_adapter_forward(x, layer.weight, None, layer.lora_A, layer.lora_E, layer.lora_B, layer.triplet_mask,
-                            layer.ranknum, layer.scaling, False, 0.0, seed, base_gemm=False)  # fmt: skip
+        svd_adapter_forward(x, layer.weight, None, adapter, seed, base_gemm=False)
         torch.cuda.synchronize()
 
     run()
     benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=5)
-    # shrink reads x and writes H; expand reads H and writes y (Q, Λ, P are negligible).
+    # shrink reads x and writes H; expand reads H and writes y (A, E, B are negligible).
     _record(benchmark, tokens * in_f * 2 + 2 * tokens * R_PAD * 4 + tokens * out_f * 2)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_adapter_backward_kernels_bandwidth(benchmark, shape):
-    from adalora_fast.kernels.svd_adapter import GRAD_H_BLOCK_M, dropout_seed, svd_adapter_backward, svd_adapter_forward
+    from adalora_fast.kernels.svd_adapter import GRAD_H_BLOCK_M
+    from adalora_fast.kernels.svd_adapter_launch import dropout_seed, svd_adapter_backward, svd_adapter_forward
 
     tokens, in_f, out_f = shape
     layer, x = _tensors(tokens, in_f, out_f)
-    args = (layer.weight, layer.lora_A, layer.lora_E, layer.lora_B, layer.triplet_mask, layer.ranknum, layer.scaling)
+    adapter = _adapter(layer)
     seed = dropout_seed(0.0, x.device)
-    _, h = svd_adapter_forward(x, layer.weight, None, *args[1:], False, 0.0, seed, base_gemm=False)
+    _, h = svd_adapter_forward(x, layer.weight, None, adapter, seed, base_gemm=False)
     dy = torch.randn(tokens, out_f, device="cuda", dtype=torch.bfloat16)
     benchmark.group = f"adapter backward kernels {tokens}x{in_f}->{out_f} r={RANK} bf16"
 
     def run():
-        svd_adapter_backward(dy, x, *args, h, False, 0.0, seed, True, None, base_gemm=False)
+        svd_adapter_backward(dy, x, layer.weight, adapter, h, seed, True, None, base_gemm=False)
         torch.cuda.synchronize()
 
     run()
     benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=5)
     n_tiles = -(-tokens // GRAD_H_BLOCK_M)
-    # grad_h reads dY and H, writes Gs and the dP partials; reduce reads them; grad_q_x reads x and Gs and
-    # writes dx (its dQ partials are small).
+    # grad_h reads dY and H, writes Gs and the dB partials; reduce reads them; grad_a_x reads x and Gs and
+    # writes dx (its dA partials are small).
     nbytes = tokens * out_f * 2 + 2 * tokens * R_PAD * 4 + 2 * n_tiles * out_f * R_PAD * 4
     nbytes += tokens * in_f * 2 + tokens * R_PAD * 4 + tokens * in_f * 2
     _record(benchmark, nbytes)

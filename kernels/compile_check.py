@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import svd_adapter as sa
-from .utils import interpreting
+from . import interpreting
 
 # Shared memory per block on each target (bytes): H100 227 KB, A100 163 KB.
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
@@ -40,12 +40,12 @@ KERNELS = {
     "expand": (sa.svd_adapter_expand, True, {"HAS_BIAS": True}),
     "grad_h": (sa.svd_adapter_grad_h, True, {"BLOCK_M": sa.GRAD_H_BLOCK_M}),
     "reduce": (sa.svd_adapter_grad_reduce, False,
-               {"BLOCK_ROWS": sa.REDUCE_BLOCK_ROWS, "EMIT": True, "ACCUMULATE_P": True, "ACCUMULATE_Q": True,
+               {"BLOCK_ROWS": sa.REDUCE_BLOCK_ROWS, "EMIT": True, "ACCUMULATE_B": True, "ACCUMULATE_A": True,
                 "ACCUMULATE_E": True}),
-    "grad_q_x": (sa.svd_adapter_grad_q_x, True, {"HAS_DROPOUT": True, "HAS_DX": True}),
+    "grad_a_x": (sa.svd_adapter_grad_a_x, True, {"HAS_DROPOUT": True, "HAS_DX": True}),
 }
 
-_FP32_BUFFERS = {"H_ptr", "GS_ptr", "WSP_ptr", "WSL_ptr", "WSQ_ptr", "OUT_ptr", "SCORE_ptr", "INV_SCALE_ptr"}
+_FP32_BUFFERS = {"H_ptr", "GS_ptr", "WSB_ptr", "WSE_ptr", "WSA_ptr", "OUT_ptr", "SCORE_ptr", "INV_SCALE_ptr"}
 # Activations (and the bias, which has the base layer's dtype); every other pointer is an adapter parameter,
 # its gradient or its importance state, in the parameters' dtype.
 _ACTIVATIONS = {"X_ptr", "Y_ptr", "DY_ptr", "DX_ptr", "bias_ptr"}

@@ -63,6 +63,8 @@ from collections.abc import Mapping
 
 import torch
 
+from . import interpreting
+
 try:  # Triton is optional for the package (the PyTorch reference runs without it)
     import triton
     from triton import knobs as _knobs
@@ -87,16 +89,12 @@ ENV = "ADALORA_FAST_DIRECT_LAUNCH"
 MAX_ENTRIES = 4096  # per launcher; past this the cache starts over (a bound, not a working size)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def triton_supported() -> bool:
     """Whether the installed Triton's launch path is one this module drives directly."""
     return (
         _TRITON_VERSION is not None
         and VERIFIED_TRITON[0] <= _TRITON_VERSION <= VERIFIED_TRITON[-1]
-        and not _interpreting()
+        and not interpreting()
     )
 
 

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import interpreting
 
 
 def cdiv(a: int, b: int) -> int:
@@ -41,7 +37,7 @@ def _dot_settings(input_dtype: torch.dtype, param_dtype: torch.dtype, interprete
     return {
         "UPCAST": interpreter and param_dtype == torch.bfloat16,
         "DOT_PRECISION": "tf32" if mixed or param_dtype in _HALF else "ieee",
-        "ACC_DTYPE": tl.float64 if param_dtype == torch.float64 else tl.float32,
+        "ACC_DTYPE": _TL_DTYPES[accumulate_dtype(param_dtype)],
         "COMPUTE_DTYPE": _TL_DTYPES[param_dtype],
     }
 

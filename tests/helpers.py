@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from adalora_fast import FastSVDLinear
+from adalora_fast.adapter import SVDAdapter
 from adalora_fast.benchmarking import LLAMA_TARGETS
 
 
@@ -165,3 +166,13 @@ def token_batch(step, batch=4, seq=16):
     """Token ids in [0, 64) drawn from a generator seeded with ``step``."""
     g = torch.Generator().manual_seed(step)
     return torch.randint(0, 64, (batch, seq), generator=g)
+
+
+def triton_svd_linear(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum, *,
+                      fan_in_fan_out=False, dropout_p=0.0, training=False, seed=None, importance=None):  # fmt: skip
+    """The kernel path's entry point called with the functional API's arguments (as the reference takes them)."""
+    from adalora_fast.kernels.svd_adapter_op import svd_linear_triton
+
+    adapter = SVDAdapter(lora_A, lora_E, lora_B, triplet_mask, ranknum, float(scaling), fan_in_fan_out,
+                         dropout_p if training else 0.0)  # fmt: skip
+    return svd_linear_triton(x, weight, bias, adapter, seed=seed, importance=importance)

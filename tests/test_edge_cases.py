@@ -7,7 +7,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from adalora_fast import FastSVDLinear
-from adalora_fast.kernels.svd_adapter import svd_adapter_dropout_mask, svd_linear_triton
+from adalora_fast.kernels.svd_adapter_launch import svd_adapter_dropout_mask
 from adalora_fast.reference import svd_linear_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,7 +132,7 @@ def test_kernels_match_the_reference_on_random_problems(n, in_f, out_f, r, dropo
         y.backward(gy)
         return [y.detach()] + [t.grad for t in (x, A, E, B)]
 
-    fast = run(svd_linear_triton, *problem, training=True, seed=seed)
+    fast = run(triton_svd_linear, *problem, training=True, seed=seed)
     ref = run(svd_linear_reference, *problem, dropout_keep=keep)
     oracle = run(svd_linear_reference, *(t.double() for t in problem), dropout_keep=keep)
     magnitude = run(svd_linear_reference, *(t.double().abs() for t in problem), dropout_keep=keep)

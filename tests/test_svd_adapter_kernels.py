@@ -14,14 +14,12 @@ import pytest
 import torch
 import triton
 from helpers import saved_activation_bytes
+from helpers import triton_svd_linear as svd_linear_triton
 
 from adalora_fast import FastSVDLinear, dispatch
-from adalora_fast.kernels.svd_adapter import (
-    SVDLinearFunction,
-    dropout_seed,
-    svd_adapter_dropout_mask,
-    svd_linear_triton,
-)
+from adalora_fast.adapter import SVDAdapter
+from adalora_fast.kernels.svd_adapter_launch import svd_adapter_dropout_mask
+from adalora_fast.kernels.svd_adapter_op import SVDLinearFunction, svd_linear_backward_op, svd_linear_forward_op
 from adalora_fast.reference import svd_linear_reference
 
 CUDA = torch.cuda.is_available()
@@ -111,7 +109,7 @@ def _compare(x, params, dtype, dropout_p=0.0, fan_in_fan_out=False, seed=1234, a
         y_ref, grads_ref = _run(ref, x, params, g)
     assert y.dtype == y_ref.dtype == out_dtype and y.shape == y_ref.shape
     _assert_close(y, y_ref, out_tol, "y")
-    for name, a, r in zip(("dx", "dQ", "dΛ", "dP"), grads, grads_ref):
+    for name, a, r in zip(("dx", "dA", "dE", "dB"), grads, grads_ref):
         assert a.dtype == r.dtype and a.shape == r.shape, name
         _assert_close(a, r, out_tol if name == "dx" else grad_tol, name)
     assert grads[0].dtype == x.dtype and all(g.dtype == A.dtype for g in grads[1:])
@@ -203,10 +201,9 @@ def test_empty_batch():
 def test_gradcheck_float64_through_the_kernels(dropout_p):
     W, b, A, E, B, mask, ranknum = _layer_tensors(21, 13, 5, torch.float64)
     x = torch.randn(6, 21, device=DEVICE, dtype=torch.float64, requires_grad=True)
-    seed = dropout_seed(dropout_p, DEVICE, 77)
-
     def f(x, A, E, B, b):
-        return SVDLinearFunction.apply(x, W, b, A, E, B, mask, ranknum, ALPHA, False, dropout_p, seed, None)
+        adapter = SVDAdapter(A, E, B, mask, ranknum, ALPHA, False, dropout_p)
+        return SVDLinearFunction.apply(x, W, b, A, E, B, adapter, 77, None)
 
     b = b.requires_grad_()
     assert torch.autograd.gradcheck(f, (x, A, E, B, b), eps=1e-6, atol=1e-5)
@@ -226,9 +223,9 @@ def test_two_runs_are_bitwise_identical():
 
 
 def test_a_layer_launches_two_kernels_forward_and_three_backward(monkeypatch):
-    """Launches, not FLOPs, bound small layers: the forward is shrink + expand, the backward grad_h, grad_q_x
-    (dQ partials and the adapter's dx) and one reduction for dP, dQ and dΛ."""
-    from adalora_fast.kernels import svd_adapter as sa
+    """Launches, not FLOPs, bound small layers: the forward is shrink + expand, the backward grad_h, grad_a_x
+    (dA partials and the adapter's dx) and one reduction for dB, dA and dE."""
+    from adalora_fast.kernels import svd_adapter_launch as sa
 
     launched = []
 
@@ -250,7 +247,7 @@ def test_a_layer_launches_two_kernels_forward_and_three_backward(monkeypatch):
     assert launched == ["launch_shrink", "launch_expand"]
     launched.clear()
     y.sum().backward()
-    assert launched == ["launch_grad_h", "launch_grad_q_x", "launch_grad_reduce"]
+    assert launched == ["launch_grad_h", "launch_grad_a_x", "launch_grad_reduce"]
 
 
 def test_dropout_mask_keeps_1_minus_p_with_no_pattern_across_the_four_draws_of_one_philox_call():
@@ -312,7 +309,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80_with_tensor_cores():
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in results}
-    assert kernels == {"shrink", "expand", "grad_h", "reduce", "grad_q_x"}
+    assert kernels == {"shrink", "expand", "grad_h", "reduce", "grad_a_x"}
     assert {r["target"] for r in results} == {80, 90}
     # every dtype setup the kernels take: half, half activations over fp32 adapters (PEFT's default), fp32
     assert {(r["target"], r["dtype"]) for r in results} >= {(90, "bf16"), (90, "bf16/fp32"), (80, "fp16"),
@@ -346,7 +343,7 @@ def test_saved_activations_are_x_plus_one_fp32_rank_tile():
 
 def test_layers_without_a_mask_train_after_an_inference_mode_call():
     """The shared mask of ones is made outside inference mode: a later training backward can save it."""
-    import adalora_fast.kernels.svd_adapter as sa
+    import adalora_fast.kernels.svd_adapter_launch as sa
 
     sa._ONES.clear()
     W, b, A, E, B, _, ranknum = _layer_tensors(20, 10, 4, torch.float32)
@@ -360,20 +357,21 @@ def test_layers_without_a_mask_train_after_an_inference_mode_call():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_the_custom_op_and_the_eager_function_are_bitwise_the_same(dropout):
-    """torch.compile traces the torch.library op; eager calls the autograd.Function (lower per-call overhead)."""
-    from adalora_fast.kernels.svd_adapter import svd_linear_forward_op
-
+def test_the_custom_ops_and_the_eager_launchers_are_bitwise_the_same(dropout):
+    """SVDLinearFunction is the one autograd path: eagerly it calls the launchers, under torch.compile the
+    torch.library ops around them. Both give the same bits."""
     W, b, A, E, B, mask, ranknum = _layer_tensors(40, 24, 12, torch.float32)
     x = torch.randn(2, 9, 40, device=DEVICE, requires_grad=True)
-    params = [t.requires_grad_() for t in (A, E, B, b)]
     dy = torch.randn(2, 9, 24, device=DEVICE)
-    y_op, _, _ = svd_linear_forward_op(x, W, b, A, E, B, mask, ranknum, ALPHA, False, dropout, 123)
-    g_op = torch.autograd.grad(y_op, [x, *params], dy)
-    y_fn = SVDLinearFunction.apply(x, W, b, A, E, B, mask, ranknum, ALPHA, False, dropout,
-                                   dropout_seed(dropout, DEVICE, 123), None)  # fmt: skip
-    g_fn = torch.autograd.grad(y_fn, [x, *params], dy)
-    assert torch.equal(y_op, y_fn) and all(torch.equal(a, b) for a, b in zip(g_op, g_fn))
+    x2d, dy2d = x.detach().reshape(-1, 40), dy.reshape(-1, 24)
+    with torch.no_grad():
+        y_op, h, seed = svd_linear_forward_op(x2d, W, b, A, E, B, mask, ranknum, ALPHA, False, dropout, 123)
+        g_op = svd_linear_backward_op(dy2d, x2d, W, A, E, B, mask, ranknum, h, seed, ALPHA, False, dropout, True)
+    y_fn = SVDLinearFunction.apply(x, W, b, A, E, B, SVDAdapter(A, E, B, mask, ranknum, ALPHA, False, dropout), 123,
+                                   None)  # fmt: skip
+    g_fn = torch.autograd.grad(y_fn, [x, A, E, B], dy)
+    assert torch.equal(y_op.view_as(y_fn), y_fn)
+    assert torch.equal(g_op[0].view_as(x), g_fn[0]) and all(torch.equal(a, b) for a, b in zip(g_op[1:], g_fn[1:]))
 
 
 @pytest.mark.parametrize("dropout,autocast", [(0.0, None), (0.1, None), (0.1, BF16)])

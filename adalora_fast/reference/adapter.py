@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# The references divide by (ranknum + RANKNUM_EPS) with ranknum fixed at r_init.
-RANKNUM_EPS = 1e-5
+from ..adapter import RANKNUM_EPS  # the references divide by (ranknum + RANKNUM_EPS), ranknum fixed at r_init
 
 
 def adapter_scale(scaling: float, ranknum: torch.Tensor | float) -> float:
