@@ -22,14 +22,20 @@ def _peak():
     return next((gbps for key, gbps in PEAK_GBPS if key in name), None)
 
 
-def _tensors(tokens, in_f, out_f):
+def _problem(benchmark, shape, direction):
+    """(layer, x, its SVDAdapter, a dropout seed) for one bandwidth case, and the case's benchmark group."""
     from adalora_fast import FastSVDLinear
+    from adalora_fast.adapter import SVDAdapter
+    from adalora_fast.kernels.svd_adapter_launch import dropout_seed
 
+    tokens, in_f, out_f = shape
     layer = FastSVDLinear(in_f, out_f, r=RANK, lora_alpha=16, bias=False, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         layer.lora_E.normal_()
     x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
-    return layer, x
+    adapter = SVDAdapter(layer.lora_A, layer.lora_E, layer.lora_B, layer.triplet_mask, layer.ranknum, layer.scaling)
+    benchmark.group = f"adapter {direction} kernels {tokens}x{in_f}->{out_f} r={RANK} bf16"
+    return layer, x, adapter, dropout_seed(0.0, x.device)
 
 
 def _record(benchmark, nbytes):
@@ -42,21 +48,12 @@ def _record(benchmark, nbytes):
     print(f"\n{benchmark.group}: {gbps:.0f} GB/s" + (f" = {gbps / peak:.0%} of {peak:.0f} GB/s peak" if peak else ""))
 
 
-def _adapter(layer):
-    from adalora_fast.adapter import SVDAdapter
-
-    return SVDAdapter(layer.lora_A, layer.lora_E, layer.lora_B, layer.triplet_mask, layer.ranknum, layer.scaling)
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_adapter_forward_kernels_bandwidth(benchmark, shape):
-    from adalora_fast.kernels.svd_adapter_launch import dropout_seed, svd_adapter_forward
+    from adalora_fast.kernels.svd_adapter_launch import svd_adapter_forward
 
     tokens, in_f, out_f = shape
-    layer, x = _tensors(tokens, in_f, out_f)
-    adapter = _adapter(layer)
-    seed = dropout_seed(0.0, x.device)
-    benchmark.group = f"adapter forward kernels {tokens}x{in_f}->{out_f} r={RANK} bf16"
+    layer, x, adapter, seed = _problem(benchmark, shape, "forward")
 
     def run():
         svd_adapter_forward(x, layer.weight, None, adapter, seed, base_gemm=False)
@@ -71,15 +68,12 @@ def test_adapter_forward_kernels_bandwidth(benchmark, shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_adapter_backward_kernels_bandwidth(benchmark, shape):
     from adalora_fast.kernels.svd_adapter import GRAD_H_BLOCK_M
-    from adalora_fast.kernels.svd_adapter_launch import dropout_seed, svd_adapter_backward, svd_adapter_forward
+    from adalora_fast.kernels.svd_adapter_launch import svd_adapter_backward, svd_adapter_forward
 
     tokens, in_f, out_f = shape
-    layer, x = _tensors(tokens, in_f, out_f)
-    adapter = _adapter(layer)
-    seed = dropout_seed(0.0, x.device)
+    layer, x, adapter, seed = _problem(benchmark, shape, "backward")
     _, h = svd_adapter_forward(x, layer.weight, None, adapter, seed, base_gemm=False)
     dy = torch.randn(tokens, out_f, device="cuda", dtype=torch.bfloat16)
-    benchmark.group = f"adapter backward kernels {tokens}x{in_f}->{out_f} r={RANK} bf16"
 
     def run():
         svd_adapter_backward(dy, x, layer.weight, adapter, h, seed, True, None, base_gemm=False)

@@ -224,9 +224,7 @@ def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Te
 
 
 def _importance_operands(importance, name: str, param: torch.Tensor, grad: torch.Tensor):
-    """((param, previous grad, Ī, Ū), accumulate?) for a kernel epilogue; dummies when not emitting."""
-    if importance is None:
-        return (param, param, param, param), False
+    """((param, previous grad, Ī, Ū), accumulate?) for the reduction's importance epilogue."""
     ipt, unc = importance.kernel_args(name)
     prev = param.grad
     if prev is not None and prev.stride() != grad.stride():
@@ -255,17 +253,19 @@ def _reduce_factor_grads(ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter: SVDAdapter, r
     lora_A, lora_E, lora_B, mask, ranknum, scaling, _, _ = adapter
     out, k = d_b.shape[0], d_a.shape[1]
     tiles_b, tiles_a = cdiv(out, REDUCE_BLOCK_ROWS), cdiv(k, REDUCE_BLOCK_ROWS)
-    (ops_b, acc_b), (ops_a, acc_a), (ops_e, acc_e) = (
-        _importance_operands(importance, name, param, grad)
-        for name, param, grad in (("lora_B", lora_B, d_b), ("lora_A", lora_A, d_a), ("lora_E", lora_E, d_e))
-    )
     emit = importance is not None
     if emit:
+        (ops_b, acc_b), (ops_a, acc_a), (ops_e, acc_e) = (
+            _importance_operands(importance, name, param, grad)
+            for name, param, grad in (("lora_B", lora_B, d_b), ("lora_A", lora_A, d_a), ("lora_E", lora_E, d_e))
+        )
         scores = torch.empty((tiles_b + tiles_a + 1, r_pad), device=d_b.device, dtype=torch.float32)
         inv_scale = _inverse_grad_scale(importance, d_b.device)
         betas = importance.beta1, 1 - importance.beta1, importance.beta2, 1 - importance.beta2
-    else:
-        scores = inv_scale = ws_e  # dummies the kernel does not touch without EMIT
+    else:  # dummies the kernel does not touch without EMIT
+        ops_b, ops_a, ops_e = (lora_B,) * 4, (lora_A,) * 4, (lora_E,) * 4
+        acc_b = acc_a = acc_e = False
+        scores = inv_scale = ws_e
         betas = 0.0, 1.0, 0.0, 1.0
     launch_grad_reduce(
         (tiles_b + tiles_a + 1,),
