@@ -13,6 +13,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Under pytest-xdist each worker takes its share of the cores for torch's intra-op threads: N workers × all
+# cores of OpenMP threads on a small machine spin in each other's barriers (most of a CPU run's time).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_backend(monkeypatch):
