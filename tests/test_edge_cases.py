@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from helpers import triton_svd_linear
 
 from adalora_fast import FastSVDLinear
 from adalora_fast.kernels.svd_adapter_launch import svd_adapter_dropout_mask
