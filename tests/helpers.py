@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from adalora_fast import FastSVDLinear
-from adalora_fast.benchmarking import LLAMA_TARGETS
+from bench_common import LLAMA_TARGETS
 
 
 def peft_config(**kwargs):
