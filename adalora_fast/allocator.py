@@ -219,7 +219,7 @@ class RankAllocator:
         if self.importance_states is not None:
             for s in self.importance_states:
                 s.end_step()
-                s.enabled = self.schedule.plan(global_step + 1, self.semantics)[1]  # the next step scores (until T − tfinal)
+                s.enabled = self.schedule.plan(global_step + 1, self.semantics)[1]  # does the next step score?
         if self.tb_writter is not None and global_step % self.log_interval == 0:
             self._log(global_step, budget, threshold if mask_now else None)
         return budget, threshold if mask_now else None
