@@ -60,8 +60,7 @@ import torch.nn as nn
 from .discovery import find_adapter_triplets
 from .flat_state import FlatAdapterState, ShardedAdapterState, is_sharded
 from .importance import ImportanceState
-from .reference.allocator import ORDERS, SEMANTICS, BudgetSchedule, check_betas
-from .svd_linear import FastSVDLinear
+from .schedule import BudgetSchedule, check_betas, check_choices
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -99,10 +98,7 @@ class RankAllocator:
         nonfinite: str = "skip",
         capturable: bool = False,
     ):
-        if semantics not in SEMANTICS:
-            raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        check_choices(semantics, order)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         check_betas(beta1, beta2)
@@ -212,7 +208,7 @@ class RankAllocator:
             state.update_from_gradients(grad_scale if grad_scale is not None else self.grad_scale)
         if self.order == "reference":
             state.compute_scores()
-            finite = state._step_finite
+            finite = state.step_finite
             if self.nonfinite == "raise" and finite is not None and not bool(finite):
                 raise FloatingPointError(
                     f"RankAllocator: non-finite gradient or sensitivity at step {global_step}; no score or mask was written"
@@ -223,18 +219,14 @@ class RankAllocator:
         if self.importance_states is not None:
             for s in self.importance_states:
                 s.end_step()
-                s.enabled = global_step + 1 < self.schedule.final_start  # no scoring in the final phase
+                s.enabled = self.schedule.plan(global_step + 1, self.semantics)[1]  # does the next step score?
         if self.tb_writter is not None and global_step % self.log_interval == 0:
             self._log(global_step, budget, threshold if mask_now else None)
         return budget, threshold if mask_now else None
 
     def _step_control(self, global_step: int) -> tuple[int, int, bool, bool]:
         """(budget, triplets to prune, score?, mask?) at ``global_step``."""
-        sched = self._require_schedule()
-        budget, mask_now = sched(global_step)
-        score_now = global_step < sched.final_start
-        if global_step > sched.final_start or (global_step == sched.final_start and self.semantics == "peft"):
-            mask_now = True  # the final pattern: forced at T − tfinal (PEFT), then every step (both)
+        budget, score_now, mask_now = self._require_schedule().plan(global_step, self.semantics)
         if mask_now and self.total_rank - budget < 1:
             raise ValueError(f"step {global_step}: a budget of {budget} of {self.total_rank} prunes nothing")
         return budget, self.total_rank - budget, score_now, mask_now
@@ -277,7 +269,7 @@ class RankAllocator:
         return {
             "flat": self.state.state_dict(),
             "emissions_seen": list(self._emissions_seen),
-            "importance_forwards": [s._forwards for s in self.importance_states or []],
+            "importance_forwards": [s.window_forwards for s in self.importance_states or []],
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -285,23 +277,21 @@ class RankAllocator:
         if self.capturable:
             self._first_step = int(self.state.step)
         self._emissions_seen = list(state_dict["emissions_seen"])
-        for s, n in zip(self.importance_states or [], state_dict["importance_forwards"]):
-            s._forwards = n
-            s.emissions = max(s.emissions, self._emissions_seen[self.importance_states.index(s)])
+        for s, n, seen in zip(self.importance_states or [], state_dict["importance_forwards"], self._emissions_seen):
+            s.restore(n, seen)
 
     def persistent_bytes(self) -> int:
         """Bytes of allocator state kept between steps (on this rank)."""
-        st = self.state
-        tensors = (st.exp_avg_ipt, st.exp_avg_unc, st.scores, st.keep, st.factor, st.masked, st.nonfinite_steps, st.control,
-                   st.step)  # fmt: skip
+        tensors = self.state.persistent_tensors()
         if self.schedule_table is not None:
             tensors += (self.schedule_table,)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- internals -----------------------------------------------------------------------------------
     def _attach_importance(self, model: nn.Module, grad_accumulation_steps: int) -> list[ImportanceState]:
-        """Paper order: one ImportanceState per adapter, on views of the flat buffers, attached to its FastSVDLinear."""
-        owners = {id(m.lora_A): m for m in model.modules() if isinstance(m, FastSVDLinear)}
+        """Paper order: one ImportanceState per adapter, on views of the flat buffers, attached to its layer
+        (a layer that emits importance from its backward: one with ``attach_importance``, as FastSVDLinear)."""
+        owners = {id(m.lora_A): m for m in model.modules() if callable(getattr(m, "attach_importance", None))}
         states = []
         for i, t in enumerate(self.triplets):
             layer = owners.get(id(t.lora_A))
@@ -310,15 +300,11 @@ class RankAllocator:
                     f"order='paper' needs every adapter to be a FastSVDLinear (its backward emits the scores); "
                     f"{t.name_A} belongs to another layer type"
                 )
-            if layer.importance is not None:
-                layer.importance.remove()
-            layer.importance = ImportanceState(
-                t.lora_A, t.lora_E, t.lora_B,
-                self.state.element_views(self.state.exp_avg_ipt, i), self.state.element_views(self.state.exp_avg_unc, i),
-                self.beta1, self.beta2, grad_accumulation_steps,
-                triplet_score=self.state.scores[self.state.score_slices[i]],
-            )  # fmt: skip
-            states.append(layer.importance)
+            ipt, unc = self.state.ema_views(i)
+            state = ImportanceState(t.lora_A, t.lora_E, t.lora_B, ipt, unc, self.beta1, self.beta2,
+                                    grad_accumulation_steps, triplet_score=self.state.score_view(i))  # fmt: skip
+            layer.attach_importance(state)
+            states.append(state)
         return states
 
     def _check_emitted(self, global_step: int, score_now: bool) -> None:

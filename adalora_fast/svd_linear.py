@@ -123,6 +123,18 @@ class FastSVDLinear(nn.Linear):
             training=self.training, importance=emit,
         )  # fmt: skip
 
+    def attach_importance(self, state) -> None:
+        """Emit paper-order importance into ``state`` (an :class:`~adalora_fast.importance.ImportanceState`)
+        from every step-completing backward; replaces (and unhooks) any state attached before."""
+        self.detach_importance()
+        self.importance = state
+
+    def detach_importance(self) -> None:
+        """Stop emitting importance (removes the attached state's gradient hooks)."""
+        if self.importance is not None:
+            self.importance.remove()
+        self.importance = None
+
     def _emits_importance(self) -> bool:
         """Whether this forward's backward scores the sensitivity (paper order, step-completing micro-batch)."""
         return (

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import torch
 
-from adalora_fast.benchmarking import ratios_to_baseline
+from bench_common import ratios_to_baseline
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py --model llama_160m --providers peft_lora,adalora_fast,adalora_fast_graph \
         --out profile.md
 
-The same step as the training-step benchmark (``adalora_fast.benchmarking``). For each provider, after the
+The same step as the training-step benchmark (``benchmarks/bench_common.py``). For each provider, after the
 warm-up, ``--steps`` steps are timed, then as many run under ``torch.profiler``: the report gives the wall
 time per step (from the unprofiled steps), the device time per step (the sum of the kernels', memcpys' and
 memsets'), the kernels per step (each kernel of a replayed CUDA graph counts), and the kernels that take
@@ -20,7 +20,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from adalora_fast.benchmarking import GRAPH_PROVIDERS, TRAINING_PROVIDERS, llama_training_model, training_step_runner
+from bench_common import GRAPH_PROVIDERS, TRAINING_PROVIDERS, llama_training_model, training_step_runner
 
 
 def _device_rows(prof) -> list:

@@ -22,7 +22,7 @@ import textwrap
 import zlib
 from collections import defaultdict
 
-from adalora_fast.benchmarking import BASELINES, ratios_to_baseline
+from bench_common import BASELINES, ratios_to_baseline
 
 
 def load_groups(path: str) -> tuple[dict, dict]:

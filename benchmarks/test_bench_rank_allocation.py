@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from adalora_fast.benchmarking import allocated_ranks, fine_tune, minilm_classifier, minilm_dir, sentiment_batches
+from bench_common import allocated_ranks, fine_tune, minilm_classifier, minilm_dir, sentiment_batches
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "sentiment.tsv")
 if torch.cuda.is_available():  # GPU machines may have no package registry; CPU CI installs the weights

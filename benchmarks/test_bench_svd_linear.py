@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from adalora_fast import dispatch
-from adalora_fast.benchmarking import EMITTING_PROVIDER, PROVIDERS, build_layer, check_ran_on_kernels, layer_step, ran_on
+from adalora_fast.benchmarking import EMITTING_PROVIDER, PROVIDERS, build_layer, layer_step
+from bench_common import check_ran_on_kernels, ran_on
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from adalora_fast import dispatch
-from adalora_fast.benchmarking import (
+from bench_common import (
     GRAPH_PROVIDERS,
     TRAINING_PROVIDERS,
     check_ran_on_kernels,

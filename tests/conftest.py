@@ -5,8 +5,12 @@ the jit decorators pick interpreter or compiler when the kernel modules load.
 """
 
 import os
+import sys
 
 import torch
+
+# The benchmarks' shared workloads (benchmarks/bench_common.py: Llama, MiniLM) are not in the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -7,9 +7,10 @@ import copy
 import torch
 import torch.nn as nn
 
+from bench_common import LLAMA_TARGETS
+
 from adalora_fast import FastSVDLinear
 from adalora_fast.adapter import SVDAdapter
-from adalora_fast.benchmarking import LLAMA_TARGETS
 
 
 def peft_config(**kwargs):

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import adalora_fast
 from adalora_fast import FastSVDLinear, RankAllocator, compute_orth_regu
 from adalora_fast.cuda_graph import capture_training_step
-from adalora_fast.integrations.peft import sync_rank_pattern
+from adalora_fast.integrations.peft import fast_allocator, sync_rank_pattern
 
 CUDA = torch.cuda.is_available()
 TOTAL, TINIT, TFINAL, DELTA_T = 40, 4, 10, 3
@@ -188,9 +188,9 @@ def test_capturable_peft_model_trains_bitwise_like_the_eager_patched_one(tmp_pat
             opt.zero_grad()
         assert torch.equal(losses[0], losses[1]), step
         assert all(torch.equal(a, b) for a, b in zip(lambdas(eager), lambdas(safe))), step
-    alloc = safe.base_model._adalora_fast_allocator
+    alloc = fast_allocator(safe.base_model)
     assert alloc.capturable and alloc.step_count() == TOTAL + 4
-    assert alloc.rank_pattern == eager.base_model._adalora_fast_allocator.rank_pattern
+    assert alloc.rank_pattern == fast_allocator(eager.base_model).rank_pattern
     # rank_pattern is not written inside a graph-safe step; saving (or sync_rank_pattern) writes it.
     expected = eager.peft_config["default"].rank_pattern
     assert expected is not None and safe.peft_config["default"].rank_pattern is None
@@ -227,7 +227,7 @@ def test_capturable_peft_counter_starts_at_the_first_global_step():
     for step in (7, 8, 9):
         peft_step(model, token_batch(step), step)
         model.zero_grad()
-    assert model.base_model._adalora_fast_allocator.step_count() == 10
+    assert fast_allocator(model.base_model).step_count() == 10
     # Its allocator exists now: switching it to the eager one would drop the device state.
     with pytest.raises(ValueError, match="capturable=True"):
         adalora_fast.patch_peft(model)
@@ -240,14 +240,14 @@ def test_global_patch_makes_capturable_allocators_until_unpatched():
         peft_step(model, token_batch(0), 0)
     finally:
         adalora_fast.unpatch_peft()
-    assert model.base_model._adalora_fast_allocator.capturable
+    assert fast_allocator(model.base_model).capturable
     adalora_fast.patch_peft()
     try:
         later = peft_llama(**PEFT_SCHEDULE)
         peft_step(later, token_batch(0), 0)
     finally:
         adalora_fast.unpatch_peft()
-    assert not later.base_model._adalora_fast_allocator.capturable
+    assert not fast_allocator(later.base_model).capturable
 
 
 def test_capture_training_step_rejects_what_cannot_be_captured():
@@ -408,7 +408,7 @@ def test_a_patched_peft_llama_step_captured_as_a_cuda_graph_replays_like_eager(m
         static_ids.copy_(token_batch(step_number))
         graph_losses.append(captured().item())
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-6)
-    allocs = [m.base_model._adalora_fast_allocator for m in models]
+    allocs = [fast_allocator(m.base_model) for m in models]
     assert allocs[1].step_count() == TOTAL + 2
     assert allocs[1].rank_pattern == allocs[0].rank_pattern and allocs[0].rank_pattern is not None
 

@@ -5,11 +5,11 @@ import torch
 from helpers import LLAMA_TARGETS, peft_llama, saved_activation_bytes, tiny_llama, token_batch
 
 import adalora_fast
-from adalora_fast.integrations.peft import fast_layer_class
+from adalora_fast.integrations.peft import fast_allocator, fast_layer_class
 
 
 def _pattern(model):
-    alloc = getattr(model.base_model, "_adalora_fast_allocator", None)
+    alloc = fast_allocator(model.base_model)
     return alloc.rank_pattern if alloc is not None else model.peft_config["default"].rank_pattern
 
 
@@ -202,7 +202,7 @@ def test_a_model_patched_then_moved_trains_where_it_now_is():
         model(input_ids=ids, labels=ids).loss.backward()
         model.base_model.update_and_allocate(step)
         model.zero_grad()
-    assert model.base_model._adalora_fast_allocator.state.dtype == torch.float64
+    assert fast_allocator(model.base_model).state.dtype == torch.float64
     model.to(torch.float32)
     with pytest.raises(RuntimeError, match="before its first update_and_allocate"):
         model.base_model.update_and_allocate(3)

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from adalora_fast.benchmarking import allocated_ranks, fine_tune, minilm_classifier, minilm_dir, sentiment_batches
+from bench_common import allocated_ranks, fine_tune, minilm_classifier, minilm_dir, sentiment_batches
+from adalora_fast.integrations.peft import fast_allocator
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "sentiment.tsv")
 if torch.cuda.is_available():  # GPU machines may have no package registry; CPU CI installs the weights
@@ -27,7 +28,7 @@ def test_minilm_fine_tunes_the_same_stock_and_patched(monkeypatch):
     first, last = sum(curves["fast"][:5]) / 5, sum(curves["fast"][-5:]) / 5
     assert last < first - 0.1, (first, last)
     stock_pattern = stock.peft_config["default"].rank_pattern
-    assert stock_pattern is not None and fast.base_model._adalora_fast_allocator.rank_pattern == stock_pattern
+    assert stock_pattern is not None and fast_allocator(fast.base_model).rank_pattern == stock_pattern
     ranks = allocated_ranks(fast)
     assert ranks == allocated_ranks(stock) and len(ranks) == 6 * 3  # 6 layers × query, key, value
     assert 0 < sum(ranks.values()) <= 6 * 3 * 4 and len(set(ranks.values())) > 1  # the target budget, spread unevenly

@@ -27,6 +27,7 @@ never calls ``update_and_allocate``, use :class:`adalora_fast.integrations.train
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -78,6 +79,37 @@ def fast_layer_class():
 
 
 # ---------------------------------------------------------------------------------------------
+# What adalora-fast keeps on a PEFT model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FastState:
+    """adalora-fast's state on one AdaLoraModel (its one attribute there, ``_adalora_fast``)."""
+
+    allocator: RankAllocator | None = None  # made at the first update_and_allocate
+    capturable: bool | None = None  # chosen by patch_peft(model); None: the global patch's option
+    import_pending: bool = False  # a model converted in place: PEFT's scores and masks go into the allocator
+    counter_set: bool = False  # capturable: the device step counter has taken the caller's first step
+    layers: list | None = None  # the adapted modules, for the penalty
+
+
+def fast_state(model, create: bool = False) -> FastState | None:
+    """adalora-fast's state on an AdaLoraModel (None where it has none, unless ``create``)."""
+    state = getattr(model, "_adalora_fast", None)
+    if state is None and create:
+        state = model._adalora_fast = FastState()
+    return state
+
+
+def fast_allocator(model) -> RankAllocator | None:
+    """The adalora-fast allocator of an AdaLoraModel (``peft_model.base_model``); None before its first
+    ``update_and_allocate``."""
+    state = fast_state(model)
+    return state.allocator if state is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
 # The patched AdaLoraModel methods
 # ---------------------------------------------------------------------------------------------
 
@@ -85,7 +117,8 @@ def fast_layer_class():
 def _allocator(self) -> RankAllocator:
     """The AdaLoraModel's adalora-fast allocator, made on first use (after any load-time resize, and where
     the model is then: ``patch_peft(model).cuda()`` works); a model converted in place brings PEFT's scores."""
-    alloc = getattr(self, "_adalora_fast_allocator", None)
+    fast = fast_state(self, create=True)
+    alloc = fast.allocator
     if alloc is not None:
         lam, state = alloc.triplets[0].lora_E, alloc.state
         if (lam.device, lam.dtype) != (state.device, state.dtype):
@@ -99,33 +132,34 @@ def _allocator(self) -> RankAllocator:
             self.model, lora_r=cfg.init_r, target_rank=cfg.target_r, init_warmup=cfg.tinit, final_warmup=cfg.tfinal,
             mask_interval=cfg.deltaT, beta1=cfg.beta1, beta2=cfg.beta2, total_step=cfg.total_step,
             adapter_name=self.trainable_adapter_name, semantics="peft",
-            capturable=getattr(self, "_adalora_fast_capturable", _OPTIONS["capturable"]),
+            capturable=_OPTIONS["capturable"] if fast.capturable is None else fast.capturable,
         )  # fmt: skip
-        self._adalora_fast_allocator = alloc
-        if getattr(self, "_adalora_fast_import_pending", False):
-            _import_peft_allocator_state(self)
-            self._adalora_fast_import_pending = False
+        fast.allocator = alloc
+        if fast.import_pending:
+            _import_peft_allocator_state(self, alloc)
+            fast.import_pending = False
     return alloc
 
 
 def fast_update_and_allocate(self, global_step: int) -> None:
     """PEFT's ``update_and_allocate`` on adalora-fast's allocator (same masks, no per-module syncs)."""
-    cfg = self.peft_config[self.trainable_adapter_name]
     alloc = _allocator(self)
     if alloc.capturable:
-        if not getattr(self, "_adalora_fast_counter_set", False):
+        fast = fast_state(self)
+        if not fast.counter_set:
             alloc.set_step(global_step)  # the device counter takes over from the caller's step number
-            self._adalora_fast_counter_set = True
+            fast.counter_set = True
         alloc.update_and_mask(None, None)  # the phase is chosen on the device; rank_pattern is synced on save
         return
     alloc.update_and_mask(None, global_step)
-    if global_step == cfg.total_step - cfg.tfinal:
-        cfg.rank_pattern = alloc.rank_pattern  # the final pattern, once (PEFT writes it at every mask)
+    if global_step == alloc.schedule.final_start:
+        # the final pattern, once (PEFT writes it at every mask)
+        self.peft_config[self.trainable_adapter_name].rank_pattern = alloc.rank_pattern
 
 
 def sync_rank_pattern(model) -> None:
     """Write the allocator's current pattern into ``peft_config.rank_pattern`` (what save and resize read)."""
-    alloc = getattr(model, "_adalora_fast_allocator", None)
+    alloc = fast_allocator(model)
     if alloc is not None and alloc.rank_pattern is not None:
         model.peft_config[model.trainable_adapter_name].rank_pattern = alloc.rank_pattern
 
@@ -139,10 +173,10 @@ def _orth_factors(self) -> tuple[list[torch.Tensor], list[bool]]:
     from peft.tuners.adalora import AdaLoraLayer
 
     name = self.trainable_adapter_name
-    modules = getattr(self, "_adalora_fast_layers", None)
+    fast = fast_state(self, create=True)
+    modules = fast.layers
     if modules is None or any(name not in m.lora_A for m in modules):
-        modules = [m for m in self.model.modules() if isinstance(m, AdaLoraLayer) and name in m.lora_A]
-        self._adalora_fast_layers = modules
+        modules = fast.layers = [m for m in self.model.modules() if isinstance(m, AdaLoraLayer) and name in m.lora_A]
     factors = [p for m in modules for p in (m.lora_A[name], m.lora_B[name])]
     return factors, [True, False] * len(modules)
 
@@ -252,14 +286,15 @@ def _patch_model(peft_model, capturable: bool):
     tuner = peft_model.base_model if isinstance(peft_model, PeftModel) else peft_model
     if not isinstance(tuner, AdaLoraModel):
         raise TypeError(f"patch_peft expects a PEFT AdaLoRA model, got {type(peft_model).__name__}")
-    fast_alloc = getattr(tuner, "_adalora_fast_allocator", None)
+    fast = fast_state(tuner, create=True)
+    fast_alloc = fast.allocator
     if fast_alloc is not None and fast_alloc.capturable != capturable:
         raise ValueError(
             f"this model already has an adalora-fast allocator made with capturable={fast_alloc.capturable}; "
             "choose capturable at the model's first patch_peft (or, with the global patch, before its first "
             "update_and_allocate)"
         )
-    tuner._adalora_fast_capturable = capturable
+    fast.capturable = capturable
     for module in tuner.model.modules():
         if type(module) is SVDLinear:
             module.__class__ = fast_layer_class()
@@ -269,27 +304,17 @@ def _patch_model(peft_model, capturable: bool):
     if isinstance(peft_model, PeftModel) and type(peft_model) is PeftModel:
         peft_model.forward = types.MethodType(_through_adalora_forward, peft_model)
     if hasattr(tuner, "trainable_adapter_name") and fast_alloc is None:  # (a fast allocator's state is newer)
-        tuner._adalora_fast_import_pending = True  # PEFT's scores and masks, when the allocator is made
+        fast.import_pending = True  # PEFT's scores and masks, when the allocator is made
     return peft_model
 
 
 @torch.no_grad()
-def _import_peft_allocator_state(tuner) -> None:
+def _import_peft_allocator_state(tuner, alloc: RankAllocator) -> None:
     """Carry PEFT's EMA dicts and rank_pattern into the flat state of the fast allocator."""
-    alloc = tuner._adalora_fast_allocator
     peft_alloc = tuner.rankallocator
-    state = alloc.state
-    for i, t in enumerate(alloc.triplets):
-        for buffer, source in ((state.exp_avg_ipt, peft_alloc.exp_avg_ipt), (state.exp_avg_unc, peft_alloc.exp_avg_unc)):
-            views = state.element_views(buffer, i)
-            for kind, name in (("lora_A", t.name_A), ("lora_E", t.name_E), ("lora_B", t.name_B)):
-                if name in source:
-                    views[kind].copy_(source[name])
+    alloc.state.load_named_emas(peft_alloc.exp_avg_ipt, peft_alloc.exp_avg_unc)
     pattern = tuner.peft_config[tuner.trainable_adapter_name].rank_pattern
-    if pattern:
+    if pattern:  # (saved patterns may name lora_E without the adapter)
         adapter = tuner.trainable_adapter_name
-        for t, s in zip(alloc.triplets, state.score_slices):
-            keep = pattern.get(t.name_E, pattern.get(t.name_E.replace(f".{adapter}", "")))
-            if keep is not None:
-                state.keep[s].copy_(torch.tensor(keep, dtype=state.keep.dtype))
-        state.masked.fill_(True)
+        names = [t.name_E for t in alloc.triplets]
+        alloc.state.load_keep({n: pattern.get(n, pattern.get(n.replace(f".{adapter}", ""))) for n in names})

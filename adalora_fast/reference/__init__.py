@@ -1,7 +1,9 @@
 """Plain-PyTorch reference of AdaLoRA: the oracle every kernel is tested against.
 
 It reproduces PEFT's ``tuners/adalora`` and the paper's ``loralib`` exactly
-(fp32 results are bitwise equal to theirs).
+(fp32 results are bitwise equal to theirs). No production module imports the reference allocator.
+``AdapterTriplet`` and ``BudgetSchedule``, the reference allocator's inputs, are the production ones
+(:mod:`adalora_fast.discovery`, :mod:`adalora_fast.schedule`), re-exported here.
 """
 
 from .adapter import (

@@ -15,16 +15,18 @@ Known reference bugs are not copied: a final phase reached without any earlier
 mask computes one from the scores (PEFT crashes), rank_pattern is always
 available (loralib fills it only with a TensorBoard writer), and invalid
 schedules or a missing gradient raise a clear error.
+
+The schedule, its final-phase rule and the adapter triplets it works on are the production ones
+(:mod:`adalora_fast.schedule`, :mod:`adalora_fast.discovery`), checked here against PEFT's own allocator;
+the importance formulas are written out again here, as the oracle the production code is tested against.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-SEMANTICS = ("peft", "loralib")
-ORDERS = ("reference", "paper")
+from ..discovery import AdapterTriplet, require_grad
+from ..schedule import BudgetSchedule, check_betas, check_choices
 
 
 # ---------------------------------------------------------------------------
@@ -66,101 +68,8 @@ def masking_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# Budget schedule (paper eq. 12)
+# The allocator, one adapter at a time (on adalora_fast.schedule's BudgetSchedule)
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BudgetSchedule:
-    """The cubic budget b(t) with its exact phase boundaries.
-
-    ``init_bgt`` = Σ r_init over adapters, ``target_bgt`` = target_r × #adapters
-    (or a total given directly). Phases: ``step <= tinit`` warm-up (no mask);
-    ``step > total_step − tfinal`` final (budget = target, mask every step);
-    otherwise ``int((b0 − bT)·(1 − (t − ti)/(T − tf − ti))³ + bT)``, masking
-    when ``step % deltaT == 0``.
-    """
-
-    init_bgt: int
-    target_bgt: int
-    tinit: int
-    tfinal: int
-    total_step: int
-    deltaT: int
-
-    def __post_init__(self):
-        if self.total_step is None:
-            raise ValueError("total_step is not set: pass total_step or call set_total_step() before training")
-        if self.target_bgt >= self.init_bgt:
-            raise ValueError(
-                f"the target budget ({self.target_bgt} triplets) must be smaller than the initial budget "
-                f"({self.init_bgt}): target_r must be < init_r"
-            )
-        if self.target_bgt < 0:
-            raise ValueError(f"the target budget must be >= 0, got {self.target_bgt}")
-        if self.tinit < 0 or self.tfinal < 0:
-            raise ValueError(f"tinit and tfinal must be >= 0, got tinit={self.tinit}, tfinal={self.tfinal}")
-        if self.total_step <= self.tinit + self.tfinal:
-            raise ValueError(
-                f"total_step ({self.total_step}) must be > tinit + tfinal ({self.tinit} + {self.tfinal}): "
-                "the schedule has no budgeting phase"
-            )
-        if self.deltaT < 1:
-            raise ValueError(f"deltaT (mask_interval) must be >= 1, got {self.deltaT}")
-
-    @property
-    def final_start(self) -> int:
-        """T − tfinal: the step that fixes the final pattern."""
-        return self.total_step - self.tfinal
-
-    def __call__(self, step: int) -> tuple[int, bool]:
-        """(budget, mask now?) for a 0-based optimizer step, as the references compute it."""
-        if step <= self.tinit:
-            return self.init_bgt, False
-        if step > self.final_start:
-            return self.target_bgt, True
-        mul_coeff = 1 - (step - self.tinit) / (self.total_step - self.tfinal - self.tinit)
-        budget = int((self.init_bgt - self.target_bgt) * (mul_coeff**3) + self.target_bgt)
-        return budget, step % self.deltaT == 0
-
-
-def check_betas(beta1: float, beta2: float) -> None:
-    for name, b in (("beta1", beta1), ("beta2", beta2)):
-        if not 0.0 < b < 1.0:
-            raise ValueError(f"{name} must be in (0, 1), got {b}")
-
-
-# ---------------------------------------------------------------------------
-# The allocator, one adapter at a time
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class AdapterTriplet:
-    """The three trainable tensors of one adapted module, under their parameter names."""
-
-    name_A: str
-    name_E: str
-    name_B: str
-    lora_A: torch.Tensor
-    lora_E: torch.Tensor
-    lora_B: torch.Tensor
-
-    @property
-    def rank(self) -> int:
-        return self.lora_A.shape[0]
-
-    def named(self):
-        return ((self.name_A, self.lora_A), (self.name_E, self.lora_E), (self.name_B, self.lora_B))
-
-
-def require_grad(name: str, p: torch.Tensor) -> torch.Tensor:
-    if p.grad is None:
-        raise RuntimeError(
-            f"rank allocator: {name} has no gradient. Call it after backward() and before zero_grad(), "
-            "on parameters with requires_grad=True."
-        )
-    return p.grad
 
 
 class ReferenceRankAllocator:
@@ -182,10 +91,7 @@ class ReferenceRankAllocator:
     ):
         if not triplets:
             raise ValueError("rank allocator: no AdaLoRA adapters (lora_A / lora_E / lora_B) were found")
-        if semantics not in SEMANTICS:
-            raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        check_choices(semantics, order)
         check_betas(beta1, beta2)
         self.triplets = triplets
         self.schedule = schedule
@@ -252,10 +158,10 @@ class ReferenceRankAllocator:
     def step(self, global_step: int) -> tuple[int, torch.Tensor | None]:
         """Returns (budget, threshold) with threshold None when nothing was rescored."""
         sched = self.schedule
-        if global_step < sched.final_start and self.order == "reference":
+        budget, score_now, mask_now = sched.plan(global_step, self.semantics)
+        if score_now and self.order == "reference":
             self.update_ipt()
-        budget, mask_ind = sched(global_step)
-        if self.semantics == "peft":
+        if self.semantics == "peft":  # PEFT's mechanics: reset_ipt() at T − tfinal, then the stored pattern
             if global_step == sched.final_start:
                 threshold = self.mask_to_budget(sched.target_bgt)
                 if self.order == "reference":
@@ -264,6 +170,6 @@ class ReferenceRankAllocator:
             if global_step > sched.final_start and self.keep is not None:
                 self.apply_keep()
                 return budget, None
-        if mask_ind:
+        if mask_now:
             return budget, self.mask_to_budget(budget)
         return budget, None
