@@ -1,6 +1,7 @@
 """Importance (sensitivity) math shared by the kernels that emit it: AdaLoRA's eq. 5-8 on a tile.
 
-Reference: :mod:`adalora_fast.reference.allocator` (``sensitivity``, ``update_importance_ema``, ``element_score``).
+The same formulas on whole tensors: :mod:`adalora_fast.importance` (``sensitivity``, ``update_importance_ema``,
+``element_score``); the oracle's own copy: :mod:`adalora_fast.reference.allocator`.
 """
 
 import triton
