@@ -75,7 +75,7 @@ def svd_adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if dispatch.adapter_backend(x, adapter.lora_A, adapter.lora_E, adapter.lora_B) == "triton":
         return dispatch.svd_linear_triton(x, weight, bias, adapter, importance=importance)
     if importance is not None:
-        importance.arm_reference()
+        importance.arm_gradient_hooks()
     lora_A, lora_E, lora_B, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter
     return svd_linear_reference(
         x, weight, bias, lora_A, lora_E, lora_B, mask, scaling, ranknum,

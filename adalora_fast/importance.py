@@ -3,9 +3,9 @@
 The references (PEFT, loralib) score |w·∇w| after ``optimizer.step()``, from
 θ_{t+1}. The paper's Algorithm 1 scores θ_t. An :class:`ImportanceState`
 attached to an adapter produces the paper's order: the fused backward emits the
-sensitivity, both EMAs and the triplet score in its epilogues; on the reference
+sensitivity, both EMAs and the triplet score in its epilogues; on the PyTorch
 path, hooks that run once the gradient is accumulated do the same with the
-reference functions. With gradient accumulation only the micro-batch that
+formulas below. With gradient accumulation only the micro-batch that
 completes the optimizer step emits, from the accumulated gradient (|w·Σg|).
 """
 
@@ -64,8 +64,8 @@ class ImportanceState:
         self.grad_scale = None  # the loss scale the gradients carry under AMP (float or device tensor), divided out
         self.emissions = 0  # how many backward passes have emitted (the allocator checks this)
         self._forwards = 0
-        self._reference_pending: set[str] = set()
-        self._hooks = [p.register_post_accumulate_grad_hook(self._reference_hook(n)) for n, p in self.params.items()]
+        self._hooks_pending: set[str] = set()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._gradient_hook(n)) for n, p in self.params.items()]
 
     # -- which backward emits ------------------------------------------------------------------
     def begin_forward(self) -> bool:
@@ -94,27 +94,27 @@ class ImportanceState:
             h.remove()
         self._hooks = []
 
-    # -- the reference path: once each gradient is accumulated -------------------------------------
-    def arm_reference(self) -> None:
-        self._reference_pending = set(PARAM_NAMES)
+    # -- the PyTorch path: hooks, once each gradient is accumulated ---------------------------------
+    def arm_gradient_hooks(self) -> None:
+        self._hooks_pending = set(PARAM_NAMES)
 
-    def _reference_hook(self, name: str):
+    def _gradient_hook(self, name: str):
         def hook(p: torch.Tensor) -> None:
-            if name not in self._reference_pending:
+            if name not in self._hooks_pending:
                 return
             with torch.no_grad():
                 ipt = sensitivity(p, self._unscaled(p.grad))
                 avg, unc = update_importance_ema(self.exp_avg_ipt[name], self.exp_avg_unc[name], ipt, self.beta1, self.beta2)
                 self.exp_avg_ipt[name].copy_(avg)
                 self.exp_avg_unc[name].copy_(unc)
-            self._reference_pending.discard(name)
-            if not self._reference_pending:
-                self._combine_reference()
+            self._hooks_pending.discard(name)
+            if not self._hooks_pending:
+                self._combine_from_hooks()
 
         return hook
 
     @torch.no_grad()
-    def _combine_reference(self) -> None:
+    def _combine_from_hooks(self) -> None:
         scores = [element_score(self.exp_avg_ipt[n], self.exp_avg_unc[n]) for n in PARAM_NAMES]
         self.triplet_score.copy_(triplet_score(*scores))
         self.emissions += 1

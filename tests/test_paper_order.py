@@ -54,7 +54,7 @@ def _run_paper_order(backend, monkeypatch, steps=SCHEDULE["total"], tol=None):
     if backend == "triton":  # the kernels' epilogues must do the work, not the reference hooks
         from adalora_fast.importance import ImportanceState
 
-        monkeypatch.setattr(ImportanceState, "arm_reference", lambda self: pytest.fail("reference hooks armed"))
+        monkeypatch.setattr(ImportanceState, "arm_gradient_hooks", lambda self: pytest.fail("gradient hooks armed"))
     fast, ref = _model(), _model()
     alloc = _allocator(fast, "paper")
     engine = _reference_engine(ref)
