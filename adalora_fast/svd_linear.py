@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import check_input_dtype, check_svd_linear_input, svd_linear
+from .adapter import SVDAdapter
+from .functional import check_input_dtype, check_svd_linear_input, svd_adapter_linear
 from .reference.adapter import svd_delta_weight_reference
 
 
@@ -112,16 +113,17 @@ class FastSVDLinear(nn.Linear):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_svd_linear_input(x, self.weight, self.in_features)
+        params = self._parameters  # (read once: nn.Module's attribute lookup is a Python call per name)
+        weight = params["weight"]
+        check_svd_linear_input(x, weight, self.in_features)
+        check_input_dtype(x, weight)
         if self.merged:
-            check_input_dtype(x, self.weight)  # (svd_linear checks it on the adapter path)
-            return F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)
+            return F.linear(x, weight.T if self.fan_in_fan_out else weight, params["bias"])
         emit = self.importance if self._emits_importance() else None
-        return svd_linear(
-            x, self.weight, self.bias, self.lora_A, self.lora_E, self.lora_B, self.triplet_mask,
-            self.scaling, self.ranknum, fan_in_fan_out=self.fan_in_fan_out, dropout_p=self.dropout_p,
-            training=self.training, importance=emit,
-        )  # fmt: skip
+        adapter = SVDAdapter(params["lora_A"], params["lora_E"], params["lora_B"], self._buffers["triplet_mask"],
+                             params["ranknum"], float(self.scaling), self.fan_in_fan_out,
+                             self.dropout_p if self.training else 0.0)  # fmt: skip
+        return svd_adapter_linear(x, weight, params["bias"], adapter, emit)
 
     def attach_importance(self, state) -> None:
         """Emit paper-order importance into ``state`` (an :class:`~adalora_fast.importance.ImportanceState`)

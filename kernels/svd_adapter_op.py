@@ -27,7 +27,7 @@ class SVDLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, adapter: SVDAdapter, seed: int | None, importance):
-        x2d = x.reshape(-1, x.shape[-1])
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (a reshape costs a view even when a no-op)
         _, _, _, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter
         if torch.compiler.is_compiling():
             y, h, seed_t = svd_linear_forward_op(x2d, weight, bias, lora_A, lora_E, lora_B, mask, ranknum, scaling,
@@ -38,12 +38,12 @@ class SVDLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x2d, weight, lora_A, lora_E, lora_B, mask, ranknum, h, seed_t)
         ctx.scalars = scaling, fan_in_fan_out, dropout_p
         ctx.x_shape, ctx.has_bias, ctx.importance = x.shape, bias is not None, importance
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, lora_A, lora_E, lora_B, mask, ranknum, h, seed = ctx.saved_tensors
-        dy2d = dy.reshape(-1, dy.shape[-1])
+        dy2d = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
         needs_dx, needs_w, needs_b = ctx.needs_input_grad[:3]
         if torch.compiler.is_compiling():
             dx, d_a, d_e, d_b = svd_linear_backward_op(dy2d, x2d, weight, lora_A, lora_E, lora_B, mask, ranknum, h,
@@ -52,8 +52,9 @@ class SVDLinearFunction(torch.autograd.Function):
             adapter = SVDAdapter(lora_A, lora_E, lora_B, mask, ranknum, *ctx.scalars)
             dx, d_a, d_e, d_b = svd_adapter_backward(dy2d, x2d, weight, adapter, h, seed, needs_dx, ctx.importance)
         d_w, d_bias = _base_param_grads(dy2d, x2d, needs_w, ctx.has_bias and needs_b, ctx.scalars[1])
-        dx = dx.view(ctx.x_shape) if needs_dx else None
-        return dx, d_w, d_bias, d_a, d_e, d_b, None, None, None
+        if needs_dx and len(ctx.x_shape) != 2:
+            dx = dx.view(ctx.x_shape)
+        return (dx if needs_dx else None), d_w, d_bias, d_a, d_e, d_b, None, None, None
 
 
 def _base_param_grads(dy2d, x2d, needs_weight: bool, needs_bias: bool, fan_in_fan_out: bool):
