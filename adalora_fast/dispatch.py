@@ -111,22 +111,42 @@ def _warn_adapter_fallback(reason: str) -> None:
                       RuntimeWarning, stacklevel=4)  # fmt: skip
 
 
-def _choose_adapter_backend(x: torch.Tensor, params) -> tuple[str, str | None]:
-    forced = requested_backend()
+def _decide_adapter_backend(x: torch.Tensor, params, forced: str | None) -> tuple[str, str | None, str | None]:
+    """(backend, reason, what to do about it: None, "warn" or "raise") for one setup."""
     if forced == "reference":
-        return "reference", f"{BACKEND_ENV}=reference"
+        return "reference", f"{BACKEND_ENV}=reference", None
     if forced is None and not x.is_cuda:
         # the interpreter runs CPU tensors only when asked for: it is a test tool
-        return "reference", "CPU tensors run the reference; the kernels run on CUDA tensors"
+        return "reference", "CPU tensors run the reference; the kernels run on CUDA tensors", None
     reason = triton_unavailable_reason(x, *params)
     if forced == "triton":
-        if reason is not None:
-            raise RuntimeError(f"{BACKEND_ENV}=triton, but the Triton backend cannot run: {reason}")
-        return "triton", None
+        return ("triton", None, None) if reason is None else ("reference", reason, "raise")
     if reason is not None:
+        return "reference", reason, "warn"
+    return "triton", None, None
+
+
+# Decisions per setup: what decides one is in its key (the environment, whether the kernels imported, the
+# input's device type and dtype, autocast's state and dtype there, the parameters' dtypes), so a steady-state
+# call does one dictionary lookup instead of the checks.
+_DECISIONS: dict[tuple, tuple[str, str | None, str | None]] = {}
+
+
+def _choose_adapter_backend(x: torch.Tensor, params) -> tuple[str, str | None]:
+    forced = requested_backend()
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
+    key = (forced, _ADAPTER_KERNELS[0] is None, triton_interpreter_enabled(), x.is_cuda, device_type, x.dtype,
+           autocast, *[p.dtype for p in params])  # fmt: skip
+    decision = _DECISIONS.get(key)
+    if decision is None:
+        decision = _DECISIONS[key] = _decide_adapter_backend(x, params, forced)
+    backend, reason, action = decision
+    if action == "raise":
+        raise RuntimeError(f"{BACKEND_ENV}=triton, but the Triton backend cannot run: {reason}")
+    if action == "warn":
         _warn_adapter_fallback(reason)
-        return "reference", reason
-    return "triton", None
+    return backend, reason
 
 
 def adapter_backend(x: torch.Tensor, *params: torch.Tensor | None) -> str:

@@ -35,14 +35,18 @@ class SVDLinearFunction(torch.autograd.Function):
         else:
             seed_t = dropout_seed(dropout_p, x.device, seed)
             y, h = svd_adapter_forward(x2d, weight, bias, adapter, seed_t)
-        ctx.save_for_backward(x2d, weight, lora_A, lora_E, lora_B, mask, ranknum, h, seed_t)
-        ctx.scalars = scaling, fan_in_fan_out, dropout_p
+        # Saved with autograd's checks: the activation, the layer's weights and H (saved-tensor hooks see them,
+        # and an in-place change before the backward is an error). The mask, ranknum and the seed tensor are
+        # buffers nothing changes inside a step: kept as they are (each saved tensor costs a pack and unpack).
+        ctx.save_for_backward(x2d, weight, lora_A, lora_E, lora_B, h)
+        ctx.buffers, ctx.scalars = (mask, ranknum, seed_t), (scaling, fan_in_fan_out, dropout_p)
         ctx.x_shape, ctx.has_bias, ctx.importance = x.shape, bias is not None, importance
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_A, lora_E, lora_B, mask, ranknum, h, seed = ctx.saved_tensors
+        x2d, weight, lora_A, lora_E, lora_B, h = ctx.saved_tensors
+        mask, ranknum, seed = ctx.buffers
         dy2d = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
         needs_dx, needs_w, needs_b = ctx.needs_input_grad[:3]
         if torch.compiler.is_compiling():

@@ -27,6 +27,9 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Whether the kernels in this process were built for the interpreter: Triton decides when a kernel module is
+# imported, so this is read once (a per-call environment read costs more than the rest of dot_settings).
+_INTERPRETER = interpreting()
 _HALF = (torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -59,7 +62,7 @@ def dot_settings(input_dtype: torch.dtype, param_dtype: torch.dtype | None = Non
     UPCAST: the interpreter multiplies bf16 bit patterns in tl.dot, so there bf16 tiles are upcast to
     fp32 first. ACC_DTYPE: the accumulator and intermediate precision.
     """
-    return _dot_settings(input_dtype, param_dtype or input_dtype, interpreting())
+    return _dot_settings(input_dtype, param_dtype or input_dtype, _INTERPRETER)
 
 
 def tile_configs(names: tuple[str, ...], rows: list[tuple], interpreter_row: tuple) -> list[triton.Config]:
