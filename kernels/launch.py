@@ -47,9 +47,9 @@ launch path has been checked (3.6 to 3.9). Otherwise, under ``TRITON_INTERPRET=1
 ``set_direct_launch(False)``), every call is the plain ``kernel[grid](...)``.
 
 What Triton checks on every call and a cached launch does not: that the module globals a kernel reads have
-not changed since it was compiled (this package's kernels read none), and Triton's debug and
-instrumentation knobs (decided when the entry is made; call :meth:`CachedLauncher.clear` or
-:func:`clear_all` after changing them).
+not changed since it was compiled (this package's kernels read one, the constexpr ``_RANKNUM_EPS``, which
+never changes), and Triton's debug and instrumentation knobs (decided when the entry is made; call
+:meth:`CachedLauncher.clear` or :func:`clear_all` after changing them).
 
 CUDA graphs: the direct launch asks Triton's driver for the current stream, as Triton does, so a capture
 records it on the capturing stream.
