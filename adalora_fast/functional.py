@@ -56,8 +56,9 @@ def svd_linear(
     backend the dispatcher picks.
 
     ``importance``: an :class:`~adalora_fast.importance.ImportanceState` whose sensitivity this
-    call's backward emits (paper order); the kernels do it in their epilogues, the reference
-    path in gradient hooks.
+    call's backward emits (paper order); the kernels do it in their epilogues, given the state's
+    tensors (:meth:`~adalora_fast.importance.ImportanceState.emission`), the PyTorch path in gradient
+    hooks.
 
     Dtypes: the output has the input's dtype (autocast's under ``torch.autocast``), the adapter's
     gradients the parameters' dtype, dx the input's; see :func:`check_input_dtype`.
@@ -73,7 +74,8 @@ def svd_adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """:func:`svd_linear` for an :class:`~adalora_fast.adapter.SVDAdapter` (dtypes already checked): the one
     place where the op chooses its backend."""
     if dispatch.adapter_backend(x, adapter.lora_A, adapter.lora_E, adapter.lora_B) == "triton":
-        return dispatch.svd_linear_triton(x, weight, bias, adapter, importance=importance)
+        emission = importance.emission() if importance is not None else None
+        return dispatch.svd_linear_triton(x, weight, bias, adapter, importance=emission)
     if importance is not None:
         importance.arm_gradient_hooks()
     lora_A, lora_E, lora_B, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter

@@ -11,6 +11,9 @@ completes the optimizer step emits, from the accumulated gradient (|w·Σg|).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 
 PARAM_NAMES = ("lora_A", "lora_E", "lora_B")
@@ -44,6 +47,19 @@ def triplet_score(score_A: torch.Tensor, score_E: torch.Tensor, score_B: torch.T
     s_A = torch.mean(score_A, dim=1)  # over in_features
     s_B = torch.mean(score_B, dim=0)  # over out_features
     return score_E.view(-1) + (s_A + s_B)
+
+
+class ImportanceEmission(NamedTuple):
+    """One backward's paper-order emission, as the kernels take it: tensors and numbers, and one call to make
+    when the scores are written (the state counts emissions; its allocator checks the count every step)."""
+
+    exp_avg_ipt: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # Ī of lora_A, lora_E, lora_B (updated in place)
+    exp_avg_unc: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # Ū of the same (updated in place)
+    beta1: float
+    beta2: float
+    grad_scale: float | torch.Tensor | None  # the loss scale the gradients carry (divided out), or None
+    triplet_score: torch.Tensor  # (r,): written with E's element scores + the means of A's and B's per rank
+    done: Callable[[], None]
 
 
 class ImportanceState:
@@ -119,20 +135,15 @@ class ImportanceState:
         self.triplet_score.copy_(triplet_score(*scores))
         self.emissions += 1
 
-    # -- the kernel path: Q, Λ and P were done in the kernels' epilogues -----------------------------
-    @torch.no_grad()
-    def finish_from_kernels(self, score_E: torch.Tensor, score_sum_A: torch.Tensor, score_sum_B: torch.Tensor) -> None:
-        """The triplet score from the kernels' per-rank element scores (Λ) and score sums (Q, P)."""
-        E = self.params["lora_E"]
-        r = E.shape[0]
-        in_f, out_f = self.params["lora_A"].shape[1], self.params["lora_B"].shape[0]
-        s_A = (score_sum_A[:r] / in_f).to(E.dtype)
-        s_B = (score_sum_B[:r] / out_f).to(E.dtype)
-        self.triplet_score.copy_(score_E[:r].to(E.dtype) + (s_A + s_B))
+    # -- the kernel path: the backward's epilogues do the work, from tensors alone ---------------------------
+    def emission(self) -> ImportanceEmission:
+        """What a kernel backward needs to emit this adapter's importance (see :class:`ImportanceEmission`)."""
+        ipt, unc = self.exp_avg_ipt, self.exp_avg_unc
+        return ImportanceEmission(tuple(ipt[n] for n in PARAM_NAMES), tuple(unc[n] for n in PARAM_NAMES), self.beta1,
+                                  self.beta2, self.grad_scale, self.triplet_score, self._count_emission)  # fmt: skip
+
+    def _count_emission(self) -> None:
         self.emissions += 1
 
     def _unscaled(self, g: torch.Tensor) -> torch.Tensor:
         return g if self.grad_scale is None else g / self.grad_scale
-
-    def kernel_args(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.exp_avg_ipt[name], self.exp_avg_unc[name]

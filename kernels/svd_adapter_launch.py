@@ -13,6 +13,7 @@ import functools
 import torch
 
 from ..adapter import SVDAdapter
+from ..importance import ImportanceEmission
 from .launch import CachedLauncher
 from .svd_adapter import (
     GRAD_A_MIN_ROWS_PER_SPLIT,
@@ -175,9 +176,9 @@ def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Te
                          base_gemm: bool = True):  # fmt: skip
     """(dx or None, dA, dE, dB) for an upstream gradient dY (N × out).
 
-    With an ``importance`` state (paper order, on the step-completing micro-batch) the reduction's
-    epilogues also update the sensitivity EMAs of B, E and A and sum their element scores per rank; the
-    triplet score is combined from those r-sized sums.
+    With an ``importance`` :class:`~adalora_fast.importance.ImportanceEmission` (paper order, on the
+    step-completing micro-batch) the reduction's epilogues also update the sensitivity EMAs of B, E and A and
+    sum their element scores per rank; the triplet score is combined from those r-sized sums.
     """
     check_seed(seed)
     lora_A, lora_E, lora_B, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter
@@ -217,15 +218,27 @@ def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Te
     d_a, d_e, d_b = torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
     scores = _reduce_factor_grads(ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter, r_pad, importance, dots["ACC_DTYPE"])
     if importance is not None:
-        importance.finish_from_kernels(*scores)
+        _write_triplet_scores(importance, *scores, lora_A, lora_E, lora_B)
     if needs_dx and base_gemm:
         dx.addmm_(dy2d, weight.t() if fan_in_fan_out else weight)  # base dx GEMM onto the adapter term
     return dx, d_a, d_e, d_b
 
 
-def _importance_operands(importance, name: str, param: torch.Tensor, grad: torch.Tensor):
+@torch.no_grad()
+def _write_triplet_scores(importance: ImportanceEmission, score_e, score_sum_a, score_sum_b, lora_A, lora_E, lora_B):
+    """The triplet score from the epilogues' per-rank element scores (E) and score sums (A, B): E's score plus
+    the means of A's and B's, in E's dtype (as the references combine them); then the emission is done."""
+    r = lora_E.shape[0]
+    s_a = (score_sum_a[:r] / lora_A.shape[1]).to(lora_E.dtype)
+    s_b = (score_sum_b[:r] / lora_B.shape[0]).to(lora_E.dtype)
+    importance.triplet_score.copy_(score_e[:r].to(lora_E.dtype) + (s_a + s_b))
+    importance.done()
+
+
+def _importance_operands(importance: ImportanceEmission, index: int, name: str, param: torch.Tensor,
+                         grad: torch.Tensor):  # fmt: skip
     """((param, previous grad, Ī, Ū), accumulate?) for the reduction's importance epilogue."""
-    ipt, unc = importance.kernel_args(name)
+    ipt, unc = importance.exp_avg_ipt[index], importance.exp_avg_unc[index]
     prev = param.grad
     if prev is not None and prev.stride() != grad.stride():
         prev = torch.empty_like(grad).copy_(prev)
@@ -234,9 +247,8 @@ def _importance_operands(importance, name: str, param: torch.Tensor, grad: torch
     return (param, (prev if prev is not None else param), ipt, unc), prev is not None
 
 
-def _inverse_grad_scale(importance, device) -> torch.Tensor:
+def _inverse_grad_scale(scale, device) -> torch.Tensor:
     """1 / the loss scale the gradients carry (a one-element fp32 device tensor; no host sync)."""
-    scale = importance.grad_scale
     if scale is None:
         return torch.ones(1, device=device, dtype=torch.float32)
     if isinstance(scale, torch.Tensor):
@@ -256,11 +268,12 @@ def _reduce_factor_grads(ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter: SVDAdapter, r
     emit = importance is not None
     if emit:
         (ops_b, acc_b), (ops_a, acc_a), (ops_e, acc_e) = (
-            _importance_operands(importance, name, param, grad)
-            for name, param, grad in (("lora_B", lora_B, d_b), ("lora_A", lora_A, d_a), ("lora_E", lora_E, d_e))
+            _importance_operands(importance, index, name, param, grad)
+            for index, name, param, grad in ((2, "lora_B", lora_B, d_b), (0, "lora_A", lora_A, d_a),
+                                             (1, "lora_E", lora_E, d_e))  # fmt: skip
         )
         scores = torch.empty((tiles_b + tiles_a + 1, r_pad), device=d_b.device, dtype=torch.float32)
-        inv_scale = _inverse_grad_scale(importance, d_b.device)
+        inv_scale = _inverse_grad_scale(importance.grad_scale, d_b.device)
         betas = importance.beta1, 1 - importance.beta1, importance.beta2, 1 - importance.beta2
     else:  # dummies the kernel does not touch without EMIT
         ops_b, ops_a, ops_e = (lora_B,) * 4, (lora_A,) * 4, (lora_E,) * 4

@@ -22,7 +22,7 @@ class SVDLinearFunction(torch.autograd.Function):
     ``apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, importance)``: the trainable tensors are
     arguments of their own (autograd differentiates arguments); ``adapter`` holds them too, with the
     rest of the adapter (its triplet mask must be a tensor). ``seed``: an int, or None to draw one on the
-    device. ``importance``: an ImportanceState whose sensitivity this backward emits (eager only).
+    device. ``importance``: an ImportanceEmission this backward emits into (eager only).
     """
 
     @staticmethod
@@ -127,7 +127,7 @@ def svd_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
     The dropout mask (``adapter.dropout_p``) is drawn from ``seed``; by default the seed is drawn on the
     input's device (:func:`dropout_seed`: reproducible under ``torch.manual_seed``, no host sync, CUDA-graph
-    safe). ``importance``: an ImportanceState whose sensitivity this call's backward emits (paper order).
+    safe). ``importance``: an ImportanceEmission this call's backward emits into (paper order).
 
     Dtypes: x and the base weight share one (fp16, bf16 or fp32); the adapter's parameters may hold
     another (:func:`~adalora_fast.kernels.utils.dot_settings` says how each product is computed). Under
