@@ -20,7 +20,7 @@ PARAM_NAMES = ("lora_A", "lora_E", "lora_B")
 
 
 # The importance formulas of the paper (eq. 5-8), one adapter at a time (the flat state computes the same
-# over every adapter at once; adalora_fast.reference.allocator states them again as the tests' oracle).
+# over every adapter at once; the oracle adalora_fast.reference.allocator uses these, checked against PEFT).
 
 
 def sensitivity(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,9 @@ schedules or a missing gradient raise a clear error.
 
 The schedule, its final-phase rule and the adapter triplets it works on are the production ones
 (:mod:`adalora_fast.schedule`, :mod:`adalora_fast.discovery`), checked here against PEFT's own allocator;
-the importance formulas are written out again here, as the oracle the production code is tested against.
+so are the torch importance formulas (:mod:`adalora_fast.importance`). What this oracle adds is their
+composition one adapter at a time (scores, threshold, masking), which the tests hold against PEFT's
+allocator step for step; the kernels' epilogues and the flat state are tested against it.
 """
 
 from __future__ import annotations
@@ -26,38 +28,14 @@ from __future__ import annotations
 import torch
 
 from ..discovery import AdapterTriplet, require_grad
+from ..importance import element_score, sensitivity, triplet_score, update_importance_ema
 from ..schedule import BudgetSchedule, check_betas, check_choices
 
 
 # ---------------------------------------------------------------------------
-# Element-wise importance (paper eq. 5-8)
+# Element-wise importance (paper eq. 5-8): the formulas of adalora_fast.importance, which the tests check
+# against PEFT's own RankAllocator through this oracle (tests/test_allocator.py); stated once.
 # ---------------------------------------------------------------------------
-
-
-def sensitivity(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """I = |w · ∇w|, per element."""
-    return (param * grad).abs()
-
-
-def update_importance_ema(
-    exp_avg_ipt: torch.Tensor, exp_avg_unc: torch.Tensor, ipt: torch.Tensor, beta1: float, beta2: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ī ← β1·Ī + (1−β1)·I, then Ū ← β2·Ū + (1−β2)·|I − Ī| with the *updated* Ī."""
-    exp_avg_ipt = beta1 * exp_avg_ipt + (1 - beta1) * ipt
-    exp_avg_unc = beta2 * exp_avg_unc + (1 - beta2) * (ipt - exp_avg_ipt).abs()
-    return exp_avg_ipt, exp_avg_unc
-
-
-def element_score(exp_avg_ipt: torch.Tensor, exp_avg_unc: torch.Tensor) -> torch.Tensor:
-    """s = Ī · Ū."""
-    return exp_avg_ipt * exp_avg_unc
-
-
-def triplet_score(score_A: torch.Tensor, score_E: torch.Tensor, score_B: torch.Tensor) -> torch.Tensor:
-    """S_i = s(λ_i) + mean_j s(Q_ij) + mean_j s(P_ji), shape (r,)."""
-    s_A = torch.mean(score_A, dim=1)  # over in_features
-    s_B = torch.mean(score_B, dim=0)  # over out_features
-    return score_E.view(-1) + (s_A + s_B)
 
 
 def masking_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
