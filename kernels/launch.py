@@ -336,16 +336,7 @@ class CachedLauncher:
         if (enter is None or (enter.__class__ is _HookChain and not enter.calls)) and (
             leave is None or (leave.__class__ is _HookChain and not leave.calls)
         ):  # no launch hook: Triton's launcher would call two empty chains with metadata nobody reads
-            form = entry.form  # (entry.launch, inlined)
-            if form == _C_LAUNCH_39:
-                entry.c_launch(g0, g1, g2, stream, entry.function, entry.coop, entry.pdl, entry.packed_metadata, None,
-                               None, None, None, None, entry.annotations, entry.signature, (*args, *entry.tail))
-            elif form == _C_LAUNCH_36:
-                entry.c_launch(g0, g1, g2, stream, entry.function, entry.coop, entry.pdl, None, None,
-                               entry.packed_metadata, None, None, None, *args, *entry.tail)
-            else:
-                entry.run(g0, g1, g2, stream, entry.function, entry.packed_metadata, None, None, None, *args,
-                          *entry.tail)
+            entry.launch(g0, g1, g2, stream, None, None, None, args)
         else:
             metadata = entry.kernel.launch_metadata(grid, stream, *args, *entry.tail)
             entry.launch(g0, g1, g2, stream, metadata, enter, leave, args)
