@@ -338,7 +338,8 @@ def steps_table(args, dtype, dropout, device):
     seed = sa.dropout_seed(dropout, dev, 1234)
     h = torch.empty((n, r_pad), device=dev, dtype=torch.float32)
     y = torch.empty((n, out), device=dev, dtype=dtype)
-    p, keep_scale, has_dropout = sa._dropout_args(dropout)
+    p, keep_scale = sa._dropout_args(dropout)
+    has_dropout = dropout > 0
     dots = dot_settings(dtype)
     shrink_args = (x, A, h, n, k, r, seed, p, keep_scale, x.stride(0), x.stride(1), A.stride(0), A.stride(1))
     shrink_kw = dict(R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots)

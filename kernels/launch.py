@@ -265,6 +265,72 @@ def _make_keyfn(types: tuple, tune_positions: frozenset, spec):
     return scope["keyfn"]
 
 
+def _hooks_empty() -> bool:
+    """Whether both of Triton's launch hook chains are empty (then its launcher calls nothing with metadata)."""
+    runtime = _knobs.runtime
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return (enter is None or (enter.__class__ is _HookChain and not enter.calls)) and (
+        leave is None or (leave.__class__ is _HookChain and not leave.calls)
+    )
+
+
+def _launch(entry: _Entry, g0: int, g1: int, g2: int, stream, args) -> None:
+    """A direct launch of a cached entry: its launcher with the launch metadata and hooks only when a hook is set."""
+    if _hooks_empty():
+        entry.launch(g0, g1, g2, stream, None, None, None, args)
+    else:
+        runtime = _knobs.runtime
+        metadata = entry.kernel.launch_metadata((g0, g1, g2), stream, *args, *entry.tail)
+        entry.launch(g0, g1, g2, stream, metadata, runtime.launch_enter_hook, runtime.launch_exit_hook, args)
+
+
+_DIRECT_POSSIBLE = triton is not None and triton_supported()
+
+
+def current_device():
+    """Triton's current device (what a direct launch is made on), or None where no launch is direct."""
+    return _driver.active.get_current_device() if _DIRECT_POSSIBLE else None
+
+
+def current_stream():
+    """Triton's current stream on its current device, or None where no launch is direct."""
+    if not _DIRECT_POSSIBLE:
+        return None
+    active = _driver.active
+    return active.get_current_stream(active.get_current_device())
+
+
+class BoundLaunch:
+    """One launch of a :class:`CachedLauncher` fixed in everything but its arguments' values: the compiled
+    kernel Triton chose, its config and its grid. ``bound(stream, args)`` launches it again on ``args`` (the
+    positional arguments, as a tuple) on ``stream`` (:func:`current_stream`).
+
+    The caller guarantees that ``args`` specialise as the bound ones did (the same types, dtypes, 16-byte
+    alignment, int classes and autotune-key values: e.g. by keying on the shapes, strides and dtypes they are
+    made of, and checking the pointers' alignment); the launch is then the one ``kernel[grid](*args)`` would
+    make, without the per-call key. Where the launcher's direct path is off or impossible, it is the
+    launcher's own call.
+    """
+
+    __slots__ = ("launcher", "entry", "grid", "kwargs", "g0", "g1", "g2")
+
+    def __init__(self, launcher: CachedLauncher, entry: _Entry | None, grid, kwargs: dict, grid3: tuple):
+        self.launcher, self.entry, self.grid, self.kwargs = launcher, entry, grid, kwargs
+        self.g0, self.g1, self.g2 = grid3
+
+    @property
+    def direct(self) -> bool:
+        return self.entry is not None
+
+    def __call__(self, stream, args: tuple) -> None:
+        entry = self.entry
+        if entry is None or not _ENABLED:
+            self.launcher(self.grid, *args, **self.kwargs)
+            return
+        _launch(entry, self.g0, self.g1, self.g2, stream, args)
+        self.launcher.direct += 1
+
+
 class CachedLauncher:
     """``launcher(grid, *args, **constexprs)`` = ``kernel[grid](*args, **constexprs)``, at the cost of a
     dictionary lookup and the launcher call once a key has been seen. See the module docstring."""
@@ -304,44 +370,49 @@ class CachedLauncher:
 
     # -- launch ----------------------------------------------------------------------------------------------
     def __call__(self, grid, *args, **kwargs):
-        if not (_ENABLED and self._usable and len(args) == self._n_positional):
+        found = self._lookup(args, kwargs)
+        if found is None:
             self.plain += 1
             return self.kernel[grid](*args, **kwargs)
+        key, entry = found
+        if entry is None:
+            return self._first_launch(key, grid, args, kwargs)
+        active = _driver.active
+        stream = active.get_current_stream(key[1])
+        if callable(grid):
+            grid = grid(_GridMeta(entry.meta, self._index, args))
+        size = len(grid)
+        _launch(entry, grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, args)
+        self.direct += 1
+        return entry.kernel
+
+    def bind(self, grid, *args, **kwargs) -> BoundLaunch:
+        """Launch ``kernel[grid](*args, **kwargs)``, and return that launch as a :class:`BoundLaunch`: the same
+        compiled kernel, config and grid, to launch again on arguments that specialise as these do."""
+        self(grid, *args, **kwargs)
+        found = self._lookup(args, kwargs)
+        entry = found[1] if found is not None else None
+        if entry is None:  # launches of this key are plain: so are the bound ones
+            return BoundLaunch(self, None, grid, kwargs, (1, 1, 1))
+        if callable(grid):
+            grid = grid(_GridMeta(entry.meta, self._index, args))
+        return BoundLaunch(self, entry, grid, kwargs, (*grid, 1, 1)[:3])
+
+    def _lookup(self, args, kwargs):
+        """(key, its entry or None when the key is new) for a call the direct path can take, else None."""
+        if not (_ENABLED and self._usable and len(args) == self._n_positional):
+            return None
         types = tuple(map(type, args))
         keyfn = self._keyfns.get(types)
         if keyfn is None:
             keyfn = self._keyfns[types] = _make_keyfn(types, self._tune_positions, self._spec) or False
         if keyfn is False:
-            self.plain += 1
-            return self.kernel[grid](*args, **kwargs)
-        active = _driver.active
-        device = active.get_current_device()
-        key = (keyfn, device, keyfn(*args), *kwargs.items())
+            return None
+        key = (keyfn, _driver.active.get_current_device(), keyfn(*args), *kwargs.items())
         try:
-            entry = self._entries.get(key)
+            return key, self._entries.get(key)
         except TypeError:  # an unhashable keyword argument: Triton's path
-            self.plain += 1
-            return self.kernel[grid](*args, **kwargs)
-        if entry is None:
-            return self._first_launch(key, grid, args, kwargs)
-        stream = active.get_current_stream(device)
-        if callable(grid):
-            grid = grid(_GridMeta(entry.meta, self._index, args))
-        size = len(grid)
-        g0 = grid[0]
-        g1 = grid[1] if size > 1 else 1
-        g2 = grid[2] if size > 2 else 1
-        runtime = _knobs.runtime
-        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-        if (enter is None or (enter.__class__ is _HookChain and not enter.calls)) and (
-            leave is None or (leave.__class__ is _HookChain and not leave.calls)
-        ):  # no launch hook: Triton's launcher would call two empty chains with metadata nobody reads
-            entry.launch(g0, g1, g2, stream, None, None, None, args)
-        else:
-            metadata = entry.kernel.launch_metadata(grid, stream, *args, *entry.tail)
-            entry.launch(g0, g1, g2, stream, metadata, enter, leave, args)
-        self.direct += 1
-        return entry.kernel
+            return None
 
     @staticmethod
     def _spec(value):
@@ -374,7 +445,10 @@ class CachedLauncher:
 
 
 __all__ = [
+    "BoundLaunch",
     "CachedLauncher",
+    "current_device",
+    "current_stream",
     "VERIFIED_TRITON",
     "clear_all",
     "direct_launch_enabled",

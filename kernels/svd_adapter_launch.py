@@ -14,7 +14,7 @@ import torch
 
 from ..adapter import SVDAdapter
 from ..importance import ImportanceEmission
-from .launch import CachedLauncher
+from .launch import CachedLauncher, current_device, current_stream, direct_launch_enabled
 from .svd_adapter import (
     GRAD_A_MIN_ROWS_PER_SPLIT,
     GRAD_H_BLOCK_M,
@@ -41,10 +41,6 @@ launch_grad_a_x = CachedLauncher(svd_adapter_grad_a_x)
 # ---------------------------------------------------------------------------------------------
 # Dropout seeds and the all-ones triplet mask
 # ---------------------------------------------------------------------------------------------
-
-
-def _dropout_args(dropout_p: float) -> tuple[float, float, bool]:
-    return dropout_p, (1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0), dropout_p > 0
 
 
 _UNUSED_SEED: dict = {}
@@ -111,48 +107,7 @@ def svd_adapter_dropout_mask(seed: int | torch.Tensor, n: int, k: int, dropout_p
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward
-# ---------------------------------------------------------------------------------------------
-
-
-def svd_adapter_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapter: SVDAdapter,
-                        seed: torch.Tensor, base_gemm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """y (N × out) and H = dropout(x)·Aᵀ (N × R_PAD, fp32, kept for the backward).
-
-    ``adapter.triplet_mask`` must be a tensor here (:func:`unit_mask` for none); ``seed``: the dropout seed
-    tensor (:func:`dropout_seed`). ``base_gemm=False`` leaves out x·W0ᵀ (the adapter kernels alone, for
-    bandwidth measurements).
-    """
-    check_seed(seed)
-    lora_A, lora_E, lora_B, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter
-    n, k = x2d.shape
-    r, out = lora_A.shape[0], lora_B.shape[0]
-    r_pad = rank_pad(r)
-    h = torch.empty((n, r_pad), device=x2d.device, dtype=accumulate_dtype(lora_A.dtype))
-    y = torch.empty((n, out), device=x2d.device, dtype=x2d.dtype)
-    if n == 0:
-        return y, h
-    p, keep_scale, has_dropout = _dropout_args(dropout_p)
-    dots = dot_settings(x2d.dtype, lora_A.dtype)
-    launch_shrink(
-        lambda meta: (cdiv(n, meta["BLOCK_M"]),),
-        x2d, lora_A, h, n, k, r, seed, p, keep_scale,
-        x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1),
-        R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots,
-    )  # fmt: skip
-    launch_expand(
-        lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(out, meta["BLOCK_N"])),
-        h, lora_E, mask, ranknum, lora_B, bias if bias is not None else h, y, n, out, r, float(scaling),
-        lora_E.stride(0), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        R_PAD=r_pad, HAS_BIAS=bias is not None, **dots,
-    )  # fmt: skip
-    if base_gemm:  # the base GEMM accumulates onto the adapter term (beta = 1): no separate pass over y
-        y.addmm_(x2d, weight if fan_in_fan_out else weight.t())
-    return y, h
-
-
-# ---------------------------------------------------------------------------------------------
-# Backward
+# Plans: what a call decides from its operands' layout, decided once
 # ---------------------------------------------------------------------------------------------
 
 
@@ -171,53 +126,199 @@ def _token_splits(n: int, k: int, device) -> int:
     return max(1, min(cdiv(n, GRAD_A_MIN_ROWS_PER_SPLIT), cdiv(programs_wanted, in_tiles)))
 
 
+class SVDAdapterPlan:
+    """Everything an adapter call decides from its operands' shapes, strides, dtypes and alignment: the
+    workspace shapes, the grids, the constexprs and each launch bound to its compiled kernel
+    (:class:`~.launch.BoundLaunch`). One plan serves every call on operands laid out alike (the layers of a
+    model that share a shape share it), so a steady-state call allocates and launches, and decides nothing.
+
+    The launches are bound by the first forward / backward of each variant (bias or not; dY's layout, dx
+    wanted or not), through their :class:`~.launch.CachedLauncher` (Triton's path, autotuning included, the
+    first time a kernel meets this specialization).
+    """
+
+    __slots__ = ("n", "k", "r", "out", "r_pad", "acc", "dots", "has_dropout", "device", "n_tiles", "n_splits",
+                 "rows_per_split", "tiles_b", "tiles_a", "forwards", "backwards", "cached")  # fmt: skip
+
+    def __init__(self, x2d: torch.Tensor, adapter: SVDAdapter, cached: bool):
+        lora_A, lora_B = adapter.lora_A, adapter.lora_B
+        self.n, self.k = x2d.shape
+        self.r, self.out = lora_A.shape[0], lora_B.shape[0]
+        self.r_pad = rank_pad(self.r)
+        self.acc = accumulate_dtype(lora_A.dtype)
+        self.dots = dot_settings(x2d.dtype, lora_A.dtype)
+        self.has_dropout = adapter.dropout_p > 0
+        self.device = x2d.device
+        self.n_tiles = cdiv(self.n, GRAD_H_BLOCK_M)
+        self.n_splits = _token_splits(self.n, self.k, self.device) if self.n else 1
+        self.rows_per_split = cdiv(self.n, self.n_splits)
+        self.tiles_b, self.tiles_a = cdiv(self.out, REDUCE_BLOCK_ROWS), cdiv(self.k, REDUCE_BLOCK_ROWS)
+        self.forwards: dict = {}  # bias dtype (None: no bias) -> (shrink, expand)
+        self.backwards: dict = {}  # (dY's strides and dtype, dx wanted) -> (grad_h, grad_a_x, reduce)
+        self.cached = cached  # False: an operand is not 16-byte aligned, this plan serves one call
+
+
+_PLANS: dict = {}
+MAX_PLANS = 4096  # a bound, not a working size: past it the cache starts over
+
+
+def _aligned(*tensors) -> bool:
+    ptrs = 0
+    for t in tensors:
+        ptrs |= t.data_ptr()
+    return not ptrs & 15
+
+
+def adapter_plan(x2d: torch.Tensor, adapter: SVDAdapter, seed: torch.Tensor) -> SVDAdapterPlan:
+    """The plan for an adapter call on these operands (cached per layout; ``adapter.triplet_mask`` must be a
+    tensor, ``seed`` the dropout seed tensor).
+
+    Its key holds everything its bound launches were specialised on: the shapes and strides (every int the
+    kernels take is made of them), the dtypes, whether dropout is on, the device and whether direct launches
+    are on; every pointer must be 16-byte aligned (as a fresh allocation is), else the plan is made for this
+    call alone.
+    """
+    lora_A, lora_E, lora_B, mask, ranknum, _, _, dropout_p = adapter
+    key = (x2d.shape, x2d.stride(), x2d.dtype, lora_A.shape, lora_A.stride(), lora_A.dtype, lora_E.stride(0),
+           lora_E.dtype, lora_B.shape, lora_B.stride(), lora_B.dtype, mask.dtype, ranknum.dtype, dropout_p > 0,
+           x2d.device, current_device(), direct_launch_enabled())  # fmt: skip
+    plan = _PLANS.get(key)
+    if plan is not None and _aligned(x2d, lora_A, lora_E, lora_B, mask, ranknum, seed):
+        return plan
+    if not _aligned(x2d, lora_A, lora_E, lora_B, mask, ranknum, seed):
+        return SVDAdapterPlan(x2d, adapter, cached=False)
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.clear()
+    plan = _PLANS[key] = SVDAdapterPlan(x2d, adapter, cached=True)
+    return plan
+
+
+def clear_plans() -> None:
+    """Forget every plan (the next call per layout binds its launches again)."""
+    _PLANS.clear()
+
+
+def _dropout_args(dropout_p: float) -> tuple[float, float]:
+    """(p, 1 / (1 - p)) as the kernels take them: floats always (Triton specialises on the argument's type)."""
+    p = float(dropout_p)
+    return p, (1.0 / (1.0 - p) if p > 0 else 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+def svd_adapter_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapter: SVDAdapter,
+                        seed: torch.Tensor, base_gemm: bool = True,
+                        plan: SVDAdapterPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """y (N × out) and H = dropout(x)·Aᵀ (N × R_PAD, fp32, kept for the backward).
+
+    ``adapter.triplet_mask`` must be a tensor here (:func:`unit_mask` for none); ``seed``: the dropout seed
+    tensor (:func:`dropout_seed`). ``base_gemm=False`` leaves out x·W0ᵀ (the adapter kernels alone, for
+    bandwidth measurements). ``plan``: :func:`adapter_plan` of these operands, when the caller has it.
+    """
+    check_seed(seed)
+    if plan is None:
+        plan = adapter_plan(x2d, adapter, seed)
+    lora_A, lora_E, lora_B, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter
+    n, k, r, out, r_pad = plan.n, plan.k, plan.r, plan.out, plan.r_pad
+    h = torch.empty((n, r_pad), device=x2d.device, dtype=plan.acc)
+    y = torch.empty((n, out), device=x2d.device, dtype=x2d.dtype)
+    if n == 0:
+        return y, h
+    p, keep_scale = _dropout_args(dropout_p)
+    bias_arg = bias if bias is not None else h  # a dummy the kernel does not read without HAS_BIAS
+    shrink_args = (x2d, lora_A, h, n, k, r, seed, p, keep_scale, *x2d.stride(), *lora_A.stride())
+    expand_args = (h, lora_E, mask, ranknum, lora_B, bias_arg, y, n, out, r, float(scaling), lora_E.stride(0),
+                   *lora_B.stride(), out, 1)  # fmt: skip
+    variant = None if bias is None else bias.dtype
+    bound = plan.forwards.get(variant) if bias is None or _aligned(bias) else None
+    if bound is not None:
+        stream = current_stream()
+        bound[0](stream, shrink_args)
+        bound[1](stream, expand_args)
+    else:  # this variant's first call: through the launchers, and the launches bound for the next calls
+        dots = plan.dots
+        bound = (
+            launch_shrink.bind(lambda meta: (cdiv(n, meta["BLOCK_M"]),), *shrink_args, R_PAD=r_pad,
+                               HAS_DROPOUT=plan.has_dropout, **dots),
+            launch_expand.bind(lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(out, meta["BLOCK_N"])), *expand_args,
+                               R_PAD=r_pad, HAS_BIAS=bias is not None, **dots),
+        )  # fmt: skip
+        if plan.cached and (bias is None or _aligned(bias)):
+            plan.forwards[variant] = bound
+    if base_gemm:  # the base GEMM accumulates onto the adapter term (beta = 1): no separate pass over y
+        y.addmm_(x2d, weight if fan_in_fan_out else weight.t())
+    return y, h
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
 def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, adapter: SVDAdapter,
                          h: torch.Tensor, seed: torch.Tensor, needs_dx: bool, importance=None,
-                         base_gemm: bool = True):  # fmt: skip
+                         base_gemm: bool = True, plan: SVDAdapterPlan | None = None):  # fmt: skip
     """(dx or None, dA, dE, dB) for an upstream gradient dY (N × out).
 
     With an ``importance`` :class:`~adalora_fast.importance.ImportanceEmission` (paper order, on the
     step-completing micro-batch) the reduction's epilogues also update the sensitivity EMAs of B, E and A and
     sum their element scores per rank; the triplet score is combined from those r-sized sums.
+    ``plan``: the forward's :func:`adapter_plan`, when the caller has it.
     """
     check_seed(seed)
+    if plan is None:
+        plan = adapter_plan(x2d, adapter, seed)
     lora_A, lora_E, lora_B, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter
-    n, k = x2d.shape
-    r, out = lora_A.shape[0], lora_B.shape[0]
-    r_pad = rank_pad(r)
+    n, k, r, out, r_pad, acc = plan.n, plan.k, plan.r, plan.out, plan.r_pad, plan.acc
     dev = x2d.device
     if n == 0:
         dx = torch.zeros_like(x2d) if needs_dx else None
         return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_E), torch.zeros_like(lora_B)
-    p, keep_scale, has_dropout = _dropout_args(dropout_p)
-    dots = dot_settings(x2d.dtype, lora_A.dtype)
-    n_tiles = cdiv(n, GRAD_H_BLOCK_M)
-    acc = accumulate_dtype(lora_A.dtype)
+    p, keep_scale = _dropout_args(dropout_p)
+    scaling = float(scaling)
+    n_tiles, n_splits = plan.n_tiles, plan.n_splits
     gs = torch.empty((n, r_pad), device=dev, dtype=acc)
     ws_b = torch.empty((n_tiles, out, r_pad), device=dev, dtype=acc)
     ws_e = torch.empty((n_tiles, r_pad), device=dev, dtype=acc)
-    launch_grad_h(
-        (n_tiles,),
-        dy2d, h, lora_E, mask, ranknum, lora_B, gs, ws_b, ws_e, n, out, r, float(scaling),
-        dy2d.stride(0), dy2d.stride(1), lora_E.stride(0), lora_B.stride(0), lora_B.stride(1),
-        BLOCK_M=GRAD_H_BLOCK_M, R_PAD=r_pad, **dots,
-    )  # fmt: skip
     # dA = Gsᵀ·dropout(x) as dAᵀ partials, and the adapter's dx = dropout'(Gs·A): token splits × input tiles.
-    n_splits = _token_splits(n, k, dev)
-    rows_per_split = cdiv(n, n_splits)
     ws_a = torch.empty((n_splits, k, r_pad), device=dev, dtype=acc)
     dx = torch.empty_like(x2d, memory_format=torch.contiguous_format) if needs_dx else None
     dx_arg = dx if needs_dx else ws_a  # a dummy the kernel does not touch without HAS_DX
-    launch_grad_a_x(
-        lambda meta: (cdiv(k, meta["BLOCK_K"]), n_splits),
-        x2d, gs, lora_A, ws_a, dx_arg, n, k, r, rows_per_split, seed, p, keep_scale,
-        x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1), dx_arg.stride(0), dx_arg.stride(1),
-        R_PAD=r_pad, HAS_DROPOUT=has_dropout, HAS_DX=needs_dx, **dots,
-    )  # fmt: skip
-    # dB, dA: Σ of grad_h's row-tile and grad_a_x's split partials; dE_i = s·m_i/(ranknum + ε)·Σ_m H_mi·G_mi.
     d_a, d_e, d_b = torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
-    scores = _reduce_factor_grads(ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter, r_pad, importance, dots["ACC_DTYPE"])
-    if importance is not None:
+    grad_h_args = (dy2d, h, lora_E, mask, ranknum, lora_B, gs, ws_b, ws_e, n, out, r, scaling, *dy2d.stride(),
+                   lora_E.stride(0), *lora_B.stride())  # fmt: skip
+    grad_a_x_args = (x2d, gs, lora_A, ws_a, dx_arg, n, k, r, plan.rows_per_split, seed, p, keep_scale,
+                     *x2d.stride(), *lora_A.stride(), *dx_arg.stride()[:2])  # fmt: skip
+    reduce_args = _reduce_args(plan, ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter, scaling)
+    variant = (dy2d.stride(), dy2d.dtype, needs_dx)
+    aligned = _aligned(dy2d)
+    bound = plan.backwards.get(variant) if aligned else None
+    if bound is not None:
+        stream = current_stream()
+        bound[0](stream, grad_h_args)
+        bound[1](stream, grad_a_x_args)
+        if importance is None:
+            bound[2](stream, reduce_args)
+    else:  # this variant's first call: through the launchers, and the launches bound for the next calls
+        dots = plan.dots
+        grad_h = launch_grad_h.bind((n_tiles,), *grad_h_args, BLOCK_M=GRAD_H_BLOCK_M, R_PAD=r_pad, **dots)
+        grad_a_x = launch_grad_a_x.bind(
+            lambda meta: (cdiv(k, meta["BLOCK_K"]), n_splits), *grad_a_x_args,
+            R_PAD=r_pad, HAS_DROPOUT=plan.has_dropout, HAS_DX=needs_dx, **dots,
+        )  # fmt: skip
+        if importance is None:
+            # dB, dA: Σ of grad_h's row-tile and grad_a_x's split partials; dE = s·m/(ranknum + ε)·Σ_m H⊙G.
+            reduce = launch_grad_reduce.bind(
+                (plan.tiles_b + plan.tiles_a + 1,), *reduce_args, BLOCK_ROWS=REDUCE_BLOCK_ROWS, R_PAD=r_pad,
+                ACC_DTYPE=dots["ACC_DTYPE"], EMIT=False, ACCUMULATE_B=False, ACCUMULATE_A=False, ACCUMULATE_E=False,
+            )  # fmt: skip
+            if plan.cached and aligned:
+                plan.backwards[variant] = (grad_h, grad_a_x, reduce)
+    if importance is not None:  # the step-completing micro-batch: the reduction also scores (once per step)
+        scores = _reduce_emitting_importance(plan, ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter, scaling, importance)
         _write_triplet_scores(importance, *scores, lora_A, lora_E, lora_B)
     if needs_dx and base_gemm:
         dx.addmm_(dy2d, weight.t() if fan_in_fan_out else weight)  # base dx GEMM onto the adapter term
@@ -256,39 +357,45 @@ def _inverse_grad_scale(scale, device) -> torch.Tensor:
     return torch.full((1,), 1.0 / scale, device=device, dtype=torch.float32)
 
 
-def _reduce_factor_grads(ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter: SVDAdapter, r_pad: int, importance, acc_dtype):
-    """dB, dA and dE (written into d_b, d_a, d_e) = Σ of their partials, in one launch.
-
-    With ``importance``, the epilogues score the final gradients and this returns E's scores and the
-    per-rank sums of A's and B's element scores (r_pad each), else None.
-    """
-    lora_A, lora_E, lora_B, mask, ranknum, scaling, _, _ = adapter
-    out, k = d_b.shape[0], d_a.shape[1]
-    tiles_b, tiles_a = cdiv(out, REDUCE_BLOCK_ROWS), cdiv(k, REDUCE_BLOCK_ROWS)
-    emit = importance is not None
-    if emit:
-        (ops_b, acc_b), (ops_a, acc_a), (ops_e, acc_e) = (
-            _importance_operands(importance, index, name, param, grad)
-            for index, name, param, grad in ((2, "lora_B", lora_B, d_b), (0, "lora_A", lora_A, d_a),
-                                             (1, "lora_E", lora_E, d_e))  # fmt: skip
-        )
-        scores = torch.empty((tiles_b + tiles_a + 1, r_pad), device=d_b.device, dtype=torch.float32)
-        inv_scale = _inverse_grad_scale(importance.grad_scale, d_b.device)
-        betas = importance.beta1, 1 - importance.beta1, importance.beta2, 1 - importance.beta2
-    else:  # dummies the kernel does not touch without EMIT
+def _reduce_args(plan: SVDAdapterPlan, ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter: SVDAdapter, scaling: float,
+                 emitting: tuple | None = None) -> tuple:  # fmt: skip
+    """The reduction's arguments: its three regions (partials, output, then the importance operands: param,
+    previous grad, Ī, Ū; dummies it does not touch without EMIT), the score partials, 1 / loss scale, the
+    rank scale's operands and the EMA betas."""
+    lora_A, lora_E, lora_B, mask, ranknum = adapter[:5]
+    if emitting is None:
         ops_b, ops_a, ops_e = (lora_B,) * 4, (lora_A,) * 4, (lora_E,) * 4
-        acc_b = acc_a = acc_e = False
         scores = inv_scale = ws_e
         betas = 0.0, 1.0, 0.0, 1.0
+    else:
+        ops_b, ops_a, ops_e, scores, inv_scale, betas = emitting
+    return (
+        ws_b, d_b, *ops_b, plan.out, ws_b.shape[0], *d_b.stride(),
+        ws_a, d_a, *ops_a, plan.k, ws_a.shape[0], d_a.stride(1), d_a.stride(0),
+        ws_e, d_e, *ops_e, d_e.stride(0),
+        scores, inv_scale, mask, ranknum, scaling, plan.r, *betas,
+    )  # fmt: skip
+
+
+def _reduce_emitting_importance(plan: SVDAdapterPlan, ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter: SVDAdapter,
+                                scaling: float, importance: ImportanceEmission):  # fmt: skip
+    """dB, dA and dE (written into d_b, d_a, d_e) = Σ of their partials, in one launch whose epilogues also
+    score the final gradients: returns E's scores and the per-rank sums of A's and B's element scores."""
+    lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
+    (ops_b, acc_b), (ops_a, acc_a), (ops_e, acc_e) = (
+        _importance_operands(importance, index, name, param, grad)
+        for index, name, param, grad in ((2, "lora_B", lora_B, d_b), (0, "lora_A", lora_A, d_a),
+                                         (1, "lora_E", lora_E, d_e))  # fmt: skip
+    )
+    tiles_b, tiles_a = plan.tiles_b, plan.tiles_a
+    scores = torch.empty((tiles_b + tiles_a + 1, plan.r_pad), device=d_b.device, dtype=torch.float32)
+    inv_scale = _inverse_grad_scale(importance.grad_scale, d_b.device)
+    betas = importance.beta1, 1 - importance.beta1, importance.beta2, 1 - importance.beta2
     launch_grad_reduce(
         (tiles_b + tiles_a + 1,),
-        ws_b, d_b, *ops_b, out, ws_b.shape[0], d_b.stride(0), d_b.stride(1),
-        ws_a, d_a, *ops_a, k, ws_a.shape[0], d_a.stride(1), d_a.stride(0),
-        ws_e, d_e, *ops_e, d_e.stride(0),
-        scores, inv_scale, mask, ranknum, float(scaling), lora_A.shape[0], *betas,
-        BLOCK_ROWS=REDUCE_BLOCK_ROWS, R_PAD=r_pad, ACC_DTYPE=acc_dtype, EMIT=emit,
+        *_reduce_args(plan, ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter, scaling,
+                      (ops_b, ops_a, ops_e, scores, inv_scale, betas)),
+        BLOCK_ROWS=REDUCE_BLOCK_ROWS, R_PAD=plan.r_pad, ACC_DTYPE=plan.dots["ACC_DTYPE"], EMIT=True,
         ACCUMULATE_B=acc_b, ACCUMULATE_A=acc_a, ACCUMULATE_E=acc_e,
     )  # fmt: skip
-    if not emit:
-        return None
     return scores[tiles_b + tiles_a], scores[tiles_b : tiles_b + tiles_a].sum(dim=0), scores[:tiles_b].sum(dim=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..adapter import SVDAdapter
-from .svd_adapter_launch import dropout_seed, svd_adapter_backward, svd_adapter_forward, unit_mask
+from .svd_adapter_launch import adapter_plan, dropout_seed, svd_adapter_backward, svd_adapter_forward, unit_mask
 from .utils import accumulate_dtype, rank_pad
 
 
@@ -32,15 +32,17 @@ class SVDLinearFunction(torch.autograd.Function):
         if torch.compiler.is_compiling():
             y, h, seed_t = svd_linear_forward_op(x2d, weight, bias, lora_A, lora_E, lora_B, mask, ranknum, scaling,
                                                  fan_in_fan_out, dropout_p, -1 if seed is None else seed)  # fmt: skip
+            plan = None
         else:
             seed_t = dropout_seed(dropout_p, x.device, seed)
-            y, h = svd_adapter_forward(x2d, weight, bias, adapter, seed_t)
+            plan = adapter_plan(x2d, adapter, seed_t)
+            y, h = svd_adapter_forward(x2d, weight, bias, adapter, seed_t, plan=plan)
         # Saved with autograd's checks: the activation, the layer's weights and H (saved-tensor hooks see them,
         # and an in-place change before the backward is an error). The mask, ranknum and the seed tensor are
         # buffers nothing changes inside a step: kept as they are (each saved tensor costs a pack and unpack).
         ctx.save_for_backward(x2d, weight, lora_A, lora_E, lora_B, h)
         ctx.buffers, ctx.scalars = (mask, ranknum, seed_t), (scaling, fan_in_fan_out, dropout_p)
-        ctx.x_shape, ctx.has_bias, ctx.importance = x.shape, bias is not None, importance
+        ctx.x_shape, ctx.has_bias, ctx.importance, ctx.plan = x.shape, bias is not None, importance, plan
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -54,7 +56,8 @@ class SVDLinearFunction(torch.autograd.Function):
                                                        seed, *ctx.scalars, needs_dx)  # fmt: skip
         else:
             adapter = SVDAdapter(lora_A, lora_E, lora_B, mask, ranknum, *ctx.scalars)
-            dx, d_a, d_e, d_b = svd_adapter_backward(dy2d, x2d, weight, adapter, h, seed, needs_dx, ctx.importance)
+            dx, d_a, d_e, d_b = svd_adapter_backward(dy2d, x2d, weight, adapter, h, seed, needs_dx, ctx.importance,
+                                                     plan=ctx.plan)  # fmt: skip
         d_w, d_bias = _base_param_grads(dy2d, x2d, needs_w, ctx.has_bias and needs_b, ctx.scalars[1])
         if needs_dx and len(ctx.x_shape) != 2:
             dx = dx.view(ctx.x_shape)

@@ -248,6 +248,56 @@ def check_direct_calls_go_to_the_lowest_launch_call():
     assert FAKE.launches == 1
 
 
+def check_bound_launch_replays_the_same_launch():
+    """A BoundLaunch replays, on new arguments of the same specialization, the launch kernel[grid] would make
+    (grid callables resolved with the chosen config; autotuned kernels not tuned again), through the direct
+    path; with a launch hook set, with Triton's metadata; with direct launches off, as the launcher's call."""
+    tuned = _accumulate_tuned
+    launcher = CachedLauncher(tuned)
+    x, acc = torch.randn(4096), torch.zeros(4096)
+
+    def grid(meta):
+        return (triton.cdiv(meta["N"], meta["BLOCK"]),)
+
+    bound = launcher.bind(grid, x, acc, 1024)
+    assert bound.direct and (bound.g0, bound.g1, bound.g2) == (16, 1, 1)
+    benchmarked = FAKE.benchmarked
+    x2, acc2 = torch.randn(4096), torch.zeros(4096)
+    _clear()
+    ref_kernel = tuned[grid](x2, acc2, 1024)
+    ref = FAKE.records[-1]
+    before = launcher.counts()
+    bound(launch.current_stream(), (x2, acc2, 1024))
+    assert launcher.counts()["direct"] == before["direct"] + 1
+    _same_launch(ref, FAKE.records[-1], hooks=False)
+    assert FAKE.benchmarked == benchmarked and ref_kernel is bound.entry.kernel
+    # the same for a plain JIT kernel with constexprs, and with a launch hook
+    jit = CachedLauncher(_scale_add)
+    x, y, z = torch.randn(1024), torch.randn(1024), torch.empty(1024)
+    bound = jit.bind((8,), x, y, z, 1024, 16, 2.0, BLOCK=128)
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata)
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        _clear()
+        _scale_add[(8,)](x, y, z, 1008, 16, 0.5, BLOCK=128)
+        bound(launch.current_stream(), (x, y, z, 1008, 16, 0.5))
+        _same_launch(FAKE.records[0], FAKE.records[1], hooks=True)
+        assert len(seen) == (2 if NATIVE else 0)  # (the Python stand-in launcher records hooks, calls none)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    launch.set_direct_launch(False)
+    try:
+        before = jit.counts()
+        bound(launch.current_stream(), (x, y, z, 1008, 16, 0.5))
+        assert jit.counts()["plain"] == before["plain"] + 1
+    finally:
+        launch.set_direct_launch(True)
+
+
 CHECKS = [
     check_direct_calls_go_to_the_lowest_launch_call,
     check_jit_same_launch_and_specialization_misses,
@@ -255,6 +305,7 @@ CHECKS = [
     check_grid_callable_sees_the_meta_parameters,
     check_autotuned_restore_value_tunes_once_per_key,
     check_switch_off_means_plain_launches,
+    check_bound_launch_replays_the_same_launch,
 ]
 
 

@@ -32,6 +32,7 @@ CHECK_NAMES = [
     "check_grid_callable_sees_the_meta_parameters",
     "check_autotuned_restore_value_tunes_once_per_key",
     "check_switch_off_means_plain_launches",
+    "check_bound_launch_replays_the_same_launch",
 ]
 
 
