@@ -126,21 +126,21 @@ def _decide_adapter_backend(x: torch.Tensor, params, forced: str | None) -> tupl
     return "triton", None, None
 
 
-# Decisions per setup: what decides one is in its key (the environment, whether the kernels imported, the
-# input's device type and dtype, autocast's state and dtype there, the parameters' dtypes), so a steady-state
-# call does one dictionary lookup instead of the checks.
+# Decisions per setup: what decides one is in its key (the environment variable as set, whether the kernels
+# imported, the input's device type and dtype, autocast's state and dtype there, the parameters' dtypes), so a
+# steady-state call reads one environment variable and does one dictionary lookup instead of the checks.
+# (Whether Triton interprets is not in it: Triton decides that once, when it is imported.)
 _DECISIONS: dict[tuple, tuple[str, str | None, str | None]] = {}
 
 
 def _choose_adapter_backend(x: torch.Tensor, params) -> tuple[str, str | None]:
-    forced = requested_backend()
+    env = os.environ.get(BACKEND_ENV)
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
-    key = (forced, _ADAPTER_KERNELS[0] is None, triton_interpreter_enabled(), x.is_cuda, device_type, x.dtype,
-           autocast, *[p.dtype for p in params])  # fmt: skip
+    key = (env, _ADAPTER_KERNELS[0] is None, device_type, x.dtype, autocast, *[p.dtype for p in params])
     decision = _DECISIONS.get(key)
     if decision is None:
-        decision = _DECISIONS[key] = _decide_adapter_backend(x, params, forced)
+        decision = _DECISIONS[key] = _decide_adapter_backend(x, params, requested_backend())
     backend, reason, action = decision
     if action == "raise":
         raise RuntimeError(f"{BACKEND_ENV}=triton, but the Triton backend cannot run: {reason}")
@@ -149,11 +149,14 @@ def _choose_adapter_backend(x: torch.Tensor, params) -> tuple[str, str | None]:
     return backend, reason
 
 
+_ADAPTER_CALLS = _CALLS["svd_adapter"]
+
+
 def adapter_backend(x: torch.Tensor, *params: torch.Tensor | None) -> str:
     """``"triton"`` or ``"reference"`` for one adapter call on ``x`` with the adapter's ``params``
     (lora_A, lora_E, lora_B); counted in :func:`backend_calls`."""
     backend = _choose_adapter_backend(x, params)[0]
-    _CALLS["svd_adapter"][backend] += 1
+    _ADAPTER_CALLS[backend] += 1
     return backend
 
 

@@ -45,7 +45,7 @@ KERNELS = {
     "grad_a_x": (sa.svd_adapter_grad_a_x, True, {"HAS_DROPOUT": True, "HAS_DX": True}),
 }
 
-_FP32_BUFFERS = {"H_ptr", "GS_ptr", "WSB_ptr", "WSE_ptr", "WSA_ptr", "OUT_ptr", "SCORE_ptr", "INV_SCALE_ptr"}
+_FP32_BUFFERS = {"H_ptr", "WS_ptr", "OUT_ptr", "SCORE_ptr", "INV_SCALE_ptr"}
 # Activations (and the bias, which has the base layer's dtype); every other pointer is an adapter parameter,
 # its gradient or its importance state, in the parameters' dtype.
 _ACTIVATIONS = {"X_ptr", "Y_ptr", "DY_ptr", "DX_ptr", "bias_ptr"}

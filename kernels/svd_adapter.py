@@ -13,7 +13,9 @@ Forward (2 kernels + the base GEMM):
   shrink   H = dropout(x)·Aᵀ                               one pass over x
   expand   y = (H·diag(sE⊙m))·Bᵀ + b                       writes y once
   cuBLAS   y += x·W0ᵀ   (addmm with beta = 1: the adapter term is read in the GEMM's epilogue)
-Backward (3 launches + the base dx GEMM, no other device op):
+Backward (3 launches + the base dx GEMM, no other device op), with one fp32 workspace in three regions:
+Gs (N × R_PAD) at 0, the dA partials (splits × K × R_PAD) at ws_a_offset, the dB partials with dE's as one
+extra row per row tile (tiles × (OUT + 1) × R_PAD) at ws_b_offset:
   grad_h   G = dY·B, and per row tile the partial dB = dYᵀ·(H·diag(sE⊙m))   one pass over dY
            epilogue: Gs = G·diag(sE⊙m), partial Σ H⊙G for dE
   grad_a_x per token split × input tile: dAᵀ partials = dropout(x)ᵀ·Gs and dx = dropout'(Gs·A)
@@ -116,16 +118,19 @@ def _svd_adapter_expand_kernel(
 
 @triton.jit
 def _svd_adapter_grad_h_kernel(
-    DY_ptr, H_ptr, E_ptr, mask_ptr, ranknum_ptr, B_ptr, GS_ptr, WSB_ptr, WSE_ptr, N, OUT, R, scaling,
+    DY_ptr, H_ptr, E_ptr, mask_ptr, ranknum_ptr, B_ptr, WS_ptr, ws_b_offset, N, OUT, R, scaling,
     stride_dym, stride_dyn, stride_e, stride_bn, stride_br,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):  # fmt: skip
+    """One row tile: Gs = dY·B·diag(sE⊙m) into the workspace's Gs region, and this tile's dB partials
+    (OUT rows) with its Σ H⊙G partial for dE as an extra row, into the partials region (see the docstring)."""
     tile = tl.program_id(0).to(tl.int64)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, R_PAD)
     lam = _effective_singular_values(E_ptr, stride_e, mask_ptr, ranknum_ptr, scaling, R, R_PAD, ACC_DTYPE)
     h = tl.load(H_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=rows[:, None] < N, other=0.0)
+    parts_ptr = WS_ptr + ws_b_offset + tile * (OUT + 1) * R_PAD  # this tile's OUT + 1 rows of partials
     g = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
     u = (h * lam[None, :]).to(COMPUTE_DTYPE)  # this row tile of H·diag(sE⊙m), for the dB partials
     for n0 in range(0, OUT, BLOCK_N):
@@ -137,20 +142,21 @@ def _svd_adapter_grad_h_kernel(
         g = tile_dot(dy, b, g, UPCAST, DOT_PRECISION)
         # This row tile's share of dB = dYᵀ·(H·diag(sE⊙m)), summed over tiles by the reduce kernel.
         part = tile_dot(tl.trans(dy), u, tl.zeros((BLOCK_N, R_PAD), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
-        tl.store(WSB_ptr + (tile * OUT + cols[:, None]) * R_PAD + ranks[None, :], part, mask=cols[:, None] < OUT)
-    tl.store(GS_ptr + rows[:, None] * R_PAD + ranks[None, :], g * lam[None, :], mask=rows[:, None] < N)
-    tl.store(WSE_ptr + tile * R_PAD + ranks, tl.sum(h * g, axis=0))
+        tl.store(parts_ptr + cols[:, None] * R_PAD + ranks[None, :], part, mask=cols[:, None] < OUT)
+    tl.store(WS_ptr + rows[:, None] * R_PAD + ranks[None, :], g * lam[None, :], mask=rows[:, None] < N)
+    tl.store(parts_ptr + OUT * R_PAD + ranks, tl.sum(h * g, axis=0))
 
 
 @triton.jit
 def _reduce_factor_tile(
     tile, score_row, WS_ptr, DG_ptr, W_ptr, PREV_ptr, IPT_ptr, UNC_ptr, SCORE_ptr, INV_SCALE_ptr, mask_ptr, ranknum_ptr,
-    scaling, ROWS, R, n_parts, stride_row, stride_rank, beta1, one_minus_beta1, beta2, one_minus_beta2,
+    scaling, ROWS, R, n_parts, part_rows, stride_row, stride_rank, beta1, one_minus_beta1, beta2, one_minus_beta2,
     BLOCK_ROWS: tl.constexpr, R_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, EMIT: tl.constexpr,
     ACCUMULATE: tl.constexpr, RANK_SCALE: tl.constexpr,
 ):  # fmt: skip
-    """One row tile of a factor's gradient = Σ of n_parts partials (n_parts × ROWS × R_PAD), in order: B,
-    A seen as Aᵀ, or E seen as one row (with RANK_SCALE, the sum is multiplied by m·s/(ranknum + RANKNUM_EPS)).
+    """One row tile of a factor's gradient = Σ of n_parts partials (ROWS × R_PAD each, part_rows × R_PAD apart),
+    in order: B, A seen as Aᵀ, or E seen as one row (with RANK_SCALE, the sum is multiplied by
+    m·s/(ranknum + RANKNUM_EPS)).
 
     Where the gradient is final, the paper-order epilogue: sensitivity, both EMAs in place, and this
     tile's per-rank sums of the element scores (over B's rows, or A's columns; E's own scores) written
@@ -160,7 +166,8 @@ def _reduce_factor_tile(
     ranks = tl.arange(0, R_PAD)
     acc = tl.zeros((BLOCK_ROWS, R_PAD), dtype=ACC_DTYPE)
     for t in range(0, n_parts):  # fixed order: bitwise reproducible
-        acc += tl.load(WS_ptr + (t * ROWS + rows[:, None]) * R_PAD + ranks[None, :], mask=rows[:, None] < ROWS, other=0.0)
+        acc += tl.load(WS_ptr + (t * part_rows + rows[:, None]) * R_PAD + ranks[None, :], mask=rows[:, None] < ROWS,
+                       other=0.0)  # fmt: skip
     if RANK_SCALE:
         acc *= _rank_scale(mask_ptr, ranknum_ptr, scaling, R, R_PAD, ACC_DTYPE)[None, :]
     offs = rows[:, None] * stride_row + ranks[None, :] * stride_rank
@@ -175,9 +182,10 @@ def _reduce_factor_tile(
 
 @triton.jit
 def _svd_adapter_grad_reduce_kernel(
-    WSB_ptr, DB_ptr, B_ptr, PREVB_ptr, IPTB_ptr, UNCB_ptr, ROWS_B, parts_b, stride_dbn, stride_dbr,
-    WSA_ptr, DA_ptr, A_ptr, PREVA_ptr, IPTA_ptr, UNCA_ptr, ROWS_A, parts_a, stride_dak, stride_dar,
-    WSE_ptr, DE_ptr, E_ptr, PREVE_ptr, IPTE_ptr, UNCE_ptr, stride_de,
+    WS_ptr, ws_a_offset, ws_b_offset,
+    DB_ptr, B_ptr, PREVB_ptr, IPTB_ptr, UNCB_ptr, ROWS_B, parts_b, stride_dbn, stride_dbr,
+    DA_ptr, A_ptr, PREVA_ptr, IPTA_ptr, UNCA_ptr, ROWS_A, parts_a, stride_dak, stride_dar,
+    DE_ptr, E_ptr, PREVE_ptr, IPTE_ptr, UNCE_ptr, stride_de,
     SCORE_ptr, INV_SCALE_ptr, mask_ptr, ranknum_ptr, scaling, R, beta1, one_minus_beta1, beta2, one_minus_beta2,
     BLOCK_ROWS: tl.constexpr, R_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, EMIT: tl.constexpr,
     ACCUMULATE_B: tl.constexpr, ACCUMULATE_A: tl.constexpr, ACCUMULATE_E: tl.constexpr,
@@ -188,33 +196,33 @@ def _svd_adapter_grad_reduce_kernel(
     tiles_b = tl.cdiv(ROWS_B, BLOCK_ROWS)
     tiles_a = tl.cdiv(ROWS_A, BLOCK_ROWS)
     if pid < tiles_b:
-        _reduce_factor_tile(pid, pid, WSB_ptr, DB_ptr, B_ptr, PREVB_ptr, IPTB_ptr, UNCB_ptr, SCORE_ptr, INV_SCALE_ptr,
-                            mask_ptr, ranknum_ptr, scaling, ROWS_B, R, parts_b, stride_dbn, stride_dbr,
-                            beta1, one_minus_beta1, beta2, one_minus_beta2,
+        _reduce_factor_tile(pid, pid, WS_ptr + ws_b_offset, DB_ptr, B_ptr, PREVB_ptr, IPTB_ptr, UNCB_ptr, SCORE_ptr,
+                            INV_SCALE_ptr, mask_ptr, ranknum_ptr, scaling, ROWS_B, R, parts_b, ROWS_B + 1,
+                            stride_dbn, stride_dbr, beta1, one_minus_beta1, beta2, one_minus_beta2,
                             BLOCK_ROWS, R_PAD, ACC_DTYPE, EMIT, ACCUMULATE_B, False)  # fmt: skip
     elif pid < tiles_b + tiles_a:
-        _reduce_factor_tile(pid - tiles_b, pid, WSA_ptr, DA_ptr, A_ptr, PREVA_ptr, IPTA_ptr, UNCA_ptr, SCORE_ptr,
-                            INV_SCALE_ptr, mask_ptr, ranknum_ptr, scaling, ROWS_A, R, parts_a, stride_dak, stride_dar,
-                            beta1, one_minus_beta1, beta2, one_minus_beta2,
+        _reduce_factor_tile(pid - tiles_b, pid, WS_ptr + ws_a_offset, DA_ptr, A_ptr, PREVA_ptr, IPTA_ptr, UNCA_ptr,
+                            SCORE_ptr, INV_SCALE_ptr, mask_ptr, ranknum_ptr, scaling, ROWS_A, R, parts_a, ROWS_A,
+                            stride_dak, stride_dar, beta1, one_minus_beta1, beta2, one_minus_beta2,
                             BLOCK_ROWS, R_PAD, ACC_DTYPE, EMIT, ACCUMULATE_A, False)  # fmt: skip
-    else:  # E: grad_h made its partials with B's, one per row tile
-        _reduce_factor_tile(0, pid, WSE_ptr, DE_ptr, E_ptr, PREVE_ptr, IPTE_ptr, UNCE_ptr, SCORE_ptr,
-                            INV_SCALE_ptr, mask_ptr, ranknum_ptr, scaling, 1, R, parts_b, 0, stride_de,
-                            beta1, one_minus_beta1, beta2, one_minus_beta2,
+    else:  # E: one row after each of grad_h's row-tile partials of dB
+        _reduce_factor_tile(0, pid, WS_ptr + ws_b_offset + ROWS_B * R_PAD, DE_ptr, E_ptr, PREVE_ptr, IPTE_ptr,
+                            UNCE_ptr, SCORE_ptr, INV_SCALE_ptr, mask_ptr, ranknum_ptr, scaling, 1, R, parts_b,
+                            ROWS_B + 1, 0, stride_de, beta1, one_minus_beta1, beta2, one_minus_beta2,
                             BLOCK_ROWS, R_PAD, ACC_DTYPE, EMIT, ACCUMULATE_E, True)  # fmt: skip
 
 
 @triton.jit
 def _svd_adapter_grad_a_x_kernel(
-    X_ptr, GS_ptr, A_ptr, WSA_ptr, DX_ptr, N, K, R, rows_per_split, SEED_ptr, dropout_p, keep_scale,
+    X_ptr, WS_ptr, ws_a_offset, A_ptr, DX_ptr, N, K, R, rows_per_split, SEED_ptr, dropout_p, keep_scale,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_DX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):  # fmt: skip
     """One token split × input tile: its share of dA = Gsᵀ·dropout(x), stored as dAᵀ partials (split, K,
-    R_PAD), and (HAS_DX) the adapter's dx = dropout'(Gs·A) on the same rows and columns: one pass over x
-    and Gs, one dropout draw for both."""
+    R_PAD) in the workspace's dA region, and (HAS_DX) the adapter's dx = dropout'(Gs·A) on the same rows and
+    columns: one pass over x and Gs (the workspace's Gs region), one dropout draw for both."""
     col0 = tl.program_id(0).to(tl.int64) * BLOCK_K
     cols = col0 + tl.arange(0, BLOCK_K)
     split = tl.program_id(1).to(tl.int64)
@@ -232,16 +240,16 @@ def _svd_adapter_grad_a_x_kernel(
         if HAS_DROPOUT:
             keep = dropout_keep(rows, col0, K, SEED_ptr, dropout_p, BLOCK_K)
             x = apply_dropout(x, keep, keep_scale)
-        gs_t = tl.load(GS_ptr + rows[None, :] * R_PAD + ranks[:, None], mask=rows[None, :] < end, other=0.0)
+        gs_t = tl.load(WS_ptr + rows[None, :] * R_PAD + ranks[:, None], mask=rows[None, :] < end, other=0.0)
         acc = tile_dot(gs_t.to(COMPUTE_DTYPE), x, acc, UPCAST, DOT_PRECISION)
         if HAS_DX:
-            gs = tl.load(GS_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=rows[:, None] < end, other=0.0)
+            gs = tl.load(WS_ptr + rows[:, None] * R_PAD + ranks[None, :], mask=rows[:, None] < end, other=0.0)
             du = tile_dot(gs.to(COMPUTE_DTYPE), a, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
             if HAS_DROPOUT:
                 du = apply_dropout(du, keep, keep_scale)
             tl.store(DX_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, du.to(DX_ptr.dtype.element_ty),
                      mask=(rows[:, None] < end) & (cols[None, :] < K))  # fmt: skip
-    tl.store(WSA_ptr + (split * K + cols[None, :]) * R_PAD + ranks[:, None], acc, mask=cols[None, :] < K)
+    tl.store(WS_ptr + ws_a_offset + (split * K + cols[None, :]) * R_PAD + ranks[:, None], acc, mask=cols[None, :] < K)
 
 
 # The dropout keep mask the kernels draw, as a tensor: lets a reference replay the same dropout (tests).

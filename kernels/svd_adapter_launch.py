@@ -138,7 +138,8 @@ class SVDAdapterPlan:
     """
 
     __slots__ = ("n", "k", "r", "out", "r_pad", "acc", "dots", "has_dropout", "device", "n_tiles", "n_splits",
-                 "rows_per_split", "tiles_b", "tiles_a", "forwards", "backwards", "cached")  # fmt: skip
+                 "rows_per_split", "tiles_b", "tiles_a", "ws_a_offset", "ws_b_offset", "ws_size", "forwards",
+                 "backwards", "cached")  # fmt: skip
 
     def __init__(self, x2d: torch.Tensor, adapter: SVDAdapter, cached: bool):
         lora_A, lora_B = adapter.lora_A, adapter.lora_B
@@ -153,6 +154,11 @@ class SVDAdapterPlan:
         self.n_splits = _token_splits(self.n, self.k, self.device) if self.n else 1
         self.rows_per_split = cdiv(self.n, self.n_splits)
         self.tiles_b, self.tiles_a = cdiv(self.out, REDUCE_BLOCK_ROWS), cdiv(self.k, REDUCE_BLOCK_ROWS)
+        # The backward's one workspace (see svd_adapter.py): Gs, then the dA partials, then the dB partials
+        # with dE's as an extra row per row tile. Every region starts 16-element aligned (R_PAD >= 16).
+        self.ws_a_offset = self.n * self.r_pad
+        self.ws_b_offset = self.ws_a_offset + self.n_splits * self.k * self.r_pad
+        self.ws_size = self.ws_b_offset + self.n_tiles * (self.out + 1) * self.r_pad
         self.forwards: dict = {}  # bias dtype (None: no bias) -> (shrink, expand)
         self.backwards: dict = {}  # (dY's strides and dtype, dx wanted) -> (grad_h, grad_a_x, reduce)
         self.cached = cached  # False: an operand is not 16-byte aligned, this plan serves one call
@@ -223,8 +229,8 @@ def svd_adapter_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         plan = adapter_plan(x2d, adapter, seed)
     lora_A, lora_E, lora_B, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter
     n, k, r, out, r_pad = plan.n, plan.k, plan.r, plan.out, plan.r_pad
-    h = torch.empty((n, r_pad), device=x2d.device, dtype=plan.acc)
-    y = torch.empty((n, out), device=x2d.device, dtype=x2d.dtype)
+    h = torch.empty(n, r_pad, device=x2d.device, dtype=plan.acc)  # (sizes as arguments: a faster parse than a tuple)
+    y = torch.empty(n, out, device=x2d.device, dtype=x2d.dtype)
     if n == 0:
         return y, h
     p, keep_scale = _dropout_args(dropout_p)
@@ -277,24 +283,25 @@ def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Te
     if n == 0:
         dx = torch.zeros_like(x2d) if needs_dx else None
         return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_E), torch.zeros_like(lora_B)
+    if not h.is_contiguous():  # the kernels read H as the forward wrote it (N × R_PAD, dense)
+        h = h.contiguous()
     p, keep_scale = _dropout_args(dropout_p)
     scaling = float(scaling)
     n_tiles, n_splits = plan.n_tiles, plan.n_splits
-    gs = torch.empty((n, r_pad), device=dev, dtype=acc)
-    ws_b = torch.empty((n_tiles, out, r_pad), device=dev, dtype=acc)
-    ws_e = torch.empty((n_tiles, r_pad), device=dev, dtype=acc)
+    ws = torch.empty(plan.ws_size, device=dev, dtype=acc)
     # dA = Gsᵀ·dropout(x) as dAᵀ partials, and the adapter's dx = dropout'(Gs·A): token splits × input tiles.
-    ws_a = torch.empty((n_splits, k, r_pad), device=dev, dtype=acc)
-    dx = torch.empty_like(x2d, memory_format=torch.contiguous_format) if needs_dx else None
-    dx_arg = dx if needs_dx else ws_a  # a dummy the kernel does not touch without HAS_DX
+    dx = (torch.empty_like(x2d) if x2d.is_contiguous() else torch.empty_like(x2d, memory_format=torch.contiguous_format)
+          ) if needs_dx else None  # fmt: skip
     d_a, d_e, d_b = torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
-    grad_h_args = (dy2d, h, lora_E, mask, ranknum, lora_B, gs, ws_b, ws_e, n, out, r, scaling, *dy2d.stride(),
+    grad_h_args = (dy2d, h, lora_E, mask, ranknum, lora_B, ws, plan.ws_b_offset, n, out, r, scaling, *dy2d.stride(),
                    lora_E.stride(0), *lora_B.stride())  # fmt: skip
-    grad_a_x_args = (x2d, gs, lora_A, ws_a, dx_arg, n, k, r, plan.rows_per_split, seed, p, keep_scale,
-                     *x2d.stride(), *lora_A.stride(), *dx_arg.stride()[:2])  # fmt: skip
-    reduce_args = _reduce_args(plan, ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter, scaling)
-    variant = (dy2d.stride(), dy2d.dtype, needs_dx)
-    aligned = _aligned(dy2d)
+    dx_arg, dx_strides = (dx, (k, 1)) if needs_dx else (ws, (0, 0))  # a dummy the kernel does not touch without HAS_DX
+    grad_a_x_args = (x2d, ws, plan.ws_a_offset, lora_A, dx_arg, n, k, r, plan.rows_per_split, seed, p, keep_scale,
+                     *x2d.stride(), *lora_A.stride(), *dx_strides)  # fmt: skip
+    reduce_args = _reduce_args(plan, ws, d_a, d_e, d_b, adapter, scaling)
+    # dY's layout, and x's as the backward sees it (a saved-tensor hook may hand back a copy laid out anew)
+    variant = (dy2d.stride(), dy2d.dtype, x2d.stride(), needs_dx)
+    aligned = _aligned(dy2d, x2d, h)
     bound = plan.backwards.get(variant) if aligned else None
     if bound is not None:
         stream = current_stream()
@@ -318,7 +325,7 @@ def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Te
             if plan.cached and aligned:
                 plan.backwards[variant] = (grad_h, grad_a_x, reduce)
     if importance is not None:  # the step-completing micro-batch: the reduction also scores (once per step)
-        scores = _reduce_emitting_importance(plan, ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter, scaling, importance)
+        scores = _reduce_emitting_importance(plan, ws, d_a, d_e, d_b, adapter, scaling, importance)
         _write_triplet_scores(importance, *scores, lora_A, lora_E, lora_B)
     if needs_dx and base_gemm:
         dx.addmm_(dy2d, weight.t() if fan_in_fan_out else weight)  # base dx GEMM onto the adapter term
@@ -357,28 +364,29 @@ def _inverse_grad_scale(scale, device) -> torch.Tensor:
     return torch.full((1,), 1.0 / scale, device=device, dtype=torch.float32)
 
 
-def _reduce_args(plan: SVDAdapterPlan, ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter: SVDAdapter, scaling: float,
+def _reduce_args(plan: SVDAdapterPlan, ws, d_a, d_e, d_b, adapter: SVDAdapter, scaling: float,
                  emitting: tuple | None = None) -> tuple:  # fmt: skip
-    """The reduction's arguments: its three regions (partials, output, then the importance operands: param,
-    previous grad, Ī, Ū; dummies it does not touch without EMIT), the score partials, 1 / loss scale, the
-    rank scale's operands and the EMA betas."""
+    """The reduction's arguments: the workspace and its regions' offsets, then per factor its output and the
+    importance operands (param, previous grad, Ī, Ū; dummies it does not touch without EMIT), the score
+    partials, 1 / loss scale, the rank scale's operands and the EMA betas."""
     lora_A, lora_E, lora_B, mask, ranknum = adapter[:5]
     if emitting is None:
         ops_b, ops_a, ops_e = (lora_B,) * 4, (lora_A,) * 4, (lora_E,) * 4
-        scores = inv_scale = ws_e
+        scores = inv_scale = ws
         betas = 0.0, 1.0, 0.0, 1.0
     else:
         ops_b, ops_a, ops_e, scores, inv_scale, betas = emitting
     return (
-        ws_b, d_b, *ops_b, plan.out, ws_b.shape[0], *d_b.stride(),
-        ws_a, d_a, *ops_a, plan.k, ws_a.shape[0], d_a.stride(1), d_a.stride(0),
-        ws_e, d_e, *ops_e, d_e.stride(0),
+        ws, plan.ws_a_offset, plan.ws_b_offset,
+        d_b, *ops_b, plan.out, plan.n_tiles, *d_b.stride(),
+        d_a, *ops_a, plan.k, plan.n_splits, d_a.stride(1), d_a.stride(0),
+        d_e, *ops_e, d_e.stride(0),
         scores, inv_scale, mask, ranknum, scaling, plan.r, *betas,
     )  # fmt: skip
 
 
-def _reduce_emitting_importance(plan: SVDAdapterPlan, ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter: SVDAdapter,
-                                scaling: float, importance: ImportanceEmission):  # fmt: skip
+def _reduce_emitting_importance(plan: SVDAdapterPlan, ws, d_a, d_e, d_b, adapter: SVDAdapter, scaling: float,
+                                importance: ImportanceEmission):  # fmt: skip
     """dB, dA and dE (written into d_b, d_a, d_e) = Σ of their partials, in one launch whose epilogues also
     score the final gradients: returns E's scores and the per-rank sums of A's and B's element scores."""
     lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
@@ -393,8 +401,7 @@ def _reduce_emitting_importance(plan: SVDAdapterPlan, ws_a, ws_e, ws_b, d_a, d_e
     betas = importance.beta1, 1 - importance.beta1, importance.beta2, 1 - importance.beta2
     launch_grad_reduce(
         (tiles_b + tiles_a + 1,),
-        *_reduce_args(plan, ws_a, ws_e, ws_b, d_a, d_e, d_b, adapter, scaling,
-                      (ops_b, ops_a, ops_e, scores, inv_scale, betas)),
+        *_reduce_args(plan, ws, d_a, d_e, d_b, adapter, scaling, (ops_b, ops_a, ops_e, scores, inv_scale, betas)),
         BLOCK_ROWS=REDUCE_BLOCK_ROWS, R_PAD=plan.r_pad, ACC_DTYPE=plan.dots["ACC_DTYPE"], EMIT=True,
         ACCUMULATE_B=acc_b, ACCUMULATE_A=acc_a, ACCUMULATE_E=acc_e,
     )  # fmt: skip

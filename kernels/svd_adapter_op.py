@@ -28,40 +28,53 @@ class SVDLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, adapter: SVDAdapter, seed: int | None, importance):
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (a reshape costs a view even when a no-op)
-        _, _, _, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter
         if torch.compiler.is_compiling():
+            _, _, _, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter
             y, h, seed_t = svd_linear_forward_op(x2d, weight, bias, lora_A, lora_E, lora_B, mask, ranknum, scaling,
                                                  fan_in_fan_out, dropout_p, -1 if seed is None else seed)  # fmt: skip
             plan = None
         else:
-            seed_t = dropout_seed(dropout_p, x.device, seed)
+            seed_t = dropout_seed(adapter.dropout_p, x.device, seed)
             plan = adapter_plan(x2d, adapter, seed_t)
             y, h = svd_adapter_forward(x2d, weight, bias, adapter, seed_t, plan=plan)
         # Saved with autograd's checks: the activation, the layer's weights and H (saved-tensor hooks see them,
-        # and an in-place change before the backward is an error). The mask, ranknum and the seed tensor are
-        # buffers nothing changes inside a step: kept as they are (each saved tensor costs a pack and unpack).
+        # and an in-place change before the backward is an error). The adapter's mask and ranknum and the seed
+        # tensor are buffers nothing changes inside a step: kept as they are (each saved tensor costs a pack
+        # and an unpack).
         ctx.save_for_backward(x2d, weight, lora_A, lora_E, lora_B, h)
-        ctx.buffers, ctx.scalars = (mask, ranknum, seed_t), (scaling, fan_in_fan_out, dropout_p)
-        ctx.x_shape, ctx.has_bias, ctx.importance, ctx.plan = x.shape, bias is not None, importance, plan
+        ctx.adapter, ctx.seed, ctx.plan, ctx.importance = adapter, seed_t, plan, importance
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_A, lora_E, lora_B, h = ctx.saved_tensors
-        mask, ranknum, seed = ctx.buffers
+        x2d, weight, lora_A, lora_E, lora_B, h = ctx.saved_tensors  # (unpacking checks for in-place changes)
+        adapter = ctx.adapter
         dy2d = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
         needs_dx, needs_w, needs_b = ctx.needs_input_grad[:3]
         if torch.compiler.is_compiling():
+            _, _, _, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter
             dx, d_a, d_e, d_b = svd_linear_backward_op(dy2d, x2d, weight, lora_A, lora_E, lora_B, mask, ranknum, h,
-                                                       seed, *ctx.scalars, needs_dx)  # fmt: skip
+                                                       ctx.seed, scaling, fan_in_fan_out, dropout_p, needs_dx)  # fmt: skip
         else:
-            adapter = SVDAdapter(lora_A, lora_E, lora_B, mask, ranknum, *ctx.scalars)
-            dx, d_a, d_e, d_b = svd_adapter_backward(dy2d, x2d, weight, adapter, h, seed, needs_dx, ctx.importance,
+            dx, d_a, d_e, d_b = svd_adapter_backward(dy2d, x2d, weight, adapter, h, ctx.seed, needs_dx, ctx.importance,
                                                      plan=ctx.plan)  # fmt: skip
-        d_w, d_bias = _base_param_grads(dy2d, x2d, needs_w, ctx.has_bias and needs_b, ctx.scalars[1])
+        d_w = d_bias = None
+        if needs_w or needs_b:
+            d_w, d_bias = _base_param_grads(dy2d, x2d, needs_w, ctx.has_bias and needs_b, adapter.fan_in_fan_out)
         if needs_dx and len(ctx.x_shape) != 2:
             dx = dx.view(ctx.x_shape)
         return (dx if needs_dx else None), d_w, d_bias, d_a, d_e, d_b, None, None, None
+
+
+# autograd.Function.apply without its Python wrapper, for eager calls outside functorch's transforms (where the
+# wrapper's only work is unwrapping functorch's dead wrappers, done here for x, the one tensor that can be one):
+# the wrapper costs about as much as the C++ apply itself.
+try:
+    _apply_eagerly = torch._C._FunctionBase.__dict__["apply"].__get__(None, SVDLinearFunction)
+    from torch._C._functorch import unwrap_if_dead as _unwrap_if_dead
+except (AttributeError, KeyError, ImportError):  # pragma: no cover - another torch: the public path
+    _apply_eagerly = _unwrap_if_dead = None
 
 
 def _base_param_grads(dy2d, x2d, needs_weight: bool, needs_bias: bool, fan_in_fan_out: bool):
@@ -155,10 +168,12 @@ def svd_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                                          or lora_B.requires_grad or weight.requires_grad
                                          or (bias is not None and bias.requires_grad))):  # fmt: skip
         # Nothing to differentiate (evaluation, no_grad): the launchers alone, without autograd's machinery.
-        y, _ = svd_adapter_forward(x.reshape(-1, x.shape[-1]), weight, bias, adapter,
-                                   dropout_seed(adapter.dropout_p, x.device, seed))  # fmt: skip
-        return y.view(*x.shape[:-1], y.shape[-1])
-    return SVDLinearFunction.apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, importance)
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y, _ = svd_adapter_forward(x2d, weight, bias, adapter, dropout_seed(adapter.dropout_p, x.device, seed))
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+    if _apply_eagerly is None or torch._C._are_functorch_transforms_active():
+        return SVDLinearFunction.apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, importance)
+    return _apply_eagerly(_unwrap_if_dead(x), weight, bias, lora_A, lora_E, lora_B, adapter, seed, importance)
 
 
 @torch.compiler.disable
