@@ -135,7 +135,7 @@ _DECISIONS: dict[tuple, tuple[str, str | None, str | None]] = {}
 
 def _choose_adapter_backend(x: torch.Tensor, params) -> tuple[str, str | None]:
     env = os.environ.get(BACKEND_ENV)
-    device_type = x.device.type
+    device_type = "cuda" if x.is_cuda else x.device.type  # (x.device.type builds a device object)
     autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
     key = (env, _ADAPTER_KERNELS[0] is None, device_type, x.dtype, autocast, *[p.dtype for p in params])
     decision = _DECISIONS.get(key)

@@ -85,7 +85,8 @@ class FastSVDLinear(nn.Linear):
 
     @property
     def dropout_p(self) -> float:
-        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        dropout = self._modules["lora_dropout"]  # (a submodule attribute is a Python __getattr__ call per read)
+        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in the stored weight's layout."""

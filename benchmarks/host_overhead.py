@@ -254,8 +254,8 @@ def _fast_layer_parts(args, dtype, dropout, device):
             x, W, b, A, E, B, mask, layer.scaling, ranknum, dropout_p=dropout, training=True),
         "svd_linear_triton": lambda: svd_linear_triton(x, W, b, adapter),
         "SVDLinearFunction.apply": lambda: SVDLinearFunction.apply(x, W, b, A, E, B, adapter, None, None),
-        "svd_adapter_forward (2 launches + addmm_)": lambda: sa.svd_adapter_forward(x2d, W, b, adapter, seed),
-        "svd_adapter_forward, base_gemm=False (2 launches)": lambda: sa.svd_adapter_forward(
+        "svd_adapter_forward (F.linear + 2 launches)": lambda: sa.svd_adapter_forward(x2d, W, b, adapter, seed),
+        "svd_adapter_forward, base_gemm=False (zeros + 2 launches)": lambda: sa.svd_adapter_forward(
             x2d, W, b, adapter, seed, base_gemm=False),
     }
 
@@ -270,9 +270,9 @@ def _fast_layer_parts(args, dtype, dropout, device):
     bwd = {
         "module: layer(x).backward()": module_fwd_bwd,
         "SVDLinearFunction.apply(...).backward()": function_fwd_bwd,
-        "svd_adapter_backward (3 launches + addmm_)": lambda: sa.svd_adapter_backward(
+        "svd_adapter_backward (mm + 3 launches)": lambda: sa.svd_adapter_backward(
             dy, x2d, W, adapter, h, seed, True),
-        "svd_adapter_backward, base_gemm=False (3 launches)": lambda: sa.svd_adapter_backward(
+        "svd_adapter_backward, base_gemm=False (zeros + 3 launches)": lambda: sa.svd_adapter_backward(
             dy, x2d, W, adapter, h, seed, True, base_gemm=False),
     }
     return fwd, bwd
@@ -343,9 +343,9 @@ def steps_table(args, dtype, dropout, device):
     dots = dot_settings(dtype)
     shrink_args = (x, A, h, n, k, r, seed, p, keep_scale, x.stride(0), x.stride(1), A.stride(0), A.stride(1))
     shrink_kw = dict(R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots)
-    expand_args = (h, E, mask, ranknum, B, h, y, n, out, r, 2.0, E.stride(0), B.stride(0), B.stride(1), y.stride(0),
+    expand_args = (h, E, mask, ranknum, B, y, n, out, r, 2.0, E.stride(0), B.stride(0), B.stride(1), y.stride(0),
                    y.stride(1))  # fmt: skip
-    expand_kw = dict(R_PAD=r_pad, HAS_BIAS=False, **dots)
+    expand_kw = dict(R_PAD=r_pad, **dots)
     grid = lambda meta: (cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
 
     shrink_cached = CachedLauncher(kernels.svd_adapter_shrink)
@@ -386,7 +386,7 @@ def steps_table(args, dtype, dropout, device):
         "expand launch: CachedLauncher(grid, ...)": lambda: expand_cached(expand_grid, *expand_args, **expand_kw),
         "expand as aten: y.addmm_(u, Bᵀ) (rank r)": lambda: y.addmm_(u, B.t()),
         "expand as aten: torch.addmm(y, h[:, :r]·λ, Bᵀ) (mul + addmm)": lambda: torch.addmm(y, h_r * lam, B.t()),
-        "aten: y.addmm_(x, Wᵀ) (the base GEMM)": lambda: y.addmm_(x, W.t()),
+        "aten: F.linear(x, W) (the base GEMM)": lambda: torch.nn.functional.linear(x, W),
     }
     # what one more pointer argument costs: Triton's launcher (C: data_ptr(), cuPointerGetAttribute) and the key
     four, twenty = _pointer_kernels()

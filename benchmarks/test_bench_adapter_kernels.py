@@ -61,8 +61,9 @@ def test_adapter_forward_kernels_bandwidth(benchmark, shape):
 
     run()
     benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=5)
-    # shrink reads x and writes H; expand reads H and writes y (A, E, B are negligible).
-    _record(benchmark, tokens * in_f * 2 + 2 * tokens * R_PAD * 4 + tokens * out_f * 2)
+    # y starts as zeros (a write of y; the layer has the base GEMM's output there); shrink reads x and writes H;
+    # expand reads H and reads and writes y (A, E, B are negligible).
+    _record(benchmark, tokens * in_f * 2 + 2 * tokens * R_PAD * 4 + 3 * tokens * out_f * 2)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -82,8 +83,9 @@ def test_adapter_backward_kernels_bandwidth(benchmark, shape):
     run()
     benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=5)
     n_tiles = -(-tokens // GRAD_H_BLOCK_M)
-    # grad_h reads dY and H, writes Gs and the dB partials; reduce reads them; grad_a_x reads x and Gs and
-    # writes dx (its dA partials are small).
+    # dx starts as zeros (a write; the layer has the base GEMM's dY·W0 there); grad_h reads dY and H, writes Gs
+    # and the dB partials; reduce reads them; grad_a_x reads x and Gs and reads and writes dx (its dA partials
+    # are small).
     nbytes = tokens * out_f * 2 + 2 * tokens * R_PAD * 4 + 2 * n_tiles * out_f * R_PAD * 4
-    nbytes += tokens * in_f * 2 + tokens * R_PAD * 4 + tokens * in_f * 2
+    nbytes += tokens * in_f * 2 + tokens * R_PAD * 4 + 3 * tokens * in_f * 2
     _record(benchmark, nbytes)

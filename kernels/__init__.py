@@ -6,10 +6,10 @@ call whether a kernel or the reference runs. This file imports nothing from
 Triton, so that the dispatcher can ask :func:`interpreting` without it.
 
   svd_adapter.py         the adapter's Triton kernels and their tile configs
-  svd_adapter_launch.py  their launchers: workspaces, grids, dropout seeds
+  svd_adapter_launch.py  their launchers and plans (a layout's launches bound once): workspace, grids, seeds
   svd_adapter_op.py      the autograd path and the torch.library ops (the kernel path's entry point)
   importance_ema.py      the sensitivity/EMA tile math the backward's epilogues share
-  launch.py              CachedLauncher, the lowest-cost launch of a compiled kernel
+  launch.py              CachedLauncher and BoundLaunch, the lowest-cost launches of a compiled kernel
   utils.py               tile math, dropout, dot precision and autotune config helpers
   compile_check.py       ahead-of-time sm_90/sm_80 builds of every kernel and config
   fake_driver.py         Triton's compiled launch path without a GPU (host-overhead measurements)

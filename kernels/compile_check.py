@@ -37,7 +37,7 @@ RANK_PADS = (16, 32, 64)
 # kernel -> (autotuned entry, whether it contains tl.dot, extra constexprs)
 KERNELS = {
     "shrink": (sa.svd_adapter_shrink, True, {"HAS_DROPOUT": True}),
-    "expand": (sa.svd_adapter_expand, True, {"HAS_BIAS": True}),
+    "expand": (sa.svd_adapter_expand, True, {}),
     "grad_h": (sa.svd_adapter_grad_h, True, {"BLOCK_M": sa.GRAD_H_BLOCK_M}),
     "reduce": (sa.svd_adapter_grad_reduce, False,
                {"BLOCK_ROWS": sa.REDUCE_BLOCK_ROWS, "EMIT": True, "ACCUMULATE_B": True, "ACCUMULATE_A": True,
@@ -46,9 +46,9 @@ KERNELS = {
 }
 
 _FP32_BUFFERS = {"H_ptr", "WS_ptr", "OUT_ptr", "SCORE_ptr", "INV_SCALE_ptr"}
-# Activations (and the bias, which has the base layer's dtype); every other pointer is an adapter parameter,
+# Activations; every other pointer is an adapter parameter,
 # its gradient or its importance state, in the parameters' dtype.
-_ACTIVATIONS = {"X_ptr", "Y_ptr", "DY_ptr", "DX_ptr", "bias_ptr"}
+_ACTIVATIONS = {"X_ptr", "Y_ptr", "DY_ptr", "DX_ptr"}
 _TL = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
 _FLOAT_SCALARS = {"scaling", "dropout_p", "keep_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2"}
 

@@ -14,6 +14,12 @@ pass)::
 ``grid`` is a tuple or a callable of the launch's meta-parameters, as for ``kernel[grid]``. The return value is
 the ``CompiledKernel`` that ran (what ``kernel[grid](...)`` returns).
 
+A caller that already knows that its next calls specialise alike (same shapes, strides, dtypes, alignment)
+can go one step further: ``bound = shrink.bind(grid, *args, **constexprs)`` launches once and returns a
+:class:`BoundLaunch` (the compiled kernel, its config and its grid), and ``bound(current_stream(), args)``
+launches again without any per-call key. The adapter's launchers keep their bound launches per operand layout
+(``svd_adapter_launch.SVDAdapterPlan``).
+
 When a cached launch is the same launch
 ---------------------------------------
 The first call with a given key goes through Triton's normal path (``Autotuner.run`` / ``JITFunction.run``:

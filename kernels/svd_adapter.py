@@ -9,21 +9,23 @@ max(16, next_pow2(r)) columns (padding masked), where ``s·E⊙m`` is applied fo
 the kernels from a seed and regenerated in the backward; the only activations saved are x itself and
 H = dropout(x)·Aᵀ (N × R_PAD, fp32).
 
-Forward (2 kernels + the base GEMM):
+Forward (the base GEMM + 2 kernels):
+  cuBLAS   y = x·W0ᵀ + b                                   (the frozen layer's own GEMM, bias in its epilogue)
   shrink   H = dropout(x)·Aᵀ                               one pass over x
-  expand   y = (H·diag(sE⊙m))·Bᵀ + b                       writes y once
-  cuBLAS   y += x·W0ᵀ   (addmm with beta = 1: the adapter term is read in the GEMM's epilogue)
-Backward (3 launches + the base dx GEMM, no other device op), with one fp32 workspace in three regions:
+  expand   y += (H·diag(sE⊙m))·Bᵀ                          one read and one write of y
+Backward (the base dx GEMM + 3 launches, no other device op), with one fp32 workspace in three regions:
 Gs (N × R_PAD) at 0, the dA partials (splits × K × R_PAD) at ws_a_offset, the dB partials with dE's as one
 extra row per row tile (tiles × (OUT + 1) × R_PAD) at ws_b_offset:
   grad_h   G = dY·B, and per row tile the partial dB = dYᵀ·(H·diag(sE⊙m))   one pass over dY
            epilogue: Gs = G·diag(sE⊙m), partial Σ H⊙G for dE
-  grad_a_x per token split × input tile: dAᵀ partials = dropout(x)ᵀ·Gs and dx = dropout'(Gs·A)
-           one pass over x and Gs, one dropout draw for both
+  cuBLAS   dx = dY·W0
+  grad_a_x per token split × input tile: dAᵀ partials = dropout(x)ᵀ·Gs and dx += dropout'(Gs·A)
+           one pass over x and Gs, one read and one write of dx, one dropout draw for both
   reduce   one grid, three regions, each summing partials in a fixed order (deterministic, no atomics):
            dB = Σ of grad_h's row-tile partials, dA = Σ of grad_a_x's split partials,
            dE = s·m/(ranknum + RANKNUM_EPS)·Σ of grad_h's Σ H⊙G partials (a one-row factor)
-  cuBLAS   dx += dY·W0 (beta = 1)
+The base GEMMs come first and the adapter adds onto their outputs: the same bytes as a GEMM accumulating onto
+the adapter's term, and one aten op where that took an allocation and a transposed view besides.
 Paper-order importance is emitted by the ``reduce`` epilogues, where dB, dE and dA become final
 (``importance_ema``: the EMA tile math).
 """
@@ -96,11 +98,12 @@ def _svd_adapter_shrink_kernel(
 
 @triton.jit
 def _svd_adapter_expand_kernel(
-    H_ptr, E_ptr, mask_ptr, ranknum_ptr, B_ptr, bias_ptr, Y_ptr, N, OUT, R, scaling,
+    H_ptr, E_ptr, mask_ptr, ranknum_ptr, B_ptr, Y_ptr, N, OUT, R, scaling,
     stride_e, stride_bn, stride_br, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):  # fmt: skip
+    """y += (H·diag(sE⊙m))·Bᵀ on one output tile (y holds the base GEMM's output: read and written once)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ranks = tl.arange(0, R_PAD)
@@ -109,11 +112,11 @@ def _svd_adapter_expand_kernel(
     b_t = tl.load(B_ptr + cols[None, :] * stride_bn + ranks[:, None] * stride_br,
                   mask=(cols[None, :] < OUT) & (ranks[:, None] < R), other=0.0).to(COMPUTE_DTYPE)  # fmt: skip
     u = (h * lam[None, :]).to(COMPUTE_DTYPE)
+    y_ptrs = Y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+    in_bounds = (rows[:, None] < N) & (cols[None, :] < OUT)
     acc = tile_dot(u, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=cols < OUT, other=0.0).to(ACC_DTYPE)[None, :]
-    tl.store(Y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(Y_ptr.dtype.element_ty),
-             mask=(rows[:, None] < N) & (cols[None, :] < OUT))  # fmt: skip
+    acc += tl.load(y_ptrs, mask=in_bounds, other=0.0).to(ACC_DTYPE)  # (after the dot: y is not an MMA operand)
+    tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=in_bounds)
 
 
 @triton.jit
@@ -247,8 +250,10 @@ def _svd_adapter_grad_a_x_kernel(
             du = tile_dot(gs.to(COMPUTE_DTYPE), a, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
             if HAS_DROPOUT:
                 du = apply_dropout(du, keep, keep_scale)
-            tl.store(DX_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, du.to(DX_ptr.dtype.element_ty),
-                     mask=(rows[:, None] < end) & (cols[None, :] < K))  # fmt: skip
+            dx_ptrs = DX_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk
+            in_bounds = (rows[:, None] < end) & (cols[None, :] < K)
+            du += tl.load(dx_ptrs, mask=in_bounds, other=0.0).to(ACC_DTYPE)  # onto the base GEMM's dY·W0
+            tl.store(dx_ptrs, du.to(DX_ptr.dtype.element_ty), mask=in_bounds)
     tl.store(WS_ptr + ws_a_offset + (split * K + cols[None, :]) * R_PAD + ranks[:, None], acc, mask=cols[None, :] < K)
 
 
@@ -272,8 +277,9 @@ def _dropout_keep_mask_kernel(OUT_ptr, N, K, SEED_ptr, dropout_p, BLOCK_M: tl.co
 ROW_TILE_CONFIGS = tile_configs(
     ("BLOCK_M", "BLOCK_K"), [(64, 128, 8, 3), (128, 64, 8, 3), (64, 256, 8, 2), (32, 128, 4, 4)], (16, 32, 4, 1)
 )
+# expand holds y's tile besides its accumulator: 8 warps for the larger tiles, none over 64 × 128.
 OUTPUT_TILE_CONFIGS = tile_configs(
-    ("BLOCK_M", "BLOCK_N"), [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4)], (16, 32, 4, 1)
+    ("BLOCK_M", "BLOCK_N"), [(64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 4), (32, 64, 4, 4)], (16, 32, 4, 1)
 )
 GRAD_A_X_CONFIGS = tile_configs(
     ("BLOCK_M", "BLOCK_K"), [(64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 3)], (16, 32, 4, 1)
@@ -289,13 +295,17 @@ GRAD_A_MIN_ROWS_PER_SPLIT = 16 if interpreting() else 512
 
 # The autotuned entry points; the raw jit functions above are what the ahead-of-time compile test builds.
 svd_adapter_shrink = triton.autotune(ROW_TILE_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT"])(_svd_adapter_shrink_kernel)
-svd_adapter_expand = triton.autotune(OUTPUT_TILE_CONFIGS, key=["OUT", "R_PAD", "HAS_BIAS"])(_svd_adapter_expand_kernel)
+# expand and grad_a_x add onto their output (y, dx) in place: autotuning restores it after each trial.
+svd_adapter_expand = triton.autotune(OUTPUT_TILE_CONFIGS, key=["OUT", "R_PAD"], restore_value=["Y_ptr"])(
+    _svd_adapter_expand_kernel
+)
 svd_adapter_grad_h = triton.autotune(GRAD_H_CONFIGS, key=["OUT", "R_PAD"])(_svd_adapter_grad_h_kernel)
 # The importance EMAs are updated in place: autotuning restores them after each trial.
 _EMA_ARGS = ["IPTB_ptr", "UNCB_ptr", "IPTA_ptr", "UNCA_ptr", "IPTE_ptr", "UNCE_ptr"]
 svd_adapter_grad_reduce = triton.autotune(
     REDUCE_CONFIGS, key=["ROWS_B", "ROWS_A", "R_PAD", "EMIT"], restore_value=_EMA_ARGS
 )(_svd_adapter_grad_reduce_kernel)
-svd_adapter_grad_a_x = triton.autotune(GRAD_A_X_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT", "HAS_DX"])(
+svd_adapter_grad_a_x = triton.autotune(GRAD_A_X_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT", "HAS_DX"],
+                                       restore_value=["DX_ptr"])(
     _svd_adapter_grad_a_x_kernel
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from ..adapter import SVDAdapter
 from ..importance import ImportanceEmission
@@ -132,13 +133,13 @@ class SVDAdapterPlan:
     (:class:`~.launch.BoundLaunch`). One plan serves every call on operands laid out alike (the layers of a
     model that share a shape share it), so a steady-state call allocates and launches, and decides nothing.
 
-    The launches are bound by the first forward / backward of each variant (bias or not; dY's layout, dx
-    wanted or not), through their :class:`~.launch.CachedLauncher` (Triton's path, autotuning included, the
-    first time a kernel meets this specialization).
+    The launches are bound by the first forward, and the first backward of each variant (dY's layout, x's as
+    unpacked, dx wanted or not), through their :class:`~.launch.CachedLauncher` (Triton's path, autotuning
+    included, the first time a kernel meets this specialization).
     """
 
     __slots__ = ("n", "k", "r", "out", "r_pad", "acc", "dots", "has_dropout", "device", "n_tiles", "n_splits",
-                 "rows_per_split", "tiles_b", "tiles_a", "ws_a_offset", "ws_b_offset", "ws_size", "forwards",
+                 "rows_per_split", "tiles_b", "tiles_a", "ws_a_offset", "ws_b_offset", "ws_size", "forward",
                  "backwards", "cached")  # fmt: skip
 
     def __init__(self, x2d: torch.Tensor, adapter: SVDAdapter, cached: bool):
@@ -159,7 +160,7 @@ class SVDAdapterPlan:
         self.ws_a_offset = self.n * self.r_pad
         self.ws_b_offset = self.ws_a_offset + self.n_splits * self.k * self.r_pad
         self.ws_size = self.ws_b_offset + self.n_tiles * (self.out + 1) * self.r_pad
-        self.forwards: dict = {}  # bias dtype (None: no bias) -> (shrink, expand)
+        self.forward = None  # (shrink, expand), bound by the first forward
         self.backwards: dict = {}  # (dY's strides and dtype, dx wanted) -> (grad_h, grad_a_x, reduce)
         self.cached = cached  # False: an operand is not 16-byte aligned, this plan serves one call
 
@@ -221,41 +222,43 @@ def svd_adapter_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """y (N × out) and H = dropout(x)·Aᵀ (N × R_PAD, fp32, kept for the backward).
 
     ``adapter.triplet_mask`` must be a tensor here (:func:`unit_mask` for none); ``seed``: the dropout seed
-    tensor (:func:`dropout_seed`). ``base_gemm=False`` leaves out x·W0ᵀ (the adapter kernels alone, for
-    bandwidth measurements). ``plan``: :func:`adapter_plan` of these operands, when the caller has it.
+    tensor (:func:`dropout_seed`). ``base_gemm=False`` leaves out x·W0ᵀ + b (the adapter kernels alone, onto
+    zeros: for bandwidth measurements). ``plan``: :func:`adapter_plan` of these operands, when the caller has it.
     """
     check_seed(seed)
     if plan is None:
         plan = adapter_plan(x2d, adapter, seed)
     lora_A, lora_E, lora_B, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter
     n, k, r, out, r_pad = plan.n, plan.k, plan.r, plan.out, plan.r_pad
+    # The frozen layer's GEMM first (bias in cuBLAS's epilogue); the adapter adds its term onto y.
+    if not base_gemm:
+        y = torch.zeros(n, out, device=x2d.device, dtype=x2d.dtype)
+    elif fan_in_fan_out:
+        y = x2d.mm(weight) if bias is None else torch.addmm(bias, x2d, weight)
+    else:
+        y = F.linear(x2d, weight, bias)
     h = torch.empty(n, r_pad, device=x2d.device, dtype=plan.acc)  # (sizes as arguments: a faster parse than a tuple)
-    y = torch.empty(n, out, device=x2d.device, dtype=x2d.dtype)
     if n == 0:
         return y, h
     p, keep_scale = _dropout_args(dropout_p)
-    bias_arg = bias if bias is not None else h  # a dummy the kernel does not read without HAS_BIAS
     shrink_args = (x2d, lora_A, h, n, k, r, seed, p, keep_scale, *x2d.stride(), *lora_A.stride())
-    expand_args = (h, lora_E, mask, ranknum, lora_B, bias_arg, y, n, out, r, float(scaling), lora_E.stride(0),
-                   *lora_B.stride(), out, 1)  # fmt: skip
-    variant = None if bias is None else bias.dtype
-    bound = plan.forwards.get(variant) if bias is None or _aligned(bias) else None
+    expand_args = (h, lora_E, mask, ranknum, lora_B, y, n, out, r, float(scaling), lora_E.stride(0), *lora_B.stride(),
+                   *y.stride())  # fmt: skip
+    bound = plan.forward
     if bound is not None:
         stream = current_stream()
         bound[0](stream, shrink_args)
         bound[1](stream, expand_args)
-    else:  # this variant's first call: through the launchers, and the launches bound for the next calls
+    else:  # the plan's first forward: through the launchers, and the launches bound for the next calls
         dots = plan.dots
         bound = (
             launch_shrink.bind(lambda meta: (cdiv(n, meta["BLOCK_M"]),), *shrink_args, R_PAD=r_pad,
                                HAS_DROPOUT=plan.has_dropout, **dots),
             launch_expand.bind(lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(out, meta["BLOCK_N"])), *expand_args,
-                               R_PAD=r_pad, HAS_BIAS=bias is not None, **dots),
+                               R_PAD=r_pad, **dots),
         )  # fmt: skip
-        if plan.cached and (bias is None or _aligned(bias)):
-            plan.forwards[variant] = bound
-    if base_gemm:  # the base GEMM accumulates onto the adapter term (beta = 1): no separate pass over y
-        y.addmm_(x2d, weight if fan_in_fan_out else weight.t())
+        if plan.cached:
+            plan.forward = bound
     return y, h
 
 
@@ -290,12 +293,16 @@ def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Te
     n_tiles, n_splits = plan.n_tiles, plan.n_splits
     ws = torch.empty(plan.ws_size, device=dev, dtype=acc)
     # dA = Gsᵀ·dropout(x) as dAᵀ partials, and the adapter's dx = dropout'(Gs·A): token splits × input tiles.
-    dx = (torch.empty_like(x2d) if x2d.is_contiguous() else torch.empty_like(x2d, memory_format=torch.contiguous_format)
-          ) if needs_dx else None  # fmt: skip
+    dx = None
+    if needs_dx:  # the base GEMM's dY·W0 first: grad_a_x adds the adapter's term onto it
+        if base_gemm:
+            dx = dy2d.mm(weight.t() if fan_in_fan_out else weight)
+        else:
+            dx = torch.zeros(n, k, device=dev, dtype=x2d.dtype)
     d_a, d_e, d_b = torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
     grad_h_args = (dy2d, h, lora_E, mask, ranknum, lora_B, ws, plan.ws_b_offset, n, out, r, scaling, *dy2d.stride(),
                    lora_E.stride(0), *lora_B.stride())  # fmt: skip
-    dx_arg, dx_strides = (dx, (k, 1)) if needs_dx else (ws, (0, 0))  # a dummy the kernel does not touch without HAS_DX
+    dx_arg, dx_strides = (dx, dx.stride()) if needs_dx else (ws, (0, 0))  # a dummy untouched without HAS_DX
     grad_a_x_args = (x2d, ws, plan.ws_a_offset, lora_A, dx_arg, n, k, r, plan.rows_per_split, seed, p, keep_scale,
                      *x2d.stride(), *lora_A.stride(), *dx_strides)  # fmt: skip
     reduce_args = _reduce_args(plan, ws, d_a, d_e, d_b, adapter, scaling)
@@ -327,8 +334,6 @@ def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Te
     if importance is not None:  # the step-completing micro-batch: the reduction also scores (once per step)
         scores = _reduce_emitting_importance(plan, ws, d_a, d_e, d_b, adapter, scaling, importance)
         _write_triplet_scores(importance, *scores, lora_A, lora_E, lora_B)
-    if needs_dx and base_gemm:
-        dx.addmm_(dy2d, weight.t() if fan_in_fan_out else weight)  # base dx GEMM onto the adapter term
     return dx, d_a, d_e, d_b
 
 

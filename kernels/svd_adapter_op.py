@@ -150,7 +150,7 @@ def svd_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     ``torch.autocast`` x, the weight and the bias are cast to autocast's dtype first, as ``F.linear`` is
     there; the adapter's parameters keep theirs (and so do their gradients).
     """
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type):
         x, weight, bias = _autocast_operands(x, weight, bias)
     lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
     compiling = torch.compiler.is_compiling()

@@ -16,7 +16,10 @@ STEPS = 3
 
 
 def _train_side_by_side(stock, fast, autocast=None, steps=STEPS):
-    """AdamW steps of both models on the same batches; (losses, adapter gradients) per model per step.
+    """AdamW steps of stock PEFT on the same batches, the fast model computing each step from the same
+    adapter weights (copied from stock's before the step: what is compared is each step's computation, not two
+    trajectories that Adam's normalised updates pull apart from rounding-level differences); (losses, adapter
+    gradients) per model per step. Both models' rank allocators update every step.
 
     Under fp16 autocast the loss is scaled by 2^10 before the backward, as a GradScaler does (fp16
     activation gradients underflow otherwise); Adam's update does not depend on the scale."""
@@ -26,6 +29,9 @@ def _train_side_by_side(stock, fast, autocast=None, steps=STEPS):
     opts = {k: torch.optim.AdamW(lora_params(m), lr=1e-2) for k, m in models.items()}
     for step in range(steps):
         ids = token_batch(step)
+        with torch.no_grad():
+            for p_fast, p_stock in zip(lora_params(fast), lora_params(stock), strict=True):
+                p_fast.copy_(p_stock)
         for name, model in models.items():
             with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -48,7 +54,7 @@ def _assert_tracks_stock(out, loss_rtol, grad_tol):
             torch.testing.assert_close(a, b, rtol=grad_tol, atol=grad_tol * scale, msg=f"step {step}, grad {i}")
 
 
-@pytest.mark.parametrize("dtype,loss_rtol,grad_tol", [(torch.float16, 2e-3, 2e-2), (torch.bfloat16, 1e-2, 6e-2)],
+@pytest.mark.parametrize("dtype,loss_rtol,grad_tol", [(torch.float16, 2e-3, 1e-2), (torch.bfloat16, 1e-2, 6e-2)],
                          ids=["fp16", "bf16"])  # fmt: skip
 def test_peft_defaults_half_model_fp32_adapters_run_the_kernels_and_match_stock(monkeypatch, dtype, loss_rtol,
                                                                                  grad_tol):  # fmt: skip
@@ -75,7 +81,7 @@ def test_fp32_model_under_autocast_runs_the_kernels_and_matches_stock(monkeypatc
     dispatch.reset_backend_calls()
     out = _train_side_by_side(stock, fast, autocast=autocast)
     assert dispatch.backend_calls()["svd_adapter"] == {"triton": STEPS * len(LLAMA_TARGETS) * 2}
-    _assert_tracks_stock(out, 1e-2, 6e-2 if autocast == torch.bfloat16 else 1e-2)
+    _assert_tracks_stock(out, 1e-2, 6e-2 if autocast == torch.bfloat16 else 5e-3)
     with torch.autocast("cpu", dtype=autocast):  # the output dtype is F.linear's under autocast
         layer = fast.base_model.model.model.layers[0].mlp.up_proj
         assert layer(torch.randn(3, 32)).dtype == autocast
