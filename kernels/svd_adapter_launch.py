@@ -139,11 +139,11 @@ class SVDAdapterPlan:
     """
 
     __slots__ = ("n", "k", "r", "out", "r_pad", "acc", "dots", "has_dropout", "device", "n_tiles", "n_splits",
-                 "rows_per_split", "tiles_b", "tiles_a", "ws_a_offset", "ws_b_offset", "ws_size", "forward",
-                 "backwards", "cached")  # fmt: skip
+                 "rows_per_split", "tiles_b", "tiles_a", "ws_a_offset", "ws_b_offset", "ws_size", "x_strides",
+                 "a_strides", "e_stride", "b_strides", "grad_strides", "forward", "backwards", "cached")  # fmt: skip
 
     def __init__(self, x2d: torch.Tensor, adapter: SVDAdapter, cached: bool):
-        lora_A, lora_B = adapter.lora_A, adapter.lora_B
+        lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
         self.n, self.k = x2d.shape
         self.r, self.out = lora_A.shape[0], lora_B.shape[0]
         self.r_pad = rank_pad(self.r)
@@ -160,6 +160,11 @@ class SVDAdapterPlan:
         self.ws_a_offset = self.n * self.r_pad
         self.ws_b_offset = self.ws_a_offset + self.n_splits * self.k * self.r_pad
         self.ws_size = self.ws_b_offset + self.n_tiles * (self.out + 1) * self.r_pad
+        # Strides in the key, read once: the operands' and the gradients' (empty_like keeps a dense layout)
+        self.x_strides, self.a_strides, self.b_strides = x2d.stride(), lora_A.stride(), lora_B.stride()
+        self.e_stride = lora_E.stride(0)
+        d_a, d_e, d_b = (torch.empty_like(t) for t in (lora_A, lora_E, lora_B))
+        self.grad_strides = (*d_b.stride(), d_a.stride(1), d_a.stride(0), d_e.stride(0))
         self.forward = None  # (shrink, expand), bound by the first forward
         self.backwards: dict = {}  # (dY's strides and dtype, dx wanted) -> (grad_h, grad_a_x, reduce)
         self.cached = cached  # False: an operand is not 16-byte aligned, this plan serves one call
@@ -241,8 +246,8 @@ def svd_adapter_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     if n == 0:
         return y, h
     p, keep_scale = _dropout_args(dropout_p)
-    shrink_args = (x2d, lora_A, h, n, k, r, seed, p, keep_scale, *x2d.stride(), *lora_A.stride())
-    expand_args = (h, lora_E, mask, ranknum, lora_B, y, n, out, r, float(scaling), lora_E.stride(0), *lora_B.stride(),
+    shrink_args = (x2d, lora_A, h, n, k, r, seed, p, keep_scale, *plan.x_strides, *plan.a_strides)
+    expand_args = (h, lora_E, mask, ranknum, lora_B, y, n, out, r, float(scaling), plan.e_stride, *plan.b_strides,
                    *y.stride())  # fmt: skip
     bound = plan.forward
     if bound is not None:
@@ -300,14 +305,15 @@ def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Te
         else:
             dx = torch.zeros(n, k, device=dev, dtype=x2d.dtype)
     d_a, d_e, d_b = torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
-    grad_h_args = (dy2d, h, lora_E, mask, ranknum, lora_B, ws, plan.ws_b_offset, n, out, r, scaling, *dy2d.stride(),
-                   lora_E.stride(0), *lora_B.stride())  # fmt: skip
+    # dY's layout, and x's as the backward sees it (a saved-tensor hook may hand back a copy laid out anew)
+    dy_strides, x_strides = dy2d.stride(), x2d.stride()
+    grad_h_args = (dy2d, h, lora_E, mask, ranknum, lora_B, ws, plan.ws_b_offset, n, out, r, scaling, *dy_strides,
+                   plan.e_stride, *plan.b_strides)  # fmt: skip
     dx_arg, dx_strides = (dx, dx.stride()) if needs_dx else (ws, (0, 0))  # a dummy untouched without HAS_DX
     grad_a_x_args = (x2d, ws, plan.ws_a_offset, lora_A, dx_arg, n, k, r, plan.rows_per_split, seed, p, keep_scale,
-                     *x2d.stride(), *lora_A.stride(), *dx_strides)  # fmt: skip
+                     *x_strides, *plan.a_strides, *dx_strides)  # fmt: skip
     reduce_args = _reduce_args(plan, ws, d_a, d_e, d_b, adapter, scaling)
-    # dY's layout, and x's as the backward sees it (a saved-tensor hook may hand back a copy laid out anew)
-    variant = (dy2d.stride(), dy2d.dtype, x2d.stride(), needs_dx)
+    variant = (dy_strides, dy2d.dtype, x_strides, needs_dx)
     aligned = _aligned(dy2d, x2d, h)
     bound = plan.backwards.get(variant) if aligned else None
     if bound is not None:
@@ -381,11 +387,12 @@ def _reduce_args(plan: SVDAdapterPlan, ws, d_a, d_e, d_b, adapter: SVDAdapter, s
         betas = 0.0, 1.0, 0.0, 1.0
     else:
         ops_b, ops_a, ops_e, scores, inv_scale, betas = emitting
+    db_rows, db_ranks, da_rows, da_ranks, de_ranks = plan.grad_strides
     return (
         ws, plan.ws_a_offset, plan.ws_b_offset,
-        d_b, *ops_b, plan.out, plan.n_tiles, *d_b.stride(),
-        d_a, *ops_a, plan.k, plan.n_splits, d_a.stride(1), d_a.stride(0),
-        d_e, *ops_e, d_e.stride(0),
+        d_b, *ops_b, plan.out, plan.n_tiles, db_rows, db_ranks,
+        d_a, *ops_a, plan.k, plan.n_splits, da_rows, da_ranks,
+        d_e, *ops_e, de_ranks,
         scores, inv_scale, mask, ranknum, scaling, plan.r, *betas,
     )  # fmt: skip
 
