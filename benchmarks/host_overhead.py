@@ -359,12 +359,15 @@ def steps_table(args, dtype, dropout, device):
     shrink_cached(grid, *shrink_args, **shrink_kw)
     expand_cached(expand_grid, *expand_args, **expand_kw)
     keyfn = shrink_cached._keyfns[tuple(map(type, shrink_args))]
+    shrink_bound = shrink_cached.bind(grid, *shrink_args, **shrink_kw)
+    expand_bound = expand_cached.bind(expand_grid, *expand_args, **expand_kw)
+    from adalora_fast.kernels.launch import current_stream
     u = torch.randn(n, r, device=dev, dtype=dtype)
     lam = torch.randn(r, device=dev, dtype=dtype)
     h_r = h[:, :r].to(dtype)
 
     cases = {
-        "torch.empty((N, R_PAD)) (a layer makes ~11 per fwd+bwd)": lambda: torch.empty((n, r_pad), device=dev,
+        "torch.empty((N, R_PAD)) (a fwd+bwd makes 5: h, the workspace, 3 gradients)": lambda: torch.empty((n, r_pad), device=dev,
                                                                                        dtype=torch.float32),
         "grid lambda: made and called once": lambda: (lambda meta: (cdiv(n, meta["BLOCK_M"]),))({"BLOCK_M": 64}),
         "float(scaling)": lambda: float(16),
@@ -383,7 +386,9 @@ def steps_table(args, dtype, dropout, device):
             keyfn, 0, keyfn(*shrink_args), *shrink_kw.items()),
         "shrink launch: the compiled kernel's launcher alone": lambda: launcher(
             *fixed_grid, 0, function, packed, None, None, None, *shrink_args, *tail),
+        "shrink launch: BoundLaunch (a plan's replay)": lambda: shrink_bound(current_stream(), shrink_args),
         "expand launch: CachedLauncher(grid, ...)": lambda: expand_cached(expand_grid, *expand_args, **expand_kw),
+        "expand launch: BoundLaunch (a plan's replay)": lambda: expand_bound(current_stream(), expand_args),
         "expand as aten: y.addmm_(u, Bᵀ) (rank r)": lambda: y.addmm_(u, B.t()),
         "expand as aten: torch.addmm(y, h[:, :r]·λ, Bᵀ) (mul + addmm)": lambda: torch.addmm(y, h_r * lam, B.t()),
         "aten: F.linear(x, W) (the base GEMM)": lambda: torch.nn.functional.linear(x, W),
@@ -425,8 +430,28 @@ def steps_table(args, dtype, dropout, device):
         via_function().backward(dy)
         xg.grad = Ag.grad = Eg.grad = Bg.grad = None
 
+    class EmptyFunction(torch.autograd.Function):
+        """autograd's own cost: the op's inputs, saved tensors and gradients, and no work."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, importance):
+            ctx.save_for_backward(x, weight, lora_A, lora_E, lora_B, x)
+            return torch.empty(n, out, device=dev, dtype=dtype)
+
+        @staticmethod
+        def backward(ctx, dy):
+            ctx.saved_tensors  # noqa: B018 - unpacked, as the op's backward does
+            return (torch.empty_like(xg), None, None, torch.empty_like(Ag), torch.empty_like(Eg),
+                    torch.empty_like(Bg), None, None, None)  # fmt: skip
+
+    def empty_fwd_bwd():
+        EmptyFunction.apply(xg, W, None, Ag, Eg, Bg, adapter, None, None).backward(dy)
+        xg.grad = Ag.grad = Eg.grad = Bg.grad = None
+
     t2 = measure({"SVDLinearFunction.apply: fwd": (via_function, None),
-                  "SVDLinearFunction.apply: fwd+bwd": (fwd_bwd, None)}, args.number, args.repeats)  # fmt: skip
+                  "SVDLinearFunction.apply: fwd+bwd": (fwd_bwd, None),
+                  "an autograd.Function with the op's inputs, saved tensors and gradients, no work: fwd+bwd": (
+                      empty_fwd_bwd, None)}, args.number, args.repeats)  # fmt: skip
     rows = [(name, f"{us:.2f}") for name, us in {**t, **t2}.items()]
     _ = triton
     return _md(("step", "µs per call"), rows)
