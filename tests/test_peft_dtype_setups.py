@@ -15,11 +15,13 @@ from adalora_fast import dispatch
 STEPS = 3
 
 
-def _train_side_by_side(stock, fast, autocast=None, steps=STEPS):
-    """AdamW steps of stock PEFT on the same batches, the fast model computing each step from the same
-    adapter weights (copied from stock's before the step: what is compared is each step's computation, not two
-    trajectories that Adam's normalised updates pull apart from rounding-level differences); (losses, adapter
-    gradients) per model per step. Both models' rank allocators update every step.
+def _train_side_by_side(stock, fast, autocast=None, steps=STEPS, sync=True):
+    """AdamW steps of both models on the same batches; (losses, adapter gradients) per model per step. Both
+    models' rank allocators update every step.
+
+    ``sync``: the fast model computes each step from stock's adapter weights (copied before the step): what is
+    compared is each step's computation, not two trajectories that Adam's normalised updates pull apart from
+    rounding-level differences (:func:`_assert_own_trajectory_tracks_stock` checks the trajectory by its losses).
 
     Under fp16 autocast the loss is scaled by 2^10 before the backward, as a GradScaler does (fp16
     activation gradients underflow otherwise); Adam's update does not depend on the scale."""
@@ -29,9 +31,10 @@ def _train_side_by_side(stock, fast, autocast=None, steps=STEPS):
     opts = {k: torch.optim.AdamW(lora_params(m), lr=1e-2) for k, m in models.items()}
     for step in range(steps):
         ids = token_batch(step)
-        with torch.no_grad():
-            for p_fast, p_stock in zip(lora_params(fast), lora_params(stock), strict=True):
-                p_fast.copy_(p_stock)
+        if sync:
+            with torch.no_grad():
+                for p_fast, p_stock in zip(lora_params(fast), lora_params(stock), strict=True):
+                    p_fast.copy_(p_stock)
         for name, model in models.items():
             with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -54,6 +57,13 @@ def _assert_tracks_stock(out, loss_rtol, grad_tol):
             torch.testing.assert_close(a, b, rtol=grad_tol, atol=grad_tol * scale, msg=f"step {step}, grad {i}")
 
 
+def _assert_own_trajectory_tracks_stock(stock, fast, loss_rtol, autocast=None):
+    """The fast model trained by its own optimizer: its losses track stock PEFT's, and fall."""
+    out = _train_side_by_side(stock, fast, autocast=autocast, sync=False)
+    torch.testing.assert_close(torch.stack(out["fast"][0]), torch.stack(out["stock"][0]), rtol=loss_rtol, atol=0)
+    assert out["fast"][0][-1] < out["fast"][0][0]
+
+
 @pytest.mark.parametrize("dtype,loss_rtol,grad_tol", [(torch.float16, 2e-3, 1e-2), (torch.bfloat16, 1e-2, 6e-2)],
                          ids=["fp16", "bf16"])  # fmt: skip
 def test_peft_defaults_half_model_fp32_adapters_run_the_kernels_and_match_stock(monkeypatch, dtype, loss_rtol,
@@ -69,7 +79,8 @@ def test_peft_defaults_half_model_fp32_adapters_run_the_kernels_and_match_stock(
     calls = dispatch.backend_calls()["svd_adapter"]
     assert calls == {"triton": STEPS * len(LLAMA_TARGETS) * 2}, calls  # every adapted layer, every step
     _assert_tracks_stock(out, loss_rtol, grad_tol)
-    assert out["fast"][0][-1] < out["fast"][0][0]
+    _assert_own_trajectory_tracks_stock(peft_llama(dtype=dtype), adalora_fast.patch_peft(peft_llama(dtype=dtype)),
+                                        loss_rtol)  # fmt: skip
 
 
 @pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -82,6 +93,7 @@ def test_fp32_model_under_autocast_runs_the_kernels_and_matches_stock(monkeypatc
     out = _train_side_by_side(stock, fast, autocast=autocast)
     assert dispatch.backend_calls()["svd_adapter"] == {"triton": STEPS * len(LLAMA_TARGETS) * 2}
     _assert_tracks_stock(out, 1e-2, 6e-2 if autocast == torch.bfloat16 else 5e-3)
+    _assert_own_trajectory_tracks_stock(peft_llama(), adalora_fast.patch_peft(peft_llama()), 1e-2, autocast)
     with torch.autocast("cpu", dtype=autocast):  # the output dtype is F.linear's under autocast
         layer = fast.base_model.model.model.layers[0].mlp.up_proj
         assert layer(torch.randn(3, 32)).dtype == autocast
