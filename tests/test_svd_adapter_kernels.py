@@ -253,6 +253,53 @@ def test_a_layer_launches_two_kernels_forward_and_three_backward():
             "launch_grad_h": 1, "launch_grad_a_x": 1, "launch_grad_reduce": 1}  # fmt: skip
 
 
+def test_plans_are_per_operand_layout_and_an_unaligned_operand_gets_one_of_its_own():
+    """Calls on operands laid out alike share one plan (cached); another layout of x (strides) or shape gets
+    another; an operand off 16-byte alignment gets a plan for that call alone (its launches specialise on the
+    alignment), and every call still matches the reference."""
+    from adalora_fast.kernels import svd_adapter_launch as sa
+
+    params = _layer_tensors(40, 24, 12, F32)
+    W, b, A, E, B, mask, ranknum = params
+    adapter = SVDAdapter(A, E, B, mask, ranknum, ALPHA)
+    seed = sa.dropout_seed(0.0, torch.device(DEVICE))
+    x = torch.randn(30, 40, device=DEVICE)
+    x_other = torch.randn(30, 40, device=DEVICE)
+    x_t = torch.randn(40, 30, device=DEVICE).T  # the same shape, another layout
+    x_rows = torch.randn(31, 40, device=DEVICE)
+    x_unaligned = torch.randn(30 * 40 + 1, device=DEVICE)[1:].view(30, 40)  # 4 bytes past an aligned start
+    plan = sa.adapter_plan(x, adapter, seed)
+    assert plan.cached and sa.adapter_plan(x_other, adapter, seed) is plan
+    assert sa.adapter_plan(x_t, adapter, seed) is not plan and sa.adapter_plan(x_rows, adapter, seed) is not plan
+    unaligned = sa.adapter_plan(x_unaligned, adapter, seed)
+    assert not unaligned.cached and sa.adapter_plan(x_unaligned, adapter, seed) is not unaligned
+    for xi in (x, x_other, x_t, x_unaligned, x):  # the last call replays the first's bound launches
+        _compare(xi.detach().clone().requires_grad_() if xi is not x_unaligned else
+                 xi.detach().requires_grad_(), params, F32)  # fmt: skip
+
+
+def test_the_backward_takes_x_as_a_saved_tensor_hook_hands_it_back():
+    """A saved-tensor hook may return a copy laid out anew (here: column-major): the backward keys its launches
+    on x's layout as unpacked, and passes that layout's strides."""
+    params = _layer_tensors(40, 24, 12, F32)
+    W, b, A, E, B, mask, ranknum = params
+    x = torch.randn(30, 40, device=DEVICE, requires_grad=True)
+    g = torch.randn(30, 24, device=DEVICE)
+
+    def fast(x, W, b, A, E, B, mask, ranknum):
+        return svd_linear_triton(x, W, b, A, E, B, mask, ALPHA, ranknum, dropout_p=0.1, training=True, seed=7)
+
+    _, expected = _run(fast, x, params, g)
+
+    def column_major(t):
+        return t.t().contiguous().t() if t.dim() == 2 else t
+
+    with torch.autograd.graph.saved_tensors_hooks(column_major, lambda t: t):
+        _, grads = _run(fast, x, params, g)
+    for name, a, r in zip(("dx", "dA", "dE", "dB"), grads, expected):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_dropout_mask_keeps_1_minus_p_with_no_pattern_across_the_four_draws_of_one_philox_call():
     """Each Philox call gives the columns 4c..4c+3 of a row: they must be as independent as any two."""
     n, k, p = 512, 257, 0.3  # k not a multiple of 4: the last group of a row is partial
