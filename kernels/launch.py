@@ -55,7 +55,8 @@ launch path has been checked (3.6 to 3.9). Otherwise, under ``TRITON_INTERPRET=1
 What Triton checks on every call and a cached launch does not: that the module globals a kernel reads have
 not changed since it was compiled (this package's kernels read one, the constexpr ``_RANKNUM_EPS``, which
 never changes), and Triton's debug and instrumentation knobs (decided when the entry is made; call
-:meth:`CachedLauncher.clear` or :func:`clear_all` after changing them).
+:func:`clear_all` after changing them: it also clears the caches of bound launches registered with
+:func:`on_clear_all`, such as the adapter's plans).
 
 CUDA graphs: the direct launch asks Triton's driver for the current stream, as Triton does, so a capture
 records it on the capturing stream.
@@ -120,10 +121,21 @@ def direct_launch_enabled() -> bool:
 _LAUNCHERS: weakref.WeakSet = weakref.WeakSet()
 
 
+_BOUND_CACHES: list = []  # clear functions of the caches that hold BoundLaunches (the adapter's plans)
+
+
+def on_clear_all(clear) -> None:
+    """Have :func:`clear_all` also call ``clear`` (a cache of :class:`BoundLaunch` objects)."""
+    _BOUND_CACHES.append(clear)
+
+
 def clear_all() -> None:
-    """Forget every launcher's cached launches (the next call per key goes through Triton again)."""
+    """Forget every launcher's cached launches and every cache of bound launches (the next call per key goes
+    through Triton again)."""
     for launcher in list(_LAUNCHERS):
         launcher.clear()
+    for clear in _BOUND_CACHES:
+        clear()
 
 
 def launch_counts() -> dict[str, int]:
@@ -459,6 +471,7 @@ __all__ = [
     "clear_all",
     "direct_launch_enabled",
     "launch_counts",
+    "on_clear_all",
     "reset_counts",
     "set_direct_launch",
     "triton_supported",

@@ -169,8 +169,8 @@ def _reduce_factor_tile(
     ranks = tl.arange(0, R_PAD)
     acc = tl.zeros((BLOCK_ROWS, R_PAD), dtype=ACC_DTYPE)
     for t in range(0, n_parts):  # fixed order: bitwise reproducible
-        acc += tl.load(WS_ptr + (t * part_rows + rows[:, None]) * R_PAD + ranks[None, :], mask=rows[:, None] < ROWS,
-                       other=0.0)  # fmt: skip
+        part = WS_ptr + tl.cast(t, tl.int64) * part_rows * R_PAD  # (int64: the partials may pass 2^31 elements)
+        acc += tl.load(part + rows[:, None] * R_PAD + ranks[None, :], mask=rows[:, None] < ROWS, other=0.0)
     if RANK_SCALE:
         acc *= _rank_scale(mask_ptr, ranknum_ptr, scaling, R, R_PAD, ACC_DTYPE)[None, :]
     offs = rows[:, None] * stride_row + ranks[None, :] * stride_rank

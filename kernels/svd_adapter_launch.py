@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..adapter import SVDAdapter
 from ..importance import ImportanceEmission
-from .launch import CachedLauncher, current_device, current_stream, direct_launch_enabled
+from .launch import CachedLauncher, current_device, current_stream, direct_launch_enabled, on_clear_all
 from .svd_adapter import (
     GRAD_A_MIN_ROWS_PER_SPLIT,
     GRAD_H_BLOCK_M,
@@ -166,7 +166,7 @@ class SVDAdapterPlan:
         d_a, d_e, d_b = (torch.empty_like(t) for t in (lora_A, lora_E, lora_B))
         self.grad_strides = (*d_b.stride(), d_a.stride(1), d_a.stride(0), d_e.stride(0))
         self.forward = None  # (shrink, expand), bound by the first forward
-        self.backwards: dict = {}  # (dY's strides and dtype, dx wanted) -> (grad_h, grad_a_x, reduce)
+        self.backwards: dict = {}  # (dY's and x's layouts and dtypes, H's dtype, dx wanted) -> (grad_h, grad_a_x, reduce)
         self.cached = cached  # False: an operand is not 16-byte aligned, this plan serves one call
 
 
@@ -206,8 +206,12 @@ def adapter_plan(x2d: torch.Tensor, adapter: SVDAdapter, seed: torch.Tensor) -> 
 
 
 def clear_plans() -> None:
-    """Forget every plan (the next call per layout binds its launches again)."""
+    """Forget every plan (the next call per layout binds its launches again); also done by
+    :func:`~.launch.clear_all`."""
     _PLANS.clear()
+
+
+on_clear_all(clear_plans)
 
 
 def _dropout_args(dropout_p: float) -> tuple[float, float]:
@@ -309,11 +313,12 @@ def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Te
     dy_strides, x_strides = dy2d.stride(), x2d.stride()
     grad_h_args = (dy2d, h, lora_E, mask, ranknum, lora_B, ws, plan.ws_b_offset, n, out, r, scaling, *dy_strides,
                    plan.e_stride, *plan.b_strides)  # fmt: skip
-    dx_arg, dx_strides = (dx, dx.stride()) if needs_dx else (ws, (0, 0))  # a dummy untouched without HAS_DX
+    # without HAS_DX the kernel does not touch dx: a one-element dummy (autotuning copies it between trials)
+    dx_arg, dx_strides = (dx, dx.stride()) if needs_dx else (seed, (0, 0))
     grad_a_x_args = (x2d, ws, plan.ws_a_offset, lora_A, dx_arg, n, k, r, plan.rows_per_split, seed, p, keep_scale,
                      *x_strides, *plan.a_strides, *dx_strides)  # fmt: skip
     reduce_args = _reduce_args(plan, ws, d_a, d_e, d_b, adapter, scaling)
-    variant = (dy_strides, dy2d.dtype, x_strides, needs_dx)
+    variant = (dy_strides, dy2d.dtype, x_strides, x2d.dtype, h.dtype, needs_dx)
     aligned = _aligned(dy2d, x2d, h)
     bound = plan.backwards.get(variant) if aligned else None
     if bound is not None:

@@ -67,9 +67,10 @@ class SVDLinearFunction(torch.autograd.Function):
         return (dx if needs_dx else None), d_w, d_bias, d_a, d_e, d_b, None, None, None
 
 
-# autograd.Function.apply without its Python wrapper, for eager calls outside functorch's transforms (where the
-# wrapper's only work is unwrapping functorch's dead wrappers, done here for x, the one tensor that can be one):
-# the wrapper costs about as much as the C++ apply itself.
+# autograd.Function.apply without its Python wrapper, for eager calls outside functorch's transforms: there the
+# wrapper's only work is unwrapping functorch's dead wrappers, done here for x (the layer's weights and adapter
+# are its own parameters, not tensors that outlived a transform); the wrapper costs about as much as the C++
+# apply itself.
 try:
     _apply_eagerly = torch._C._FunctionBase.__dict__["apply"].__get__(None, SVDLinearFunction)
     from torch._C._functorch import unwrap_if_dead as _unwrap_if_dead

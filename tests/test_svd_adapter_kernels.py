@@ -276,6 +276,10 @@ def test_plans_are_per_operand_layout_and_an_unaligned_operand_gets_one_of_its_o
     for xi in (x, x_other, x_t, x_unaligned, x):  # the last call replays the first's bound launches
         _compare(xi.detach().clone().requires_grad_() if xi is not x_unaligned else
                  xi.detach().requires_grad_(), params, F32)  # fmt: skip
+    from adalora_fast.kernels import launch
+
+    launch.clear_all()  # (after a change of Triton's knobs): the plans' bound launches go too
+    assert sa.adapter_plan(x, adapter, seed) is not plan
 
 
 def test_the_backward_takes_x_as_a_saved_tensor_hook_hands_it_back():
