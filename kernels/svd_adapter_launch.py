@@ -187,8 +187,9 @@ def adapter_plan(x2d: torch.Tensor, adapter: SVDAdapter, seed: torch.Tensor) -> 
 
     Its key holds everything its bound launches were specialised on: the shapes and strides (every int the
     kernels take is made of them), the dtypes, whether dropout is on, the device and whether direct launches
-    are on; every pointer must be 16-byte aligned (as a fresh allocation is), else the plan is made for this
-    call alone.
+    are on; every pointer must be 16-byte aligned, else the plan is made for this call alone. The tensors a
+    call allocates (H, y, dx, the workspace, the gradients) are taken to be aligned, as torch's allocators
+    give them.
     """
     lora_A, lora_E, lora_B, mask, ranknum, _, _, dropout_p = adapter
     key = (x2d.shape, x2d.stride(), x2d.dtype, lora_A.shape, lora_A.stride(), lora_A.dtype, lora_E.stride(0),

@@ -42,6 +42,8 @@ class SVDLinearFunction(torch.autograd.Function):
         # tensor are buffers nothing changes inside a step: kept as they are (each saved tensor costs a pack
         # and an unpack).
         ctx.save_for_backward(x2d, weight, lora_A, lora_E, lora_B, h)
+        # The backward launches on the forward's plan: the adapter's tensors as they were laid out here (a
+        # parameter whose .data is swapped between the forward and its backward is not supported).
         ctx.adapter, ctx.seed, ctx.plan, ctx.importance = adapter, seed_t, plan, importance
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
