@@ -395,12 +395,8 @@ class CachedLauncher:
         key, entry = found
         if entry is None:
             return self._first_launch(key, grid, args, kwargs)
-        active = _driver.active
-        stream = active.get_current_stream(key[1])
-        if callable(grid):
-            grid = grid(_GridMeta(entry.meta, self._index, args))
-        size = len(grid)
-        _launch(entry, grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, args)
+        g0, g1, g2 = self._grid3(entry, grid, args)
+        _launch(entry, g0, g1, g2, _driver.active.get_current_stream(key[1]), args)
         self.direct += 1
         return entry.kernel
 
@@ -412,9 +408,14 @@ class CachedLauncher:
         entry = found[1] if found is not None else None
         if entry is None:  # launches of this key are plain: so are the bound ones
             return BoundLaunch(self, None, grid, kwargs, (1, 1, 1))
+        grid3 = self._grid3(entry, grid, args)
+        return BoundLaunch(self, entry, grid3, kwargs, grid3)
+
+    def _grid3(self, entry: _Entry, grid, args) -> tuple[int, int, int]:
+        """The launch's grid as three ints (a grid callable sees the entry's meta-parameters)."""
         if callable(grid):
             grid = grid(_GridMeta(entry.meta, self._index, args))
-        return BoundLaunch(self, entry, grid, kwargs, (*grid, 1, 1)[:3])
+        return (*grid, 1, 1)[:3]
 
     def _lookup(self, args, kwargs):
         """(key, its entry or None when the key is new) for a call the direct path can take, else None."""

@@ -138,7 +138,7 @@ class SVDAdapterPlan:
     included, the first time a kernel meets this specialization).
     """
 
-    __slots__ = ("n", "k", "r", "out", "r_pad", "acc", "dots", "has_dropout", "device", "n_tiles", "n_splits",
+    __slots__ = ("n", "k", "r", "out", "r_pad", "acc", "dots", "has_dropout", "n_tiles", "n_splits",
                  "rows_per_split", "tiles_b", "tiles_a", "ws_a_offset", "ws_b_offset", "ws_size", "x_strides",
                  "a_strides", "e_stride", "b_strides", "grad_strides", "forward", "backwards", "cached")  # fmt: skip
 
@@ -150,9 +150,8 @@ class SVDAdapterPlan:
         self.acc = accumulate_dtype(lora_A.dtype)
         self.dots = dot_settings(x2d.dtype, lora_A.dtype)
         self.has_dropout = adapter.dropout_p > 0
-        self.device = x2d.device
         self.n_tiles = cdiv(self.n, GRAD_H_BLOCK_M)
-        self.n_splits = _token_splits(self.n, self.k, self.device) if self.n else 1
+        self.n_splits = _token_splits(self.n, self.k, x2d.device) if self.n else 1
         self.rows_per_split = cdiv(self.n, self.n_splits)
         self.tiles_b, self.tiles_a = cdiv(self.out, REDUCE_BLOCK_ROWS), cdiv(self.k, REDUCE_BLOCK_ROWS)
         # The backward's one workspace (see svd_adapter.py): Gs, then the dA partials, then the dB partials
@@ -195,14 +194,13 @@ def adapter_plan(x2d: torch.Tensor, adapter: SVDAdapter, seed: torch.Tensor) -> 
     key = (x2d.shape, x2d.stride(), x2d.dtype, lora_A.shape, lora_A.stride(), lora_A.dtype, lora_E.stride(0),
            lora_E.dtype, lora_B.shape, lora_B.stride(), lora_B.dtype, mask.dtype, ranknum.dtype, dropout_p > 0,
            x2d.device, current_device(), direct_launch_enabled())  # fmt: skip
-    plan = _PLANS.get(key)
-    if plan is not None and _aligned(x2d, lora_A, lora_E, lora_B, mask, ranknum, seed):
-        return plan
     if not _aligned(x2d, lora_A, lora_E, lora_B, mask, ranknum, seed):
         return SVDAdapterPlan(x2d, adapter, cached=False)
-    if len(_PLANS) >= MAX_PLANS:
-        _PLANS.clear()
-    plan = _PLANS[key] = SVDAdapterPlan(x2d, adapter, cached=True)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = SVDAdapterPlan(x2d, adapter, cached=True)
     return plan
 
 
