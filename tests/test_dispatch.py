@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tooling.device import ON_GPU
 
 from adalora_fast import FastSVDLinear, dispatch, env_report
 
@@ -30,11 +31,16 @@ def test_unknown_backend_name(monkeypatch):
         dispatch.adapter_backend(torch.randn(2, 4))
 
 
-def test_env_report_names_a_backend_for_every_op():
+def test_env_report_names_this_machines_backend_for_every_op():
     report = env_report()
     for key in ("torch", "triton", "svd_adapter", "orth_penalty", "rank_allocator"):
         assert key in report
-    assert report["svd_adapter"].split()[0] in ("reference", "triton")
+    if ON_GPU:  # the installed project has the kernels and the CUDA extension
+        assert report["svd_adapter"] == "triton", report["svd_adapter"]
+        assert report["orth_penalty"] == "extension (adalora_fast._C, CUDA)", report["orth_penalty"]
+    else:
+        assert report["svd_adapter"].startswith("reference (CPU tensors run the reference"), report["svd_adapter"]
+        assert report["orth_penalty"].startswith("reference (CPU tensors run the reference"), report["orth_penalty"]
 
 
 class FakeCuda:
@@ -51,6 +57,7 @@ def _fallback_warnings(caught):
     return [str(w.message) for w in caught if "SVD adapter runs its PyTorch reference" in str(w.message)]
 
 
+@pytest.mark.allows_fallback
 def test_cuda_inputs_warn_once_when_the_kernels_cannot_load(monkeypatch):
     import warnings
 
@@ -65,6 +72,7 @@ def test_cuda_inputs_warn_once_when_the_kernels_cannot_load(monkeypatch):
     assert len(messages) == 1 and "No module named 'triton'" in messages[0]
 
 
+@pytest.mark.allows_fallback
 def test_every_cuda_fallback_warns_once_per_distinct_reason(monkeypatch):
     import warnings
 
@@ -80,31 +88,49 @@ def test_every_cuda_fallback_warns_once_per_distinct_reason(monkeypatch):
     assert "float64" in messages[0] and "different dtypes" in messages[1]
 
 
-def test_mixed_dtypes_and_autocast_dispatch_to_the_kernels():
-    """PEFT's default (fp32 adapters over a half model) and autocast over an fp32 model run the kernels."""
+def test_mixed_dtypes_dispatch_to_the_kernels():
+    """PEFT's default (fp32 adapters over a half model) runs the kernels."""
     p32 = torch.zeros(1)
     for x_dtype in (torch.float16, torch.bfloat16, torch.float32):
         assert dispatch.triton_unavailable_reason(FakeCuda(x_dtype), p32, p32, p32) is None
         assert dispatch.adapter_backend(FakeCuda(x_dtype), p32, p32, p32) == "triton"
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the dispatcher reads autocast on the input's device
+
+
+def test_the_activation_dtype_is_autocasts_on_the_inputs_device():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         assert dispatch.activation_dtype(torch.zeros(1)) == torch.bfloat16
-        assert dispatch.adapter_backend(FakeCuda(), p32, p32, p32) == "triton"
+        assert dispatch.activation_dtype(torch.zeros(1, dtype=torch.float64)) == torch.float64  # not autocast's
     assert dispatch.activation_dtype(torch.zeros(1)) == torch.float32
 
 
-def test_backend_calls_count_what_ran(monkeypatch):
+@pytest.mark.automatic_dispatch
+@pytest.mark.skipif(not ON_GPU, reason="CUDA autocast needs a GPU (a CPU build of torch disables it)")
+def test_autocast_over_an_fp32_layer_dispatches_to_the_kernels():
+    layer = FastSVDLinear(8, 4, r=2).cuda()
+    x = torch.randn(3, 8, device="cuda")
     dispatch.reset_backend_calls()
-    layer = FastSVDLinear(8, 4, r=2)
-    layer(torch.randn(3, 8))
-    layer(torch.randn(3, 8))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert dispatch.backend_calls()["svd_adapter"] == {"triton": 1}
+
+
+def test_backend_calls_count_what_ran(kernels, monkeypatch):
+    layer = FastSVDLinear(8, 4, r=2).to(kernels.device)
+    x = torch.randn(3, 8, device=kernels.device)
+    dispatch.reset_backend_calls()
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "reference")
+    layer(x)
+    layer(x)
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
-    layer(torch.randn(3, 8))  # the interpreter runs CPU tensors when asked for
+    layer(x)
     calls = dispatch.backend_calls()
     assert calls["svd_adapter"] == {"reference": 2, "triton": 1}
     assert env_report()["calls"] == calls  # the report shows them, and is not itself counted
     assert dispatch.backend_calls() == calls
 
 
+@pytest.mark.automatic_dispatch
 def test_the_cpu_reason_names_both_switches(monkeypatch):
     assert "CUDA" in dispatch._choose_adapter_backend(torch.zeros(1), ())[1]
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # read per call: as a user's process without the interpreter

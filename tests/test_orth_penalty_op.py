@@ -18,12 +18,23 @@ from adalora_fast import extension
 from adalora_fast.penalty import orth_penalty
 from adalora_fast.reference import orth_penalty_reference
 from isolated import run_isolated
+from tooling.device import ON_GPU, require_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-requires_ext = pytest.mark.skipif(extension.load_extension()[0] is None, reason="adalora_fast._C is not built")
-requires_cuda_ext = pytest.mark.skipif(
-    not (torch.cuda.is_available() and extension.extension_has_cuda()), reason="needs a GPU and the CUDA build"
-)
+
+
+@pytest.fixture
+def built_extension():
+    require_extension()
+
+
+@pytest.fixture
+def cuda_extension():
+    require_extension(cuda=True)
+
+
+requires_ext = pytest.mark.usefixtures("built_extension")
+requires_cuda_ext = pytest.mark.usefixtures("cuda_extension")
 
 # (rank, long side) per adapter: ranks 1..64 that differ per layer, sizes not multiples of anything, > one chunk.
 SHAPES = [(1, 5), (12, 77), (4, 1100), (64, 130), (16, 513), (3, 1)]
@@ -150,11 +161,10 @@ def test_forced_reference_backend(monkeypatch):
     assert adalora_fast.env_report()["orth_penalty"].startswith("reference")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-side dispatch rule")
+@requires_ext
 def test_cpu_tensors_run_the_reference_unless_the_extension_is_asked_for():
     assert adalora_fast.dispatch.penalty_backend(torch.randn(2, 2)) == "reference"
-    if extension.load_extension()[0] is not None:
-        assert adalora_fast.dispatch.penalty_backend(torch.randn(2, 2), "extension") == "extension"
+    assert adalora_fast.dispatch.penalty_backend(torch.randn(2, 2), "extension") == "extension"
 
 
 def test_missing_extension_falls_back_with_one_warning_naming_the_cause(monkeypatch):
@@ -163,8 +173,8 @@ def test_missing_extension_falls_back_with_one_warning_naming_the_cause(monkeypa
     a = torch.randn(3, 8, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loss1 = orth_penalty([a.cuda() if torch.cuda.is_available() else a], [True], "fro")
-        orth_penalty([a.cuda() if torch.cuda.is_available() else a], [True], "fro")
+        loss1 = orth_penalty([a.cuda() if ON_GPU else a], [True], "fro")
+        orth_penalty([a.cuda() if ON_GPU else a], [True], "fro")
     messages = [str(w.message) for w in caught if "adalora_fast._C" in str(w.message)]
     assert len(messages) == 1 and "libfoo.so: cannot open shared object file" in messages[0]
     torch.testing.assert_close(loss1.cpu(), orth_penalty_reference([a], [], "fro"))

@@ -8,13 +8,13 @@ Checked against the reference allocator run in the same order (``update_ipt()`` 
 import pytest
 import torch
 import torch.nn as nn
+from tooling.device import DEVICE, KERNEL_DTYPES
 from helpers import lora_params
 
 from adalora_fast import FastSVDLinear, RankAllocator
 from adalora_fast.discovery import find_adapter_triplets
 from adalora_fast.reference import BudgetSchedule, ReferenceRankAllocator
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCHEDULE = dict(tinit=2, tfinal=4, total=16, deltaT=2)
 
 
@@ -93,13 +93,11 @@ def test_reference_path_paper_order_is_bitwise_the_reference(monkeypatch):
     _run_paper_order("reference", monkeypatch)
 
 
-def test_kernel_epilogues_match_the_reference_in_paper_order(monkeypatch):
+def test_kernel_epilogues_match_the_reference_in_paper_order(kernels, monkeypatch):
     _run_paper_order("triton", monkeypatch, tol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_gradient_accumulation_scores_the_accumulated_gradient(backend, monkeypatch):
-    monkeypatch.setenv("ADALORA_FAST_BACKEND", backend)
     fast = _model()
     alloc = _allocator(fast, "paper", grad_accumulation_steps=3)
     for micro in range(3):
@@ -114,8 +112,7 @@ def test_gradient_accumulation_scores_the_accumulated_gradient(backend, monkeypa
     alloc.update_and_mask(fast, 0)
 
 
-def test_emission_leaves_the_gradients_unchanged(monkeypatch):
-    monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")
+def test_emission_leaves_the_gradients_unchanged(kernels, monkeypatch):
     plain, emitting = _model(), _model()
     _allocator(emitting, "paper")
     x, y = _batch(0)
@@ -149,9 +146,9 @@ def test_unknown_order():
         _allocator(_model(), "eager")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []), ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_emitted_scores_match_the_reference_functions(dtype, dropout, monkeypatch):
+def test_emitted_scores_match_the_reference_functions(kernels, dtype, dropout, monkeypatch):
     from adalora_fast.importance import ImportanceState
     from adalora_fast.reference import (
         element_score,

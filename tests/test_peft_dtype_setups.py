@@ -1,13 +1,14 @@
 """The setups people train in run on the kernels: PEFT's defaults (fp32 adapters over a half-precision
 model) and an fp32 model under ``torch.autocast``; they train and match stock PEFT in the same setup.
 
-On a CPU the kernels run in Triton's interpreter (``ADALORA_FAST_BACKEND=triton``). bf16 models run here
-too: over fp32 adapters the kernels' products are fp32, which the interpreter computes right.
+The models run on ``DEVICE`` with the ``kernels`` fixture: on a GPU, or on a CPU in Triton's interpreter. bf16
+models run there too: over fp32 adapters the kernels' products are fp32, which the interpreter computes right.
 """
 
 import pytest
 import torch
 from helpers import LLAMA_TARGETS, lora_params, peft_llama, saved_activation_bytes, tiny_llama, token_batch
+from tooling.device import DEVICE, ON_GPU
 
 import adalora_fast
 from adalora_fast import dispatch
@@ -30,13 +31,13 @@ def _train_side_by_side(stock, fast, autocast=None, steps=STEPS, sync=True):
     models = {"stock": stock, "fast": fast}
     opts = {k: torch.optim.AdamW(lora_params(m), lr=1e-2) for k, m in models.items()}
     for step in range(steps):
-        ids = token_batch(step)
+        ids = token_batch(step).to(DEVICE)
         if sync:
             with torch.no_grad():
                 for p_fast, p_stock in zip(lora_params(fast), lora_params(stock), strict=True):
                     p_fast.copy_(p_stock)
         for name, model in models.items():
-            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            with torch.autocast(DEVICE, dtype=autocast, enabled=autocast is not None):
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             (loss * loss_scale).backward()
             out[name][0].append(loss.detach().float())
@@ -57,21 +58,24 @@ def _assert_tracks_stock(out, loss_rtol, grad_tol):
             torch.testing.assert_close(a, b, rtol=grad_tol, atol=grad_tol * scale, msg=f"step {step}, grad {i}")
 
 
-def _assert_own_trajectory_tracks_stock(stock, fast, loss_rtol, autocast=None):
+def _models(dtype=None, **kw):
+    """(stock PEFT, patched) twins of the tiny Llama on DEVICE; ``dtype``: the base model's."""
+    return peft_llama(dtype=dtype, **kw).to(DEVICE), adalora_fast.patch_peft(peft_llama(dtype=dtype, **kw)).to(DEVICE)
+
+
+def _assert_own_trajectory_tracks_stock(loss_rtol, dtype=None, autocast=None):
     """The fast model trained by its own optimizer: its losses track stock PEFT's, and fall."""
-    out = _train_side_by_side(stock, fast, autocast=autocast, sync=False)
+    out = _train_side_by_side(*_models(dtype), autocast=autocast, sync=False)
     torch.testing.assert_close(torch.stack(out["fast"][0]), torch.stack(out["stock"][0]), rtol=loss_rtol, atol=0)
     assert out["fast"][0][-1] < out["fast"][0][0]
 
 
 @pytest.mark.parametrize("dtype,loss_rtol,grad_tol", [(torch.float16, 2e-3, 1e-2), (torch.bfloat16, 1e-2, 6e-2)],
                          ids=["fp16", "bf16"])  # fmt: skip
-def test_peft_defaults_half_model_fp32_adapters_run_the_kernels_and_match_stock(monkeypatch, dtype, loss_rtol,
-                                                                                 grad_tol):  # fmt: skip
+def test_peft_defaults_half_model_fp32_adapters_run_the_kernels_and_match_stock(kernels, dtype, loss_rtol, grad_tol):
     """Tolerances: the half model's own rounding (the adapters' gradients pass through half-precision
     activations and their gradients, rounded at other points than PEFT's chain of matmuls)."""
-    monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")
-    stock, fast = peft_llama(dtype=dtype), adalora_fast.patch_peft(peft_llama(dtype=dtype))
+    stock, fast = _models(dtype)
     layer = fast.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.base_layer.weight.dtype == dtype and layer.lora_A["default"].dtype == torch.float32
     dispatch.reset_backend_calls()
@@ -79,36 +83,33 @@ def test_peft_defaults_half_model_fp32_adapters_run_the_kernels_and_match_stock(
     calls = dispatch.backend_calls()["svd_adapter"]
     assert calls == {"triton": STEPS * len(LLAMA_TARGETS) * 2}, calls  # every adapted layer, every step
     _assert_tracks_stock(out, loss_rtol, grad_tol)
-    _assert_own_trajectory_tracks_stock(peft_llama(dtype=dtype), adalora_fast.patch_peft(peft_llama(dtype=dtype)),
-                                        loss_rtol)  # fmt: skip
+    _assert_own_trajectory_tracks_stock(loss_rtol, dtype=dtype)
 
 
 @pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_fp32_model_under_autocast_runs_the_kernels_and_matches_stock(monkeypatch, autocast):
+def test_fp32_model_under_autocast_runs_the_kernels_and_matches_stock(kernels, autocast):
     """As the Trainer with bf16=True / fp16=True trains an fp32 model. Stock PEFT's adapter matmuls run in
     autocast's dtype there, the kernels' in fp32 over the half activations: the tolerance is the half one."""
-    monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")
-    stock, fast = peft_llama(), adalora_fast.patch_peft(peft_llama())
+    stock, fast = _models()
     dispatch.reset_backend_calls()
     out = _train_side_by_side(stock, fast, autocast=autocast)
     assert dispatch.backend_calls()["svd_adapter"] == {"triton": STEPS * len(LLAMA_TARGETS) * 2}
     _assert_tracks_stock(out, 1e-2, 6e-2 if autocast == torch.bfloat16 else 5e-3)
-    _assert_own_trajectory_tracks_stock(peft_llama(), adalora_fast.patch_peft(peft_llama()), 1e-2, autocast)
-    with torch.autocast("cpu", dtype=autocast):  # the output dtype is F.linear's under autocast
+    _assert_own_trajectory_tracks_stock(1e-2, autocast=autocast)
+    with torch.autocast(DEVICE, dtype=autocast):  # the output dtype is F.linear's under autocast
         layer = fast.base_model.model.model.layers[0].mlp.up_proj
-        assert layer(torch.randn(3, 32)).dtype == autocast
+        assert layer(torch.randn(3, 32, device=DEVICE)).dtype == autocast
 
 
-def test_peft_default_setup_saves_less_for_the_backward_than_peft_lora(monkeypatch):
+def test_peft_default_setup_saves_less_for_the_backward_than_peft_lora(kernels):
     """bf16 model, fp32 adapters (both PEFTs' defaults), dropout 0.1: LoRA keeps an fp32 copy of every adapted
     input and a dropped one; the patched layers keep x (the base GEMM's own) and N × r_pad fp32."""
     from peft import LoraConfig, get_peft_model
 
-    monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")
-    ids = token_batch(0, batch=4, seq=32)
+    ids = token_batch(0, batch=4, seq=32).to(DEVICE)
     lora = get_peft_model(tiny_llama().to(torch.bfloat16), LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS,
-                                                                      lora_dropout=0.1, task_type="CAUSAL_LM"))  # fmt: skip
-    fast = adalora_fast.patch_peft(peft_llama(init_r=12, target_r=8, lora_dropout=0.1, dtype=torch.bfloat16))
+                                                                      lora_dropout=0.1, task_type="CAUSAL_LM")).to(DEVICE)  # fmt: skip
+    fast = adalora_fast.patch_peft(peft_llama(init_r=12, target_r=8, lora_dropout=0.1, dtype=torch.bfloat16)).to(DEVICE)
     saved = {
         name: saved_activation_bytes(lambda m=m: m(input_ids=ids, labels=ids, use_cache=False).loss.backward(),
                                      list(m.parameters()) + list(m.buffers()))
@@ -120,12 +121,13 @@ def test_peft_default_setup_saves_less_for_the_backward_than_peft_lora(monkeypat
     from adalora_fast.kernels.svd_adapter_launch import _ONES
 
     layer = fast.base_model.model.model.layers[0].self_attn.q_proj
-    x = torch.randn(128, 32, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(128, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
     exclude = list(layer.parameters()) + list(_ONES.values())
     assert saved_activation_bytes(lambda: layer(x), exclude) == x.numel() * 2 + 128 * 16 * 4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 kernels run on a GPU")
+@pytest.mark.automatic_dispatch
+@pytest.mark.skipif(not ON_GPU, reason="the bf16 kernels run on a GPU")
 @pytest.mark.parametrize("setup", ["bf16_model_fp32_adapters", "fp32_model_bf16_autocast"])
 def test_on_gpu_the_default_setups_track_stock_peft_for_100_steps(setup):
     """The GPU twin of the tests above, with no backend forced: the dispatcher itself must pick the kernels."""

@@ -3,8 +3,10 @@
 import pytest
 import torch
 from helpers import LLAMA_TARGETS, peft_llama, saved_activation_bytes, tiny_llama, token_batch
+from tooling.device import DEVICE, ON_GPU
 
 import adalora_fast
+from adalora_fast import dispatch
 from adalora_fast.integrations.peft import fast_allocator, fast_layer_class
 
 
@@ -43,12 +45,13 @@ def test_patched_llama_reproduces_stock_peft_for_200_steps():
     assert masked > 150 and sum(sum(v) for v in _pattern(fast).values()) <= 3 * 14
 
 
-def test_patched_llama_on_the_kernel_path_matches_stock_peft(monkeypatch):
+def test_patched_llama_on_the_kernel_path_matches_stock_peft(kernels):
     """PEFT's layers have no triplet mask: the kernels get a shared mask of ones (interpreter on a CPU)."""
-    monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")
-    stock, fast = peft_llama(lora_dropout=0.0), adalora_fast.patch_peft(peft_llama(lora_dropout=0.0))
+    stock = peft_llama(lora_dropout=0.0).to(DEVICE)
+    fast = adalora_fast.patch_peft(peft_llama(lora_dropout=0.0)).to(DEVICE)
+    dispatch.reset_backend_calls()
     for step in range(3):
-        ids = token_batch(step)
+        ids = token_batch(step).to(DEVICE)
         loss_s, loss_f = stock(input_ids=ids, labels=ids).loss, fast(input_ids=ids, labels=ids).loss
         torch.testing.assert_close(loss_f, loss_s, rtol=1e-5, atol=1e-6)
         loss_s.backward()
@@ -58,19 +61,19 @@ def test_patched_llama_on_the_kernel_path_matches_stock_peft(monkeypatch):
                 torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
         stock.zero_grad()
         fast.zero_grad()
+    assert dispatch.backend_calls()["svd_adapter"] == {"triton": 3 * len(LLAMA_TARGETS) * 2}
 
 
-def test_patched_llama_saves_less_for_the_backward_than_peft_lora_at_dropout_0_1(monkeypatch):
+def test_patched_llama_saves_less_for_the_backward_than_peft_lora_at_dropout_0_1(kernels):
     """The activation side of the memory headline: LoRA keeps a dropped copy of every adapted input, the
     kernels keep x (shared with the base layer) and one N × r_pad fp32 tile, even at init_r 12 vs LoRA's 8."""
     from peft import LoraConfig, get_peft_model
 
-    monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")
-    ids = token_batch(0, batch=4, seq=32)
+    ids = token_batch(0, batch=4, seq=32).to(DEVICE)
     lora = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, lora_dropout=0.1,
-                                                   task_type="CAUSAL_LM"))  # fmt: skip
-    stock = peft_llama(init_r=12, target_r=8, lora_dropout=0.1)
-    fast = adalora_fast.patch_peft(peft_llama(init_r=12, target_r=8, lora_dropout=0.1))
+                                                   task_type="CAUSAL_LM")).to(DEVICE)  # fmt: skip
+    stock = peft_llama(init_r=12, target_r=8, lora_dropout=0.1).to(DEVICE)
+    fast = adalora_fast.patch_peft(peft_llama(init_r=12, target_r=8, lora_dropout=0.1)).to(DEVICE)
     saved = {
         name: saved_activation_bytes(lambda m=m: m(input_ids=ids, labels=ids, use_cache=False).loss.backward(),
                                      list(m.parameters()) + list(m.buffers()))
@@ -79,13 +82,14 @@ def test_patched_llama_saves_less_for_the_backward_than_peft_lora_at_dropout_0_1
     assert saved["fast"] < saved["lora"] < saved["stock"], saved
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 kernel path runs on a GPU")
+@pytest.mark.automatic_dispatch
+@pytest.mark.skipif(not ON_GPU, reason="the bf16 kernel path runs on a GPU")
 def test_bf16_on_gpu_tracks_stock_peft_for_200_steps():
     """Tolerance: every loss within 2% of stock PEFT's (bf16 keeps ~3 significant digits, and the fused
     kernels round at other points than PEFT's chain of matmuls); the final rank_pattern identical."""
     stock, fast = peft_llama().to("cuda", torch.bfloat16), peft_llama().to("cuda", torch.bfloat16)
     adalora_fast.patch_peft(fast)
-    assert adalora_fast.env_report()["svd_adapter"] == "triton"
+    dispatch.reset_backend_calls()
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (stock, fast)]
     losses = {"stock": [], "fast": []}
     for step in range(200):
@@ -97,6 +101,8 @@ def test_bf16_on_gpu_tracks_stock_peft_for_200_steps():
             model.base_model.update_and_allocate(step)
             opt.zero_grad()
             losses[name].append(loss.float().item())
+    # what the model's own calls ran: the kernels, every adapted layer, every step (none fell back)
+    assert dispatch.backend_calls()["svd_adapter"] == {"triton": 200 * len(LLAMA_TARGETS) * 2}
     torch.testing.assert_close(torch.tensor(losses["fast"]), torch.tensor(losses["stock"]), rtol=2e-2, atol=0)
     assert losses["fast"][-1] < losses["fast"][0]
     assert _pattern(fast) == _pattern(stock) and _pattern(fast) is not None

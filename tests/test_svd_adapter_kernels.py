@@ -15,6 +15,7 @@ import torch
 import triton
 from helpers import saved_activation_bytes
 from helpers import triton_svd_linear as svd_linear_triton
+from tooling.device import BF16, DEVICE, F16, F32, F64, KERNEL_DTYPES, ON_GPU, TOL, assert_close_to_scale
 
 from adalora_fast import FastSVDLinear, dispatch
 from adalora_fast.adapter import SVDAdapter
@@ -22,28 +23,8 @@ from adalora_fast.kernels.svd_adapter_launch import svd_adapter_dropout_mask
 from adalora_fast.kernels.svd_adapter_op import SVDLinearFunction, svd_linear_backward_op, svd_linear_forward_op
 from adalora_fast.reference import svd_linear_reference
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-# The kernel path against the reference in the same setup, one table for every setup:
-# (activations, adapter parameters, autocast dtype or None) -> (tolerance of y and dx, of dA, dE, dB),
-# relative to each tensor's largest value. Mixed setups are compared with the reference there (= stock
-# PEFT's SVDLinear, which upcasts x to the adapter's dtype, and under autocast runs its matmuls in
-# autocast's dtype). Outputs carry the activations' rounding (2^-8 bf16, 2^-11 fp16); fp32 parameter
-# gradients the TF32 rounding of the fp32 factors on a GPU (2^-11 per product; exact in the interpreter);
-# under autocast the reference itself multiplies in half precision.
-TOL = {
-    (F64, F64, None): (1e-10, 1e-10),
-    (F32, F32, None): (1e-4, 1e-4),
-    (F16, F16, None): (1e-2, 1e-2),
-    (BF16, BF16, None): (4e-2, 4e-2),
-    (F16, F32, None): (2e-3, 5e-3),
-    (BF16, F32, None): (1.6e-2, 5e-3),
-    (F32, F16, None): (2e-3, 1e-2),
-    (F32, F32, BF16): (1.6e-2, 1.6e-2),
-    (F32, F32, F16): (2e-3, 5e-3),
-}
+CUDA = ON_GPU
+DTYPES = list(KERNEL_DTYPES)
 MIXED = [setup for setup in TOL if setup[0] != setup[1] or setup[2] is not None]
 ALPHA = 8.0
 
@@ -85,11 +66,6 @@ def _run(fn, x, params, g):
     return y.detach(), grads
 
 
-def _assert_close(actual, expected, tol, what):
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
-
-
 def _compare(x, params, dtype, dropout_p=0.0, fan_in_fan_out=False, seed=1234, autocast=None):
     """The kernel path against the reference on the same dropout mask: outputs, dtypes, every gradient, within
     the setup's tolerances (``TOL``). ``autocast``: run both under ``torch.autocast`` of that dtype."""
@@ -112,10 +88,10 @@ def _compare(x, params, dtype, dropout_p=0.0, fan_in_fan_out=False, seed=1234, a
         y, grads = _run(fast, x, params, g)
         y_ref, grads_ref = _run(ref, x, params, g)
     assert y.dtype == y_ref.dtype == out_dtype and y.shape == y_ref.shape
-    _assert_close(y, y_ref, out_tol, "y")
+    assert_close_to_scale(y, y_ref, out_tol, "y")
     for name, a, r in zip(("dx", "dA", "dE", "dB"), grads, grads_ref):
         assert a.dtype == r.dtype and a.shape == r.shape, name
-        _assert_close(a, r, out_tol if name == "dx" else grad_tol, name)
+        assert_close_to_scale(a, r, out_tol if name == "dx" else grad_tol, name)
     assert grads[0].dtype == x.dtype and all(g.dtype == A.dtype for g in grads[1:])
 
 

@@ -1,0 +1,1 @@
+"""Tools the test suite and the benchmarks share; none of them is part of the installed library."""
