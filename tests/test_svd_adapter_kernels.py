@@ -98,14 +98,14 @@ def _compare(x, params, dtype, dropout_p=0.0, fan_in_fan_out=False, seed=1234, a
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("x_shape,in_f,out_f,r", CASES)
-def test_matches_reference(x_shape, in_f, out_f, r, dtype, dropout_p):
+def test_matches_reference(kernels, x_shape, in_f, out_f, r, dtype, dropout_p):
     params = _layer_tensors(in_f, out_f, r, dtype)
     x = torch.randn(x_shape, device=DEVICE, dtype=dtype, requires_grad=True)
     _compare(x, params, dtype, dropout_p)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_non_contiguous_input_without_bias_fan_in_fan_out(dtype):
+def test_non_contiguous_input_without_bias_fan_in_fan_out(kernels, dtype):
     params = _layer_tensors(48, 20, 12, dtype, bias=False, fan_in_fan_out=True)
     x = torch.randn(48, 30, device=DEVICE, dtype=dtype).T.detach().requires_grad_()
     assert not x.is_contiguous()
@@ -119,7 +119,7 @@ MIXED_CASES = [((37, 45), 45, 29, 1), ((2, 9, 64), 64, 77, 12), ((20, 40), 40, 5
 @pytest.mark.parametrize("pair", MIXED, ids=lambda p: "x{}-params{}{}".format(
     str(p[0])[6:], str(p[1])[6:], f"-autocast{str(p[2])[6:]}" if p[2] else ""))  # fmt: skip
 @pytest.mark.parametrize("x_shape,in_f,out_f,r", MIXED_CASES)
-def test_mixed_dtypes_match_the_reference_in_the_same_setup(x_shape, in_f, out_f, r, pair):
+def test_mixed_dtypes_match_the_reference_in_the_same_setup(kernels, x_shape, in_f, out_f, r, pair):
     """PEFT's default (fp32 adapters over a half model), half adapters over fp32, and autocast over fp32.
 
     bf16 activations run here too: over fp32 parameters the products are fp32, which the interpreter
@@ -131,7 +131,7 @@ def test_mixed_dtypes_match_the_reference_in_the_same_setup(x_shape, in_f, out_f
 
 
 @pytest.mark.parametrize("autocast", [None, BF16])
-def test_mixed_non_contiguous_input_and_all_triplets_masked(autocast):
+def test_mixed_non_contiguous_input_and_all_triplets_masked(kernels, autocast):
     x_dtype = F32 if autocast else BF16
     W, b, A, E, B, mask, ranknum = _layer_tensors(48, 20, 12, x_dtype, bias=False, fan_in_fan_out=True, param_dtype=F32)
     x = torch.randn(48, 30, device=DEVICE, dtype=x_dtype).T.detach().requires_grad_()
@@ -143,7 +143,7 @@ def test_mixed_non_contiguous_input_and_all_triplets_masked(autocast):
     torch.testing.assert_close(y, torch.nn.functional.linear(x.to(BF16), W.T.to(BF16)), rtol=1e-2, atol=1e-2)
 
 
-def test_autocast_casts_x_once_and_saves_only_that_copy_and_the_rank_tile():
+def test_autocast_casts_x_once_and_saves_only_that_copy_and_the_rank_tile(kernels):
     """Under autocast the layer saves what F.linear there saves (x and the weight in autocast's dtype) plus
     N × r_pad fp32: no fp32 copy of x, no dropped copy."""
     W, b, A, E, B, mask, ranknum = params = _layer_tensors(64, 48, 12, F32)
@@ -156,7 +156,7 @@ def test_autocast_casts_x_once_and_saves_only_that_copy_and_the_rank_tile():
     assert saved_activation_bytes(fast, params) <= x.numel() * 2 + W.numel() * 2 + 40 * 16 * 4
 
 
-def test_all_triplets_masked_is_the_frozen_layer():
+def test_all_triplets_masked_is_the_frozen_layer(kernels):
     W, b, A, E, B, mask, ranknum = _layer_tensors(40, 24, 12, torch.float32)
     mask = torch.zeros_like(mask)
     x = torch.randn(9, 40, device=DEVICE, requires_grad=True)
@@ -177,7 +177,7 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_gradcheck_float64_through_the_kernels(dropout_p):
+def test_gradcheck_float64_through_the_kernels(kernels, dropout_p):
     W, b, A, E, B, mask, ranknum = _layer_tensors(21, 13, 5, torch.float64)
     x = torch.randn(6, 21, device=DEVICE, dtype=torch.float64, requires_grad=True)
     def f(x, A, E, B, b):
@@ -188,7 +188,7 @@ def test_gradcheck_float64_through_the_kernels(dropout_p):
     assert torch.autograd.gradcheck(f, (x, A, E, B, b), eps=1e-6, atol=1e-5)
 
 
-def test_two_runs_are_bitwise_identical():
+def test_two_runs_are_bitwise_identical(kernels):
     params = _layer_tensors(70, 33, 12, torch.float16)
     x = torch.randn(50, 70, device=DEVICE, dtype=torch.float16, requires_grad=True)
     g = torch.randn(50, 33, device=DEVICE, dtype=torch.float16)
@@ -201,7 +201,7 @@ def test_two_runs_are_bitwise_identical():
     assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
-def test_a_layer_launches_two_kernels_forward_and_three_backward():
+def test_a_layer_launches_two_kernels_forward_and_three_backward(kernels):
     """Launches, not FLOPs, bound small layers: the forward is shrink + expand, the backward grad_h, grad_a_x
     (dA partials and the adapter's dx) and one reduction for dB, dA and dE; the same on the first call (which
     binds the plan's launches) and on the next ones (which replay them)."""
@@ -229,7 +229,7 @@ def test_a_layer_launches_two_kernels_forward_and_three_backward():
             "launch_grad_h": 1, "launch_grad_a_x": 1, "launch_grad_reduce": 1}  # fmt: skip
 
 
-def test_plans_are_per_operand_layout_and_an_unaligned_operand_gets_one_of_its_own():
+def test_plans_are_per_operand_layout_and_an_unaligned_operand_gets_one_of_its_own(kernels):
     """Calls on operands laid out alike share one plan (cached); another layout of x (strides) or shape gets
     another; an operand off 16-byte alignment gets a plan for that call alone (its launches specialise on the
     alignment), and every call still matches the reference."""
@@ -258,7 +258,7 @@ def test_plans_are_per_operand_layout_and_an_unaligned_operand_gets_one_of_its_o
     assert sa.adapter_plan(x, adapter, seed) is not plan
 
 
-def test_the_backward_takes_x_as_a_saved_tensor_hook_hands_it_back():
+def test_the_backward_takes_x_as_a_saved_tensor_hook_hands_it_back(kernels):
     """A saved-tensor hook may return a copy laid out anew (here: column-major): the backward keys its launches
     on x's layout as unpacked, and passes that layout's strides."""
     params = _layer_tensors(40, 24, 12, F32)
@@ -296,7 +296,7 @@ def test_dropout_mask_keeps_1_minus_p_with_no_pattern_across_the_four_draws_of_o
     assert torch.equal(keep, svd_adapter_dropout_mask(11, n, k, p, DEVICE).cpu())
 
 
-def test_backward_uses_the_forward_dropout_mask():
+def test_backward_uses_the_forward_dropout_mask(kernels):
     # With Q = I the adapter's output row is x⊙keep/(1−p) restricted to r columns: the mask is visible.
     W, b, A, E, B, mask, ranknum = _layer_tensors(16, 16, 16, torch.float32)
     with torch.no_grad():
@@ -314,8 +314,7 @@ def test_backward_uses_the_forward_dropout_mask():
     torch.testing.assert_close(x.grad, keep.float() * 2 * s)
 
 
-def test_layer_dispatches_to_the_kernels_when_forced(monkeypatch):
-    monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")
+def test_layer_dispatches_to_the_kernels_when_forced(kernels, monkeypatch):
     layer = FastSVDLinear(32, 20, r=6, lora_alpha=8).to(DEVICE)
     with torch.no_grad():
         layer.lora_E.normal_()
@@ -326,17 +325,21 @@ def test_layer_dispatches_to_the_kernels_when_forced(monkeypatch):
     torch.testing.assert_close(y_fast, layer(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(CUDA, reason="the CPU-side dispatch rule; on a GPU the kernels are the default")
-def test_cpu_tensors_use_the_reference_unless_forced():
+def test_cpu_tensors_use_the_reference_unless_forced():  # on every machine: a GPU's kernels take CUDA tensors
     x = torch.randn(3, 8)
     assert dispatch.adapter_backend(x, x) == "reference"
 
 
 def test_every_kernel_compiles_for_sm90_and_sm80_with_tensor_cores():
+    """The full matrix when a kernel changed since it last passed, else the representative one (tooling.compile_matrix)."""
+    from tooling import compile_check, compile_matrix
+
+    choice = compile_matrix.choose("triton")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    out = subprocess.run([sys.executable, "-m", "adalora_fast.kernels.compile_check", "--json"],
-                         capture_output=True, text=True, env=env, timeout=1200)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    cmd = [sys.executable, "-m", "tooling.compile_check", "--json"] + ([] if choice.full else ["--representative"])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))  # fmt: skip
+    assert out.returncode == 0, f"{choice.why}: {out.stderr[-3000:]}"
     results = json.loads(out.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in results}
     assert kernels == {"shrink", "expand", "grad_h", "reduce", "grad_a_x"}
@@ -344,19 +347,25 @@ def test_every_kernel_compiles_for_sm90_and_sm80_with_tensor_cores():
     # every dtype setup the kernels take: half, half activations over fp32 adapters (PEFT's default), fp32
     assert {(r["target"], r["dtype"]) for r in results} >= {(90, "bf16"), (90, "bf16/fp32"), (80, "fp16"),
                                                           (80, "fp16/fp32"), (90, "fp32")}  # fmt: skip
+    groups = {}  # (kernel, target, dtype, r_pad) -> the configs built
+    for r in results:
+        groups.setdefault((r["kernel"], r["target"], r["dtype"], r["r_pad"]), set()).add(r["config"])
+    assert set(groups) == set(compile_check.matrix_groups(representative=not choice.full))
+    if choice.full:  # every group built every config of its kernel
+        for (kernel, *_), configs in groups.items():
+            assert configs == {r["config"] for r in results if r["kernel"] == kernel}, kernel
     for r in results:
         assert r["shared_ok"], r
         if r["kernel"] != "reduce" and r["dtype"] != "fp32":  # half inputs, or TF32 over fp32 adapters
             assert r["tensor_cores"], r
     # Registers: for every kernel, target, dtype and rank pad the autotuner has a config that does not spill.
-    from adalora_fast.kernels.compile_check import CompileResult, _cuobjdump, spilling_in_every_config
-
-    if _cuobjdump() is not None:  # Triton ships it; read from each cubin
+    if compile_check._cuobjdump() is not None:  # Triton ships it; read from each cubin
         assert all(r["stack_bytes"] is not None for r in results)
-        assert spilling_in_every_config([CompileResult(**r) for r in results]) == []
+        assert compile_check.spilling_in_every_config([compile_check.CompileResult(**r) for r in results]) == []
+    choice.record_pass()
 
 
-def test_saved_activations_are_x_plus_one_fp32_rank_tile():
+def test_saved_activations_are_x_plus_one_fp32_rank_tile(kernels):
     W, b, A, E, B, mask, ranknum = params = _layer_tensors(64, 48, 12, torch.float32)
     x = torch.randn(40, 64, device=DEVICE, requires_grad=True)
 
@@ -371,7 +380,7 @@ def test_saved_activations_are_x_plus_one_fp32_rank_tile():
     assert saved_activation_bytes(lambda: peft_like(x, params), params) > budget  # the reference keeps a dropped copy of x
 
 
-def test_layers_without_a_mask_train_after_an_inference_mode_call():
+def test_layers_without_a_mask_train_after_an_inference_mode_call(kernels):
     """The shared mask of ones is made outside inference mode: a later training backward can save it."""
     import adalora_fast.kernels.svd_adapter_launch as sa
 
@@ -387,7 +396,7 @@ def test_layers_without_a_mask_train_after_an_inference_mode_call():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_the_custom_ops_and_the_eager_launchers_are_bitwise_the_same(dropout):
+def test_the_custom_ops_and_the_eager_launchers_are_bitwise_the_same(kernels, dropout):
     """SVDLinearFunction is the one autograd path: eagerly it calls the launchers, under torch.compile the
     torch.library ops around them. Both give the same bits."""
     W, b, A, E, B, mask, ranknum = _layer_tensors(40, 24, 12, torch.float32)
@@ -405,10 +414,9 @@ def test_the_custom_ops_and_the_eager_launchers_are_bitwise_the_same(dropout):
 
 
 @pytest.mark.parametrize("dropout,autocast", [(0.0, None), (0.1, None), (0.1, BF16)])
-def test_torch_compile_fullgraph_on_the_kernel_path(monkeypatch, dropout, autocast):
+def test_torch_compile_fullgraph_on_the_kernel_path(kernels, monkeypatch, dropout, autocast):
     """The Triton path is a torch.library op with a fake implementation: no graph break, eager results;
     under autocast too (the casts F.linear would get are traced before the op)."""
-    monkeypatch.setenv("ADALORA_FAST_BACKEND", "triton")
     dispatch.reset_backend_calls()
     torch.manual_seed(0)
     model = torch.nn.Sequential(FastSVDLinear(24, 20, r=6, lora_alpha=6, lora_dropout=dropout), torch.nn.GELU(),
