@@ -47,7 +47,7 @@ class FakeCuda:
     """Stands for a CUDA tensor in the dispatcher's decisions (no GPU here)."""
 
     is_cuda = True
-    device = torch.device("cpu")
+    device = torch.device("cuda")  # (a device object needs no GPU)
 
     def __init__(self, dtype=torch.float32):
         self.dtype = dtype
@@ -94,6 +94,40 @@ def test_mixed_dtypes_dispatch_to_the_kernels():
     for x_dtype in (torch.float16, torch.bfloat16, torch.float32):
         assert dispatch.triton_unavailable_reason(FakeCuda(x_dtype), p32, p32, p32) is None
         assert dispatch.adapter_backend(FakeCuda(x_dtype), p32, p32, p32) == "triton"
+
+
+class cuda_autocast_state:
+    """CUDA autocast's state set by hand, as ``torch.autocast("cuda")`` sets it (which a CPU build of torch
+    refuses): the dispatcher reads the state, so a stand-in CUDA tensor sees it as a real one would."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.saved = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        torch.set_autocast_enabled("cuda", True)
+        torch.set_autocast_dtype("cuda", self.dtype)
+
+    def __exit__(self, *exc):
+        torch.set_autocast_enabled("cuda", self.saved[0])
+        torch.set_autocast_dtype("cuda", self.saved[1])
+
+
+@pytest.mark.allows_fallback
+def test_autocast_over_fp32_adapters_dispatches_to_the_kernels_and_is_keyed_by_autocasts_state(monkeypatch):
+    """Under CUDA autocast an fp32 input computes in autocast's dtype, and the decision is autocast's: one made
+    outside autocast is not reused inside (an autocast dtype the kernels cannot take proves it)."""
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    p32 = torch.zeros(1)
+    x = FakeCuda(torch.float32)
+    assert dispatch.adapter_backend(x, p32, p32, p32) == "triton"
+    with cuda_autocast_state(torch.bfloat16):
+        assert dispatch.activation_dtype(x) == torch.bfloat16
+        assert dispatch.adapter_backend(x, p32, p32, p32) == "triton"
+    with cuda_autocast_state(torch.float64), pytest.warns(RuntimeWarning, match="activations, not torch.float64"):
+        assert dispatch.adapter_backend(x, p32, p32, p32) == "reference"
+    assert dispatch.activation_dtype(x) == torch.float32
+    assert dispatch.adapter_backend(x, p32, p32, p32) == "triton"
 
 
 def test_the_activation_dtype_is_autocasts_on_the_inputs_device():
