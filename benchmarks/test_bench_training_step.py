@@ -21,6 +21,7 @@ import math
 
 import pytest
 import torch
+from tooling.device import DEVICE, ON_GPU
 
 from adalora_fast import dispatch
 from bench_common import (
@@ -32,8 +33,7 @@ from bench_common import (
     training_step_runner,
 )
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+CUDA = ON_GPU
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 MODELS = ["llama_1b", "llama_160m"] if CUDA else ["tiny"]
 BATCH, SEQ = (8, 512) if CUDA else (2, 16)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 from helpers import lambdas, lora_params, peft_llama, peft_step, regression_batch, svd_stack, token_batch
+from tooling.device import ON_GPU
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import adalora_fast
@@ -19,7 +20,7 @@ from adalora_fast import FastSVDLinear, RankAllocator, compute_orth_regu
 from adalora_fast.cuda_graph import capture_training_step
 from adalora_fast.integrations.peft import fast_allocator, sync_rank_pattern
 
-CUDA = torch.cuda.is_available()
+CUDA = ON_GPU
 TOTAL, TINIT, TFINAL, DELTA_T = 40, 4, 10, 3
 
 

@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from helpers import triton_svd_linear
-from tooling.device import BF16, DEVICE, F32, TOL, assert_close_to_scale
+from tooling.device import BF16, DEVICE, F32, ON_GPU, TOL, assert_close_to_scale
 
 from adalora_fast import FastSVDLinear
 from adalora_fast.kernels.svd_adapter_launch import svd_adapter_dropout_mask
@@ -170,8 +170,8 @@ def test_adapters_without_requires_grad_are_a_clear_allocator_error(backend):
         alloc.update_and_mask(model, 0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a launch grid past 65,535 row blocks needs a GPU's memory")
-def test_very_large_batches_launch_past_65535_blocks():
+@pytest.mark.skipif(not ON_GPU, reason="a launch grid past 65,535 row blocks needs a GPU's memory")
+def test_very_large_batches_launch_past_65535_blocks(kernels):
     layer = _layer(in_f=16, out_f=16, dtype=torch.bfloat16)
     x = torch.randn(65536 * 128 + 3, 16, device=DEVICE, dtype=torch.bfloat16)
     torch.testing.assert_close(layer(x[-1000:]), _reference(layer, x[-1000:]), rtol=4e-2, atol=4e-2)

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 from helpers import lambdas, lora_params, regression_batch, svd_stack
-from tooling.device import DEVICE
+from tooling.device import DEVICE, ON_GPU
 
 from adalora_fast import FastSVDLinear, RankAllocator
 from adalora_fast.discovery import find_adapter_triplets
 from adalora_fast.reference import BudgetSchedule, ReferenceRankAllocator
 
-CUDA = torch.cuda.is_available()
+CUDA = ON_GPU
 
 
 def _stack(n_layers, d=16, r=4, seed=0):
