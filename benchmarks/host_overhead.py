@@ -14,7 +14,7 @@ Prints markdown tables (paste them into a note):
    one Triton launch by each path, and a rank-r ``addmm`` against a launch.
 
 Without a GPU the kernels go through Triton's real compiled launch path on the fake CUDA driver
-(``adalora_fast.kernels.fake_driver``), by default with Triton's own C launcher compiled against the fake
+(``tests/tooling/fake_driver.py``), by default with Triton's own C launcher compiled against the fake
 driver's stub libcuda: everything down to ``cuLaunchKernelEx`` is measured and only that call is a no-op
 (``--python-launcher``: the launcher's C call is left out too). The aten ops run on CPU tensors, on one
 thread (small shapes, so their compute stays small). With a GPU the
@@ -35,6 +35,11 @@ import os
 import sys
 import time
 
+# The fake CUDA driver is test tooling (tests/tooling/fake_driver.py), not part of the package.
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
 GPU = None  # decided in main(), before adalora_fast is imported
 
 
@@ -52,7 +57,7 @@ def _prepare_process(gpu: bool, native: bool = True):
     # One intra-op thread: the CPU aten ops then cost their dispatch and their (small) compute, not the wait
     # for a second thread of a loaded machine.
     torch.set_num_threads(1)
-    from adalora_fast.kernels import fake_driver
+    from tooling import fake_driver
 
     fake = fake_driver.activate(record=False, bench="first", native=native)
     from adalora_fast import dispatch
@@ -409,7 +414,7 @@ def steps_table(args, dtype, dropout, device):
             lambda r, f, m, a: r(1, 1, 1, 0, f, m, None, None, None, *a, 64), ck.run, ck.function,
             ck.packed_metadata, ptr_args)
     if not GPU:
-        from adalora_fast.kernels import fake_driver
+        from tooling import fake_driver
 
         if not fake_driver.active().native:
             fake_launch = fake_driver.active().launcher_cls(compiled.src, compiled.metadata)

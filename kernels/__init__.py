@@ -11,8 +11,9 @@ Triton, so that the dispatcher can ask :func:`interpreting` without it.
   importance_ema.py      the sensitivity/EMA tile math the backward's epilogues share
   launch.py              CachedLauncher and BoundLaunch, the lowest-cost launches of a compiled kernel
   utils.py               tile math, dropout, dot precision and autotune config helpers
-  compile_check.py       ahead-of-time sm_90/sm_80 builds of every kernel and config
-  fake_driver.py         Triton's compiled launch path without a GPU (host-overhead measurements)
+
+The ahead-of-time compile check and the fake CUDA driver that test these kernels without a GPU are test
+tooling, not part of the package: tests/tooling/compile_check.py, tests/tooling/fake_driver.py.
 """
 
 import os

@@ -17,7 +17,7 @@ import traceback
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("launch_checks needs Triton's compiled path: run it without TRITON_INTERPRET=1")
 
-from adalora_fast.kernels import fake_driver  # noqa: E402
+from tooling import fake_driver  # noqa: E402  (tests/tooling: run as a script, tests/ is on sys.path)
 
 NATIVE = "--native" in sys.argv
 FAKE = fake_driver.activate(record=True, bench="call", native=NATIVE)

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every adapter kernel at every tile configuration, without a GPU.
 
-    TRITON_INTERPRET=0 python -m adalora_fast.kernels.compile_check [--quick]
+    TRITON_INTERPRET=0 PYTHONPATH=tests python -m tooling.compile_check [--representative] [--json]
 
 For each kernel and each config in its autotune list, builds the kernel for
 sm_90 (H100) and sm_80 (A100) with ``triton.compile`` and reports the shared
@@ -8,6 +8,10 @@ memory it needs, whether its tl.dot parts use tensor cores (``wgmma`` /
 ``mma`` in the PTX), and its registers per thread and local-memory stack (register
 spills) read from the cubin by the cuobjdump Triton ships. A kernel that only works
 in the interpreter cannot pass, nor one whose every config spills.
+
+The full matrix is every kernel × config × rank pad × dtype setup × target. ``--representative`` keeps every
+kernel, dtype setup and target at the rank pad that needs the most registers and shared memory, and builds a
+group's configs in autotune order only until one does not spill: each group still shows a clean choice.
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import svd_adapter as sa
-from . import interpreting
+from adalora_fast.kernels import interpreting
+from adalora_fast.kernels import svd_adapter as sa
 
 # Shared memory per block on each target (bytes): H100 227 KB, A100 163 KB.
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
 RANK_PADS = (16, 32, 64)
+# (target, dtype) setups built at every rank pad: half activations alone and over fp32 adapters (PEFT's default)
+HALF_SETUPS = ((90, "bf16"), (90, "bf16/fp32"), (80, "fp16"), (80, "fp16/fp32"))
+FP32_SETUP = (90, "fp32", 16)  # (target, dtype, r_pad): fp32 is built at the smallest rank pad only
 
 # kernel -> (autotuned entry, whether it contains tl.dot, extra constexprs)
 KERNELS = {
@@ -137,34 +144,51 @@ def spilling_in_every_config(results: list[CompileResult]) -> list[tuple]:
     return [key for key, stacks in groups.items() if None not in stacks and min(stacks) > 0]
 
 
-def _compile_job(job: tuple) -> CompileResult:
-    name, config_index, target, dtype, r_pad = job
-    return compile_kernel(name, KERNELS[name][0].configs[config_index], target, dtype, r_pad)
+def _compile_configs(job: tuple) -> list[CompileResult]:
+    """Builds configs of one (kernel, target, dtype, r_pad) group in order; ``until_clean``: stops at the first one
+    that does not spill (or, without cuobjdump, after the first)."""
+    name, config_indices, target, dtype, r_pad, until_clean = job
+    results = []
+    for i in config_indices:
+        results.append(compile_kernel(name, KERNELS[name][0].configs[i], target, dtype, r_pad))
+        if until_clean and results[-1].stack_bytes in (0, None):
+            break
+    return results
 
 
-def compile_all(quick: bool = False, jobs: int | None = None) -> list[CompileResult]:
-    """Every kernel × config: on sm_90 bf16 and bf16 activations with fp32 adapters (PEFT's default), on sm_80
-    fp16 and fp16 over fp32, at every rank pad; fp32 on sm_90 at r_pad 16."""
+def matrix_groups(representative: bool = False) -> list[tuple[str, int, str, int]]:
+    """(kernel, target, dtype, r_pad) of the matrix: on sm_90 bf16 and bf16 activations with fp32 adapters, on
+    sm_80 fp16 and fp16 over fp32, at every rank pad (the largest alone when ``representative``); fp32 on sm_90
+    at r_pad 16."""
+    r_pads = RANK_PADS[-1:] if representative else RANK_PADS
+    setups = [(target, dtype, r_pad) for r_pad in r_pads for target, dtype in HALF_SETUPS] + [FP32_SETUP]
+    return [(name, *setup) for name in KERNELS for setup in setups]
+
+
+def compile_all(representative: bool = False, jobs: int | None = None) -> list[CompileResult]:
+    """The matrix's builds (:func:`matrix_groups`): every config of each group, or when ``representative`` each group's
+    configs up to the first that does not spill."""
     if interpreting():
         raise RuntimeError("run with TRITON_INTERPRET=0: the interpreter's config lists are not the GPU ones")
     work = []
-    for name, (autotuned, _, _) in KERNELS.items():
-        for i in range(len(autotuned.configs)):
-            for r_pad in (64,) if quick else RANK_PADS:
-                work += [(name, i, target, dtype, r_pad)
-                         for target, dtype in ((90, "bf16"), (90, "bf16/fp32"), (80, "fp16"), (80, "fp16/fp32"))]
-            work.append((name, i, 90, "fp32", 16))
+    for name, target, dtype, r_pad in matrix_groups(representative):
+        indices = range(len(KERNELS[name][0].configs))
+        if representative:  # one job per group: its configs are built one after another
+            work.append((name, tuple(indices), target, dtype, r_pad, True))
+        else:  # one job per config: the pool balances them
+            work += [(name, (i,), target, dtype, r_pad, False) for i in indices]
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
-        return list(pool.map(_compile_job, work))
+        return [r for results in pool.map(_compile_configs, work) for r in results]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="only the largest rank pad (64)")
+    parser.add_argument("--representative", action="store_true",
+                        help="the largest rank pad only, each group's configs up to the first without spills")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--jobs", type=int, default=None, help="compiler processes (default: one per core)")
     args = parser.parse_args(argv)
-    results = compile_all(args.quick, args.jobs)
+    results = compile_all(args.representative, args.jobs)
     if args.json:
         print(json.dumps([asdict(r) for r in results]))
     else:

@@ -1,6 +1,6 @@
 """A fake CUDA driver for Triton: the real (compiled, non-interpreter) launch path on a machine without a GPU.
 
-For host-overhead measurements and launch-path tests only; no production module imports this.
+For host-overhead measurements and launch-path tests only: test tooling, not part of the installed package.
 
 With the driver active, ``kernel[grid](...)`` runs Triton's own Python launch path end to end (binder and
 specialization, cache lookup, autotuner, ``CompiledKernel.run`` and the launcher's Python), and kernels
@@ -30,7 +30,7 @@ Activate before the first launch, in a process without ``TRITON_INTERPRET=1`` (T
 interpreter and the compiler when a ``@triton.jit`` function is defined, and ``adalora_fast.kernels``
 chooses its tile configs by that flag when it is imported)::
 
-    from adalora_fast.kernels import fake_driver
+    from tooling import fake_driver        # tests/ on sys.path
     fake = fake_driver.activate()          # before importing the kernel modules is safest
     import adalora_fast.kernels.svd_adapter
     ...
