@@ -1,6 +1,7 @@
 """The package installs as designed.
 
-* kernels/ ships as adalora_fast.kernels, never as a top-level ``kernels``;
+* kernels/ ships as adalora_fast.kernels, never as a top-level ``kernels``, and the wheel holds the library
+  alone (no test tooling, tests or benchmarks);
 * ``pip install --no-build-isolation [-e] .`` needs no network once the build requirements are installed,
   with pip 24.0 and with the newest pip, and a current setuptools (setuptools >= 80 turned the legacy
   ``setup.py develop`` path into a second, isolated pip run that downloads setuptools; pyproject.toml keeps
@@ -8,10 +9,12 @@
 
 The offline installs run with ``ADALORA_FAST_BUILD_EXT=0``: the extension's compile (minutes on a small
 machine) changes nothing in the path pip takes, and it is built by scripts/install.sh on every test run
-and by scripts/gpu_check.sh on a GPU. The venvs see the system site-packages only so that the installed
-package can be imported (it imports torch); pip, setuptools and wheel inside them are their own.
+and by scripts/gpu_check.sh on a GPU. The venvs see the packages of the Python the suite runs in (a venv, a
+conda env or a plain installation: tests/tooling/venvs.py) only so that the installed package can be imported
+(it imports torch); pip, setuptools and wheel inside them are their own.
 """
 
+import glob
 import os
 import shutil
 import subprocess
@@ -19,6 +22,7 @@ import sys
 import zipfile
 
 import pytest
+from tooling import venvs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _IGNORED = {"build", "dist", ".git", "__pycache__", ".pytest_cache", ".benchmarks", ".hypothesis", "gpu-results"}
@@ -61,6 +65,14 @@ def test_wheel_layout(tmp_path):
     assert not any(n.startswith("kernels/") for n in names)
     top = {n.split("/")[0] for n in names}
     assert top == {"adalora_fast", *(t for t in top if t.endswith(".dist-info"))}
+    # The library alone: its modules are the checkout's adalora_fast/ and kernels/, no test tooling among them.
+    def modules(folder):
+        return {os.path.relpath(p, src) for p in glob.glob(os.path.join(src, folder, "**", "*.py"), recursive=True)}
+
+    library = modules("adalora_fast") | {os.path.join("adalora_fast", m) for m in modules("kernels")}
+    assert {n for n in names if n.endswith(".py")} == library
+    for tool in ("fake_driver", "compile_check", "compile_matrix", "tooling", "conftest", "test_", "bench_"):
+        assert not any(tool in n for n in names), tool
 
 
 def test_pyproject_declares_the_build_system():
@@ -95,10 +107,8 @@ def _offline_env():
 
 
 def _venv(tmp_path, wheelhouse, pip_version):
-    """A venv (system site-packages visible, for torch) with its own pip ``pip_version``, setuptools and wheel."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
+    """A venv that sees this Python's packages (for torch) with its own pip ``pip_version``, setuptools and wheel."""
+    python = venvs.create(tmp_path / "venv")
     pip_wheels = sorted(wheelhouse.glob("pip-*.whl"))
     wanted = "pip==24.0" if pip_version == "24.0" else "pip"
     # Bootstrap: run pip from its own wheel to install pip, setuptools and wheel from the wheelhouse only.
@@ -111,13 +121,62 @@ def _venv(tmp_path, wheelhouse, pip_version):
 
 
 def _import_from(python, cwd):
+    """adalora_fast's and its kernels' files, and pip's version, as ``python`` imports them; torch must come
+    from the suite's Python, pip and setuptools from the venv (found, not imported: importing pip first makes
+    setuptools' distutils shim step aside)."""
     code = (
-        "import importlib.metadata as m, adalora_fast, adalora_fast.kernels as k;"
-        "print(adalora_fast.__file__, k.__file__, m.version('pip'), m.version('setuptools'))"
+        "import importlib.metadata as m, importlib.util as u, adalora_fast, adalora_fast.kernels as k;"
+        "print(adalora_fast.__file__, k.__file__, m.version('pip'), *(u.find_spec(n).origin for n in ('torch', 'pip', 'setuptools')))"
     )
     out = subprocess.run([python, "-c", code], cwd=cwd, env=_offline_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+    pkg, kernels, pip_version, torch_file, pip_file, setuptools_file = out.stdout.split()
+    assert any(torch_file.startswith(d + os.sep) for d in venvs.site_dirs()), torch_file
+    own = venvs.purelib(python) + os.sep
+    assert pip_file.startswith(own) and setuptools_file.startswith(own), (pip_file, setuptools_file)
+    return pkg, kernels, pip_version
+
+
+def _python_says(python, code):
+    out = subprocess.run([python, "-c", code], env=_offline_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.split()
+
+
+def _module(folder, name, where):
+    with open(os.path.join(folder, f"{name}.py"), "w") as f:
+        f.write(f"WHERE = {where!r}\n")
+
+
+@pytest.mark.parametrize("kind", ["plain installation", "venv", "venv over its base's packages"])
+def test_a_venv_made_from_each_kind_of_python_sees_its_packages(tmp_path, kind):
+    """What the offline installs rely on, from each kind of Python the suite may run in: a conda env or another
+    plain installation (sys.prefix == sys.base_prefix, its packages in its prefix), a venv (its packages in its
+    own site-packages, which --system-site-packages would not show a venv made from it), and a venv that also
+    sees its base's packages. The new venv's own packages (its pip and setuptools) come first."""
+    if kind == "plain installation":
+        outer = venvs.plain_installation(str(tmp_path / "outer"))
+    else:
+        flags = ["--system-site-packages"] if kind == "venv over its base's packages" else []
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", *flags, str(tmp_path / "outer")], check=True)
+        outer = str(tmp_path / "outer" / "bin" / "python")
+    prefix, base_prefix = _python_says(outer, "import sys; print(sys.prefix, sys.base_prefix)")
+    assert prefix == str(tmp_path / "outer") and (prefix == base_prefix) == (kind == "plain installation")
+    outer_site = venvs.purelib(outer)
+    _module(outer_site, "outer_only", "outer")
+    _module(outer_site, "shadowed", "outer")
+
+    inner = venvs.create(tmp_path / "inner", outer)
+    _module(venvs.purelib(inner), "shadowed", "inner")
+    code = "import outer_only, shadowed, sys; print(outer_only.__file__, shadowed.WHERE, *sys.path)"
+    outer_only, shadowed, *inner_path = _python_says(inner, code)
+    assert outer_only == os.path.join(outer_site, "outer_only.py") and shadowed == "inner"
+    assert set(venvs.site_dirs(outer)) <= set(inner_path)  # for a venv over its base: the base's too
+    if kind != "plain installation":  # the way that misses a venv's packages
+        subprocess.run([outer, "-m", "venv", "--without-pip", "--system-site-packages", str(tmp_path / "old")], check=True)
+        old = subprocess.run([str(tmp_path / "old" / "bin" / "python"), "-c", "import outer_only"], env=_offline_env(),
+                             capture_output=True, text=True)  # fmt: skip
+        assert "No module named 'outer_only'" in old.stderr
 
 
 @pytest.mark.parametrize("pip_version", ["24.0", "newest"])
@@ -129,14 +188,14 @@ def test_offline_install_editable_and_wheel(tmp_path, wheelhouse, pip_version):
 
     got = subprocess.run(pip + ["-e", src], env=env, capture_output=True, text=True)
     assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-4000:]
-    pkg, kernels, pip_installed, _ = _import_from(python, tmp_path)
+    pkg, kernels, pip_installed = _import_from(python, tmp_path)
     assert pkg == os.path.join(src, "adalora_fast", "__init__.py")
     assert kernels == os.path.join(src, "kernels", "__init__.py")
     assert pip_version == "newest" or pip_installed == "24.0"
 
     got = subprocess.run(pip + [src], env=env, capture_output=True, text=True)
     assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-4000:]
-    pkg, kernels, _, _ = _import_from(python, tmp_path)
+    pkg, kernels, _ = _import_from(python, tmp_path)
     site = os.path.join(str(tmp_path / "venv"), "lib")
     assert pkg.startswith(site) and kernels.startswith(site) and kernels.endswith("adalora_fast/kernels/__init__.py")
 
