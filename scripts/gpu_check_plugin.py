@@ -1,26 +1,30 @@
-"""pytest plugin of scripts/gpu_check.sh: results that survive a timeout, and the backend each test ran on.
+"""pytest plugin of scripts/gpu_check.sh: results that survive a timeout, and what each test ran on.
 
 Loaded with ``-p gpu_check_plugin`` (scripts/ on PYTHONPATH); writes one JSON line per event to the file
 named by ``GPU_CHECK_RESULTS``, flushed as it happens, so a stage stopped by its time limit (or a crash)
 still leaves every result so far for scripts/gpu_summary.py:
 
-* ``{"kind": "test", "nodeid", "outcome", "when", "duration", "message"}`` for every failed phase and every
-  call phase (the controller's view under pytest-xdist, crashed workers included);
-* ``{"kind": "bench", "nodeid", "group", "params", "median_s", "extra_info"}`` after every benchmark;
-* in each benchmark's ``extra_info`` (so in the pytest-benchmark JSON too), the backends the adapter and the
-  penalty dispatched to during that test, e.g. ``{"adapter": {"triton": 1540}, "penalty": {"extension": 11}}``.
+* ``{"kind": "test", "nodeid", "outcome", "when", "duration", "message", "calls"}`` for every failed phase
+  and every call phase (the controller's view under pytest-xdist, crashed workers included);
+* ``{"kind": "bench", "nodeid", "group", "params", "median_s", "extra_info", "calls"}`` after every benchmark.
+
+``calls`` is what ran during the test's call phase: :func:`adalora_fast.dispatch.backend_calls` per op and
+backend, and the Triton launches (:func:`adalora_fast.kernels.launch.launch_counts`), e.g.
+``{"svd_adapter": {"triton": 1540}, "orth_penalty": {"extension": 11}, "kernel_launches": {"direct": 4620}}``.
+A benchmark also gets it in its ``extra_info`` (so in the pytest-benchmark JSON too).
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import os
+import sys
 
 import pytest
 
 _PATH = os.environ.get("GPU_CHECK_RESULTS")
 _IS_XDIST_WORKER = False
+_CALLS = "gpu_check_calls"  # the user property that carries a test's calls from an xdist worker
 
 
 def pytest_configure(config):
@@ -44,6 +48,34 @@ def _first_line(report) -> str:
     return " ".join(text.strip().splitlines()[:3])[:400]
 
 
+def _counters() -> dict[str, dict[str, int]]:
+    """The package's own counters now, from the modules already imported (none imported: nothing ran, and
+    the plugin imports nothing that a test did not)."""
+    counters = {}
+    dispatch = sys.modules.get("adalora_fast.dispatch")
+    if dispatch is not None:
+        counters.update(dispatch.backend_calls())
+    launch = sys.modules.get("adalora_fast.kernels.launch")
+    if launch is not None:
+        counters["kernel_launches"] = dict(launch.launch_counts())
+    return counters
+
+
+def calls_between(before: dict, after: dict) -> dict[str, dict[str, int]]:
+    """What ran between two readings of the counters, the zero counts left out. A counter that went down was
+    reset in between (tests and benchmarks call ``reset_backend_calls()``): its counts since the reset are
+    what is known to have run."""
+    ran = {}
+    for name, now in after.items():
+        then = before.get(name, {})
+        if any(now.get(key, 0) < n for key, n in then.items()):
+            then = {}
+        counts = {key: n - then.get(key, 0) for key, n in now.items() if n > then.get(key, 0)}
+        if counts:
+            ran[name] = counts
+    return ran
+
+
 def pytest_runtest_logreport(report):
     if _IS_XDIST_WORKER:
         return  # under pytest-xdist the controller writes every result (a crashed worker's included)
@@ -53,63 +85,31 @@ def pytest_runtest_logreport(report):
             outcome = "error"
         if hasattr(report, "wasxfail"):
             outcome = "xfailed" if report.skipped else "xpassed"
-        _write({"kind": "test", "nodeid": report.nodeid, "outcome": outcome, "when": report.when,
-                "duration": round(report.duration, 3), "message": _first_line(report)})  # fmt: skip
-
-
-class _BackendCounter:
-    """Counts what adalora_fast.dispatch decides while a test runs (both deciders are module attributes)."""
-
-    def __init__(self):
-        self.counts = {"adapter": collections.Counter(), "penalty": collections.Counter()}
-        self._saved = None
-
-    def __enter__(self):
-        try:
-            from adalora_fast import dispatch
-        except Exception:  # noqa: BLE001 - the package failed to import: the test reports that itself
-            return self
-        self._saved = (dispatch, dispatch.adapter_backend, dispatch.penalty_backend)
-        adapter, penalty = dispatch.adapter_backend, dispatch.penalty_backend
-
-        def counted_adapter(*args, **kwargs):
-            backend = adapter(*args, **kwargs)
-            self.counts["adapter"][backend] += 1
-            return backend
-
-        def counted_penalty(*args, **kwargs):
-            backend = penalty(*args, **kwargs)
-            self.counts["penalty"][backend] += 1
-            return backend
-
-        dispatch.adapter_backend, dispatch.penalty_backend = counted_adapter, counted_penalty
-        return self
-
-    def __exit__(self, *exc):
-        if self._saved is not None:
-            dispatch, adapter, penalty = self._saved
-            dispatch.adapter_backend, dispatch.penalty_backend = adapter, penalty
-        return False
-
-    def summary(self) -> dict:
-        return {k: dict(v) for k, v in self.counts.items() if v}
+        record = {"kind": "test", "nodeid": report.nodeid, "outcome": outcome, "when": report.when,
+                  "duration": round(report.duration, 3), "message": _first_line(report)}  # fmt: skip
+        calls = next((value for key, value in report.user_properties if key == _CALLS), None)
+        if calls:
+            record["calls"] = calls
+        _write(record)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
+    before = _counters()
+    yield
+    calls = calls_between(before, _counters())
+    # (user properties travel with the report from an xdist worker to the controller)
+    item.user_properties.append((_CALLS, calls))
     bench = getattr(item, "funcargs", {}).get("benchmark")
-    with _BackendCounter() as counter:
-        yield
     if bench is None:
         return
-    backends = counter.summary()
     try:
-        bench.extra_info["backends"] = backends
+        bench.extra_info["calls"] = calls
         stats = getattr(getattr(bench, "stats", None), "stats", None)
         median = getattr(stats, "median", None)
     except Exception:  # noqa: BLE001 - a disabled benchmark has no stats; the record says so
         median = None
     params = getattr(getattr(item, "callspec", None), "params", {})
     _write({"kind": "bench", "nodeid": item.nodeid, "group": getattr(bench, "group", None),
-            "params": {k: v for k, v in params.items()}, "median_s": median,
-            "extra_info": dict(getattr(bench, "extra_info", {}))})  # fmt: skip
+            "params": dict(params), "median_s": median, "extra_info": dict(getattr(bench, "extra_info", {})),
+            "calls": calls})  # fmt: skip
