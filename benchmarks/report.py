@@ -78,14 +78,27 @@ def markdown(groups: dict, machine: dict, command: str) -> str:
         has_baseline = any(b in providers for b in BASELINES)
         for provider, row in sorted(providers.items()):
             ratio = f"{ratios.get(provider, 1.0):.2f}×" if has_baseline else ""
-            extra = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("median_ms", "ranks"))
-            lines.append(f"| {group} | {provider} | {row['median_ms']:.3f} | {ratio} | {extra} |")
+            lines.append(f"| {group} | {provider} | {row['median_ms']:.3f} | {ratio} | {_extra_cell(row)} |")
     for group, (provider, ranks) in allocated_ranks(groups).items():
         layers, matrices, grid = rank_grid(ranks)
         lines += ["", f"Ranks allocated per layer ({group}, {provider}):", ""]
         lines += ["| matrix | " + " | ".join(f"layer {layer}" for layer in layers) + " |", "|---|" + "---|" * len(layers)]
         lines += [f"| {m} | " + " | ".join(str(v) for v in row) + " |" for m, row in zip(matrices, grid)]
     return "\n".join(lines) + "\n"
+
+
+def _extra_cell(row: dict) -> str:
+    """A row's extras as ``key=value``, empty ones left out; the calls per op and backend that
+    scripts/gpu_check_plugin.py records (``calls``) as ``op backend n``."""
+    parts = []
+    for key, value in row.items():
+        if key in ("median_ms", "ranks") or value is None or value == {}:
+            continue
+        if key == "calls":
+            value = "; ".join(f"{op} " + " + ".join(f"{backend} {n}" for backend, n in sorted(counts.items()))
+                              for op, counts in sorted(value.items()))  # fmt: skip
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)
 
 
 def allocated_ranks(groups: dict) -> dict[str, tuple[str, dict]]:

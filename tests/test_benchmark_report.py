@@ -26,7 +26,10 @@ def test_report_writes_ratios_to_the_group_baseline(tmp_path):
         {"group": "svd_linear fwd", "params": {"provider": "adalora_fast"}, "stats": {"median": 0.0022}, "extra_info": {}},
         {"group": "training step x", "params": {"provider": "peft_lora"}, "stats": {"median": 0.1}},
         {"group": "training step x", "params": {"provider": "adalora_fast"}, "stats": {"median": 0.09},
-         "extra_info": {"peak_memory_gib": 1.5}},
+         "extra_info": {"peak_memory_gib": 1.5, "calls": {"svd_adapter": {"triton": 30, "reference": 2},
+                                                          "kernel_launches": {"direct": 90}}}},
+        {"group": "training step x", "params": {"provider": "peft_adalora"}, "stats": {"median": 0.2},
+         "extra_info": {"calls": {}, "peak_gbps": None}},
     ]}  # fmt: skip
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(data))
@@ -35,7 +38,9 @@ def test_report_writes_ratios_to_the_group_baseline(tmp_path):
     text = out.read_text()
     assert "test cpu" in text and "`pytest benchmarks/`" in text
     assert "| svd_linear fwd | adalora_fast | 2.200 | 1.10× |" in text
-    assert "| training step x | adalora_fast | 90.000 | 0.90× | peak_memory_gib=1.5 |" in text
+    assert ("| training step x | adalora_fast | 90.000 | 0.90× | peak_memory_gib=1.5, calls=kernel_launches direct 90; "
+            "svd_adapter reference 2 + triton 30 |") in text  # (the benchmark plugin's calls, compactly)
+    assert "| training step x | peft_adalora | 200.000 | 2.00× |  |" in text  # empty extras left out
 
 
 def _bench(group, provider, median, **extra):
