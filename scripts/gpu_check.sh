@@ -85,8 +85,7 @@ sys.exit(0 if s and s.origin and os.path.dirname(os.path.realpath(s.origin)) == 
     "$(realpath "$ROOT/adalora_fast")")
 }
 
-build() {
-  local rc=0
+build_package() {
   if [[ ${GPU_CHECK_SKIP_BUILD:-0} == 1 ]]; then
     echo "build skipped (GPU_CHECK_SKIP_BUILD=1)"
   elif [[ -z $("$PY" scripts/install_plan.py check-package) ]]; then
@@ -98,8 +97,12 @@ build() {
     fi
     # The extension into the checkout, where the editable install loads it from.
     MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" setup.py build_ext --inplace && "$PY" scripts/install_plan.py stamp
-    rc=$?
   fi
+}
+
+build() { # the build, then whether adalora_fast._C loads (extension.txt), whatever the build did
+  build_package
+  local rc=$?
   "$PY" -c 'from adalora_fast import extension
 m, err = extension.load_extension()
 kind = "CUDA" if m and m.built_with_cuda() else "CPU only"
