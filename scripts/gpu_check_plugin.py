@@ -16,6 +16,7 @@ A benchmark also gets it in its ``extra_info`` (so in the pytest-benchmark JSON 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -48,23 +49,51 @@ def _first_line(report) -> str:
     return " ".join(text.strip().splitlines()[:3])[:400]
 
 
-def _counters() -> dict[str, dict[str, int]]:
-    """The package's own counters now, from the modules already imported (none imported: nothing ran, and
-    the plugin imports nothing that a test did not)."""
-    counters = {}
-    dispatch = sys.modules.get("adalora_fast.dispatch")
-    if dispatch is not None:
-        counters.update(dispatch.backend_calls())
-    launch = sys.modules.get("adalora_fast.kernels.launch")
-    if launch is not None:
-        counters["kernel_launches"] = dict(launch.launch_counts())
-    return counters
+class _Counters:
+    """The package's own counters (calls per op and backend, Triton launches) since the session began, read from
+    the modules already imported (none imported: nothing ran, and the plugin imports nothing a test did not).
+    Tests and benchmarks reset them (``dispatch.reset_backend_calls()``, ``launch.reset_counts()``): each reset
+    is wrapped to bank what it clears first, so a test's calls are the difference of two readings."""
+
+    def __init__(self):
+        self.banked = collections.defaultdict(collections.Counter)
+
+    def _bank_resets(self, module, reset_name: str, read) -> None:
+        reset = getattr(module, reset_name)
+        if getattr(reset, "banks_counts", False):
+            return
+
+        def banking_reset(*args, **kwargs):
+            for name, counts in read().items():
+                self.banked[name].update(counts)
+            return reset(*args, **kwargs)
+
+        banking_reset.banks_counts = True
+        setattr(module, reset_name, banking_reset)
+
+    def read(self) -> dict[str, dict[str, int]]:
+        current = {}
+        dispatch = sys.modules.get("adalora_fast.dispatch")
+        if dispatch is not None:
+            self._bank_resets(dispatch, "reset_backend_calls", dispatch.backend_calls)
+            current.update(dispatch.backend_calls())
+        launch = sys.modules.get("adalora_fast.kernels.launch")
+        if launch is not None:
+            launches = launch.launch_counts
+            self._bank_resets(launch, "reset_counts", lambda: {"kernel_launches": launches()})
+            current["kernel_launches"] = launches()
+        totals = collections.defaultdict(collections.Counter, {k: collections.Counter(v) for k, v in self.banked.items()})
+        for name, counts in current.items():
+            totals[name].update(counts)
+        return {name: dict(counts) for name, counts in totals.items()}
+
+
+_COUNTERS = _Counters()
 
 
 def calls_between(before: dict, after: dict) -> dict[str, dict[str, int]]:
-    """What ran between two readings of the counters, the zero counts left out. A counter that went down was
-    reset in between (tests and benchmarks call ``reset_backend_calls()``): its counts since the reset are
-    what is known to have run."""
+    """What ran between two readings of the counters, the zero counts left out. A counter that went down anyway
+    started again in between (its module reloaded): its counts since then are what is known to have run."""
     ran = {}
     for name, now in after.items():
         then = before.get(name, {})
@@ -95,9 +124,9 @@ def pytest_runtest_logreport(report):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    before = _counters()
+    before = _COUNTERS.read()
     yield
-    calls = calls_between(before, _counters())
+    calls = calls_between(before, _COUNTERS.read())
     # (user properties travel with the report from an xdist worker to the controller)
     item.user_properties.append((_CALLS, calls))
     bench = getattr(item, "funcargs", {}).get("benchmark")

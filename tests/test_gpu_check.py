@@ -153,8 +153,21 @@ def test_calls_between_counter_readings():
     before = {"svd_adapter": {"triton": 5, "reference": 2}, "orth_penalty": {"extension": 1}}
     after = {"svd_adapter": {"triton": 9, "reference": 2}, "orth_penalty": {"extension": 1}, "kernel_launches": {"direct": 3}}
     assert gpu_check_plugin.calls_between(before, after) == {"svd_adapter": {"triton": 4}, "kernel_launches": {"direct": 3}}
-    reset = {"svd_adapter": {"triton": 1}}  # reset_backend_calls() in between: what ran since the reset
-    assert gpu_check_plugin.calls_between(before, reset) == {"svd_adapter": {"triton": 1}}
+    restarted = {"svd_adapter": {"triton": 1}}  # a counter that went down: what ran since it started again
+    assert gpu_check_plugin.calls_between(before, restarted) == {"svd_adapter": {"triton": 1}}
+
+
+def test_a_test_that_resets_the_counters_still_has_its_calls_counted(monkeypatch):
+    from adalora_fast import dispatch
+
+    counters = gpu_check_plugin._Counters()
+    monkeypatch.setattr(dispatch, "reset_backend_calls", dispatch.reset_backend_calls)  # (the plugin wraps it)
+    x = torch.randn(2, 3)
+    dispatch.adapter_backend(x)  # (an earlier test's call)
+    before = counters.read()
+    dispatch.reset_backend_calls()  # as a benchmark does before it times, then as many calls as before it
+    dispatch.adapter_backend(x)
+    assert gpu_check_plugin.calls_between(before, counters.read())["svd_adapter"] == {"reference": 1}
 
 
 def _write_jsonl(path, records):
