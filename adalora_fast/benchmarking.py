@@ -1,7 +1,7 @@
-"""Side-by-side layer timing: the fast layer, PEFT's SVDLinear and the frozen nn.Linear.
+"""Side-by-side layer timing: the fast layer, PEFT's LoRA Linear and AdaLoRA SVDLinear, the frozen nn.Linear.
 
 Shared by the demo's timing table and ``benchmarks/`` (pytest-benchmark, host_overhead.py), so both
-measure the same three providers built the same way. Ratios are only meaningful between providers
+measure the same providers built the same way. Ratios are only meaningful between providers
 measured in the same run. The benchmarks' other workloads (Llama training steps, the MiniLM fine-tune)
 are in ``benchmarks/bench_common.py``, outside the installed package.
 """
@@ -18,7 +18,9 @@ import torch.nn as nn
 from .importance import ImportanceState
 from .svd_linear import FastSVDLinear
 
-PROVIDERS = ("adalora_fast", "peft_svdlinear", "frozen_linear")
+PROVIDERS = ("adalora_fast", "peft_lora", "peft_svdlinear", "frozen_linear")
+# PEFT LoRA's rank beside AdaLoRA's r 12: the rank AdaLoRA's budget is usually set to end at.
+LORA_RANK = 8
 # The fast layer with paper-order importance emitted by every backward (what the sensitivity costs).
 EMITTING_PROVIDER = "adalora_fast_emit"
 
@@ -39,6 +41,8 @@ def build_layer(provider: str, in_f: int, out_f: int, r: int, *, dropout: float 
             unc = {n: torch.zeros_like(t) for n, t in ipt.items()}
             layer.attach_importance(ImportanceState(*params, ipt, unc, beta1=0.85, beta2=0.85))
         return layer
+    if provider == "peft_lora":
+        return peft_lora_linear(base, min(LORA_RANK, r), lora_alpha=16, dropout=dropout).to(device=device, dtype=dtype)
     if provider == "peft_svdlinear":
         from peft import AdaLoraConfig
         from peft.tuners.adalora import SVDLinear
@@ -49,6 +53,19 @@ def build_layer(provider: str, in_f: int, out_f: int, r: int, *, dropout: float 
             layer.lora_E["default"].normal_()
         return layer
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS + (EMITTING_PROVIDER,)}")
+
+
+def peft_lora_linear(base: nn.Linear, r: int, lora_alpha: int, dropout: float) -> nn.Module:
+    """PEFT's LoRA ``Linear`` around ``base`` (built directly, as get_peft_model builds it), B non-zero as after a
+    few steps."""
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear
+
+    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=["fc"])
+    layer = Linear(base, "default", config=cfg, r=r, lora_alpha=lora_alpha, lora_dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    return layer
 
 
 def layer_step(layer: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:

@@ -17,7 +17,8 @@
 #                  visible GPU only), unless built from the same inputs (scripts/install_plan.py). A failed
 #                  extension build fails the stage and the rest runs on: the library loads without it
 #   env            adalora_fast.env_report(), versions, nvidia-smi
-#   tests          every test module whose behaviour depends on the device (the ones that mention CUDA), in
+#   tests          every test module whose behaviour depends on the device (the ones that mention CUDA or take
+#                  DEVICE from tests/tooling/device.py; the compile tests build their whole matrix), in
 #                  parallel (pytest-xdist: a crashing test fails alone; the extension's error paths run in a
 #                  child process of their own); GPU_CHECK_FULL=1 adds the rest of the suite (tests_rest) with
 #                  what is left of the budget (raise GPU_CHECK_BUDGET for it)
@@ -259,22 +260,22 @@ else # smoke runs of every stage
 fi
 TESTS_NOTE=""
 missing pytest-xdist && TESTS_NOTE="in one process (no pytest-xdist)"
-# The device-dependent test modules: those that mention CUDA (the others behave the same on a CPU).
+# The device-dependent test modules: those that mention CUDA or take their device from tests/tooling/device.py
+# (the others behave the same on a CPU).
 if [[ -n ${GPU_CHECK_TESTS:-} ]]; then
   GPU_TESTS=$(tr ' ' '\n' <<< "$GPU_CHECK_TESTS")
 elif ((QUICK)); then
   GPU_TESTS=$'tests/test_isolated.py\ntests/test_orth_penalty_op.py::test_bad_inputs_raise_and_never_crash'
 else
-  GPU_TESTS=$(grep -l -i cuda tests/test_*.py)
+  GPU_TESTS=$(grep -l -i -E 'cuda|from tooling.device import' tests/test_*.py)
 fi
 REST_TESTS=$(for f in tests/test_*.py; do grep -qxF "$f" <<< "$GPU_TESTS" || echo "$f"; done)
 
 stage build - "${SELF[@]}" build
 stage env - "${SELF[@]}" env_report
 if [[ $WHAT == all || $WHAT == tests ]]; then
-  # The ahead-of-time Triton compile check is the same on any machine (and long): the CPU suite runs it.
-  NOTE=$TESTS_NOTE stage tests - "${SELF[@]}" run_tests tests "$GPU_TESTS" \
-    --deselect tests/test_svd_adapter_kernels.py::test_every_kernel_compiles_for_sm90_and_sm80_with_tensor_cores "${EXTRA[@]}"
+  # The ahead-of-time compile tests build their whole matrix here (with this machine's Triton, nvcc and cores).
+  ADALORA_FAST_FULL_COMPILE_MATRIX=1 NOTE=$TESTS_NOTE stage tests - "${SELF[@]}" run_tests tests "$GPU_TESTS" "${EXTRA[@]}"
 fi
 if [[ $WHAT == all || $WHAT == bench ]]; then
   stage bench_step pytest-benchmark,peft,transformers "${SELF[@]}" bench bench_step test_bench_training_step.py "$STEP_K"

@@ -22,7 +22,7 @@ def test_demo_cli_prints_loss_ranks_and_timings(capsys):
     result = main(["--steps", "40", "--init-r", "4", "--target-r", "2", "--bench-iters", "2"])
     out = capsys.readouterr().out
     assert "ranks allocated per layer" in out and "layer timing" in out
-    assert {r["provider"] for r in result["timings"]} == {"adalora_fast", "peft_svdlinear", "frozen_linear"}
+    assert {r["provider"] for r in result["timings"]} == {"adalora_fast", "peft_lora", "peft_svdlinear", "frozen_linear"}
     assert all(r["ms"] > 0 for r in result["timings"])
     flat = " ".join(out.split())
     assert "BENCHMARKS.md" in flat
