@@ -61,9 +61,10 @@ TRAINING_PROVIDERS = ("peft_lora", "peft_adalora", "adalora_fast")
 GRAPH_PROVIDERS = ("peft_lora_graph", "adalora_fast_graph")  # the same steps captured as one CUDA graph
 
 
-def llama_training_model(provider: str, shape: str, *, dropout: float, seq: int, device, dtype):
-    """A random Llama of ``LLAMA_SHAPES[shape]`` with the provider's adapters on q,k,v,o,gate,up,down:
-    LoRA r 8, or AdaLoRA init_r 12 → target_r 8 (penalty on, allocation every step)."""
+def llama_training_model(provider: str, shape: str | dict, *, dropout: float, seq: int, device, dtype):
+    """A random Llama of ``LLAMA_SHAPES[shape]`` (or of the ``LlamaConfig`` fields ``shape``) with the provider's
+    adapters on q,k,v,o,gate,up,down: LoRA r 8, or AdaLoRA init_r 12 → target_r 8 (penalty on, allocation
+    every step)."""
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,7 +72,8 @@ def llama_training_model(provider: str, shape: str, *, dropout: float, seq: int,
 
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: a ~1B model's random init on a CPU takes long
-        base = LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPES[shape], max_position_embeddings=seq)).to(dtype)
+        fields = LLAMA_SHAPES[shape] if isinstance(shape, str) else shape
+        base = LlamaForCausalLM(LlamaConfig(**fields, max_position_embeddings=seq)).to(dtype)
     if provider.startswith("peft_lora"):
         return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, lora_dropout=dropout,
                                                task_type="CAUSAL_LM"))  # fmt: skip
@@ -83,6 +85,50 @@ def llama_training_model(provider: str, shape: str, *, dropout: float, seq: int,
     return model
 
 
+class TrainingStep:
+    """One training step of a model from :func:`llama_training_model`, phase by phase: ``forward`` (the loss,
+    with the orthogonality penalty for AdaLoRA), ``backward``, ``optimizer`` (AdamW), ``allocator``
+    (``update_and_allocate``, AdaLoRA only) and ``zero_grad``. Calling it runs the step up to the allocator
+    and returns the detached loss (``zero_grad`` is left to the caller, as a CUDA-graph capture needs)."""
+
+    def __init__(self, model, provider: str, ids: torch.Tensor, *, capturable: bool = False, foreach=None):
+        self.model, self.ids = model, ids
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                     capturable=capturable, foreach=foreach)  # fmt: skip
+        self.adalora = not provider.startswith("peft_lora")
+        self.step = 0
+        self.loss = None
+
+    def forward(self) -> None:
+        self.loss = self.model(input_ids=self.ids, labels=self.ids, use_cache=False).loss
+
+    def backward(self) -> None:
+        self.loss.backward()
+
+    def optimizer(self) -> None:
+        self.opt.step()
+
+    def allocator(self) -> None:
+        self.model.base_model.update_and_allocate(self.step)
+        self.step += 1
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def phases(self) -> dict[str, Callable[[], None]]:
+        """{phase name: its call}, in step order (no allocator for LoRA)."""
+        names = ("forward", "backward", "optimizer") + (("allocator",) if self.adalora else ()) + ("zero_grad",)
+        return {name: getattr(self, name) for name in names}
+
+    def __call__(self) -> torch.Tensor:
+        self.forward()
+        self.backward()
+        self.optimizer()
+        if self.adalora:
+            self.allocator()
+        return self.loss.detach()
+
+
 def training_step_runner(model, provider: str, ids: torch.Tensor, warmup_steps: int = 3) -> tuple[Callable, list]:
     """(run, losses): ``run()`` is one training step (forward with the penalty, backward, AdamW, allocator
     for AdaLoRA), synchronised; ``losses`` collects every step's detached loss. ``warmup_steps`` steps run
@@ -90,19 +136,8 @@ def training_step_runner(model, provider: str, ids: torch.Tensor, warmup_steps: 
     from adalora_fast.cuda_graph import capture_training_step
 
     graphed = provider.endswith("_graph")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, capturable=graphed)
-    adalora = not provider.startswith("peft_lora")
-    step = [0]
-
-    def train_step():
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        if adalora:
-            model.base_model.update_and_allocate(step[0])
-        step[0] += 1
-        return loss.detach()
-
+    train_step = TrainingStep(model, provider, ids, capturable=graphed)
+    opt = train_step.opt
     if graphed:
         captured = capture_training_step(train_step, [opt], warmup_steps=warmup_steps)
         losses = captured.warmup_outputs
