@@ -1,0 +1,456 @@
+"""Host cost of a whole training step, phase by phase: PEFT LoRA, stock PEFT AdaLoRA and adalora-fast.
+
+    python benchmarks/step_overhead.py [--quick] [--layers 8] [--hidden 32] [--steps 5] [--repeats 7] [--profile]
+
+A Llama-style model of tiny width with many adapted modules (q,k,v,o,gate,up,down in every layer: 56 at
+the default 8 layers), so that the step's cost is the host's: PEFT LoRA r 8, stock PEFT AdaLoRA init_r 12 →
+target_r 8 and the patched PEFT model (``patch_peft``, the same AdaLoRA config), built as
+``bench_common.llama_training_model`` builds them. One step is split into its phases: ``forward`` (the loss
+and, for AdaLoRA, the orthogonality penalty), ``backward``, ``optimizer`` (AdamW, foreach),
+``allocator`` (``update_and_allocate``; none for LoRA) and ``zero_grad``. For each phase: the host time,
+the ops that reach the dispatcher (aten and custom ops, counted by a ``TorchDispatchMode``) and the Triton
+launches (``adalora_fast.kernels.launch.launch_counts()``).
+
+Without a GPU the kernels go through Triton's compiled launch path on the fake CUDA driver
+(``tests/tooling/fake_driver.py``, prepared as ``host_overhead.py`` prepares it), and the penalty runs the
+compiled extension op as on CUDA tensors (on CPU tensors the dispatcher keeps the reference unless the op
+is asked for: this process asks). The host time is this thread's CPU time. With a GPU the same phases
+are timed on it (bf16 model, fp32 adapters, as ``get_peft_model`` leaves them) and each provider also
+reports its wall time and device time (torch.profiler) per step, with the step captured as one CUDA
+graph (``*_graph``) beside the eager step.
+
+All providers are interleaved in one run: ``--repeats`` rounds, each running a block of ``--steps`` steps
+of every provider. The whole step is the best block (its per-step mean); each phase is the best of its
+``steps × repeats`` single steps. Ratios are meaningful only between providers of the same run.
+
+``--profile``: where the host time of each phase goes, by function (cProfile), for PEFT LoRA and
+adalora-fast. The last table compares the patched PEFT layer with ``FastSVDLinear`` (forward+backward of
+one layer at the model's shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import host_overhead
+from host_overhead import _md, _prepare_process
+
+PROVIDERS = ("peft_lora", "peft_adalora", "adalora_fast")
+LABELS = {
+    "peft_lora": "PEFT LoRA (r 8)",
+    "peft_adalora": "stock PEFT AdaLoRA (r 12)",
+    "adalora_fast": "adalora-fast (patched PEFT, r 12)",
+    "peft_lora_graph": "PEFT LoRA, CUDA graph",
+    "adalora_fast_graph": "adalora-fast, CUDA graph",
+}
+SHORT = {"peft_lora": "PEFT LoRA", "peft_adalora": "stock AdaLoRA", "adalora_fast": "adalora-fast"}
+PHASES = ("forward", "backward", "optimizer", "allocator", "zero_grad")
+PHASE_LABELS = {"forward": "forward + loss + penalty", "zero_grad": "zero_grad"}
+
+GPU = False  # decided in main(), before adalora_fast is imported
+
+
+def _clock() -> int:
+    return time.thread_time_ns()
+
+
+def _sync():
+    if GPU:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _penalty_on_extension() -> None:
+    """On CPU tensors the dispatcher runs the penalty's reference unless the compiled op is asked for: ask for
+    it in this process, so that the penalty costs what it costs on a GPU."""
+    from adalora_fast import dispatch
+
+    choose = dispatch.penalty_backend
+    dispatch.penalty_backend = lambda t, requested=None: choose(t, requested or "extension")
+
+
+def llama_shape(args) -> dict:
+    heads = max(1, args.hidden // 8)
+    return dict(hidden_size=args.hidden, intermediate_size=args.intermediate or 2 * args.hidden,
+                num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
+                vocab_size=args.vocab)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Counting
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _op_counter():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        """Every op that reaches the dispatcher's Python key (below autograd: what runs, not what is written)."""
+
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    return OpCounter()
+
+
+def _launches() -> int:
+    from adalora_fast.kernels.launch import launch_counts
+
+    return sum(launch_counts().values())
+
+
+def count_phases(phases: dict) -> dict[str, tuple[int, int]]:
+    """{phase: (ops, Triton launches)} over one step."""
+    counts = {}
+    for name, fn in phases.items():
+        launches = _launches()
+        with _op_counter() as counter:
+            fn()
+        _sync()
+        counts[name] = (counter.count, _launches() - launches)
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _block(phases: dict, steps: int) -> tuple[float, dict[str, list[float]], float]:
+    """(host ms per step, {phase: [ms of each step]}, wall ms per step) of ``steps`` steps; the host time is
+    the phases' (no sync inside them), the wall time the block's with a sync at its end."""
+    per_phase = {name: [] for name in phases}
+    gc_was_on = gc.isenabled()
+    gc.disable()  # a collection inside a block is noise, not the step's cost
+    try:
+        _sync()
+        wall0 = time.perf_counter_ns()
+        for _ in range(steps):
+            for name, fn in phases.items():
+                t0 = _clock()
+                fn()
+                per_phase[name].append((_clock() - t0) / 1e6)
+        _sync()
+        wall = (time.perf_counter_ns() - wall0) / 1e6 / steps
+    finally:
+        if gc_was_on:
+            gc.enable()
+    host = sum(sum(ts) for ts in per_phase.values()) / steps
+    return host, per_phase, wall
+
+
+def _graph_block(run, steps: int) -> tuple[float, float]:
+    """(host ms, wall ms) per replay of a captured step (``run`` replays and synchronises)."""
+    gc.disable()
+    try:
+        wall0, t0 = time.perf_counter_ns(), _clock()
+        for _ in range(steps):
+            run()
+        return (_clock() - t0) / 1e6 / steps, (time.perf_counter_ns() - wall0) / 1e6 / steps
+    finally:
+        gc.enable()
+
+
+def device_ms(run, steps: int) -> float:
+    """GPU only: device ms per step (kernels, memcpys, memsets) under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from profile_step import _device_rows
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        _sync()
+    return sum(e.self_device_time_total for e in _device_rows(prof)) / 1e3 / steps
+
+
+def build(provider: str, args, device, dtype):
+    """(the model, its TrainingStep or None for a graph provider, a run() of one whole step)."""
+    import torch
+
+    from bench_common import TrainingStep, llama_training_model, training_step_runner
+
+    model = llama_training_model(provider, llama_shape(args), dropout=args.dropout, seq=args.seq, device=device,
+                                 dtype=dtype)  # fmt: skip
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device,
+                        generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+    if provider.endswith("_graph"):
+        run, _ = training_step_runner(model, provider, ids)
+        return model, None, run
+    step = TrainingStep(model, provider, ids, foreach=True)
+    phases = step.phases()
+
+    def run():
+        for fn in phases.values():
+            fn()
+        _sync()
+
+    for _ in range(3):  # compile, autotune, the optimizer's and allocator's state
+        run()
+    return model, step, run
+
+
+def measure_steps(args, device, dtype, providers) -> dict:
+    """Per provider: host and wall ms per step (best block), each phase's best ms, ops and launches per phase."""
+    built = {p: build(p, args, device, dtype) for p in providers}
+    best = {p: {"host": float("inf"), "wall": float("inf"), "phases": {}} for p in providers}
+    for _ in range(args.repeats):
+        gc.collect()
+        for p, (_, step, run) in built.items():
+            if step is None:
+                host, wall = _graph_block(run, args.steps)
+                per_phase = {}
+            else:
+                host, per_phase, wall = _block(step.phases(), args.steps)
+            r = best[p]
+            r["host"], r["wall"] = min(r["host"], host), min(r["wall"], wall)
+            for name, ts in per_phase.items():
+                r["phases"][name] = min(r["phases"].get(name, float("inf")), *ts)
+    for p, (_, step, run) in built.items():
+        if step is not None:
+            best[p]["counts"] = count_phases(step.phases())
+        if GPU:
+            best[p]["device"] = device_ms(run, args.steps)
+    return best
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------------------------
+
+
+def step_table(results: dict) -> str:
+    lora = results["peft_lora"]
+    headers = ["provider", "host ms / step", "/ PEFT LoRA", "sum of best phases ms", "ops / step",
+               "Triton launches / step"] + (["wall ms / step", "device ms / step"] if GPU else [])  # fmt: skip
+    rows = []
+    for p, r in results.items():
+        counts = r.get("counts")
+        row = [LABELS[p], f"{r['host']:.2f}", f"{r['host'] / lora['host']:.2f}×",
+               f"{sum(r['phases'].values()):.2f}" if r["phases"] else "—",
+               sum(c[0] for c in counts.values()) if counts else "—",
+               sum(c[1] for c in counts.values()) if counts else "—"]  # fmt: skip
+        if GPU:
+            row += [f"{r['wall']:.2f}", f"{r['device']:.2f}"]
+        rows.append(row)
+    return _md(headers, rows)
+
+
+def phase_table(results: dict) -> str:
+    """One row per phase: each eager provider's best ms (its ratio to PEFT LoRA's same phase; the allocator's
+    as a share of PEFT LoRA's whole step), then its ops (+ Triton launches)."""
+    lora = results["peft_lora"]
+    eager = [p for p in results if results[p]["phases"]]
+    headers = ["phase"] + [f"{SHORT[p]} ms" for p in eager] + [f"{SHORT[p]} ops (+ launches)" for p in eager]
+    rows = []
+    for phase in PHASES:
+        times, counts = [], []
+        for p in eager:
+            t = results[p]["phases"].get(phase)
+            if t is None:
+                times.append("—")
+                counts.append("—")
+                continue
+            base = lora["phases"].get(phase)
+            if p == "peft_lora":
+                times.append(f"{t:.2f}")
+            elif base is not None:
+                times.append(f"{t:.2f} ({t / base:.2f}×)")
+            else:
+                times.append(f"{t:.2f} ({100 * t / lora['host']:.0f} % of LoRA's step)")
+            ops, launches = results[p]["counts"][phase]
+            counts.append(f"{ops}" + (f" (+{launches})" if launches else ""))
+        rows.append([PHASE_LABELS.get(phase, phase)] + times + counts)
+    return _md(headers, rows)
+
+
+def layer_table(args, device, dtype) -> tuple[str, dict]:
+    """Forward+backward host µs of one adapted layer at the model's shapes: PEFT's layers, the patched PEFT
+    layer and FastSVDLinear."""
+    import torch
+
+    from adalora_fast.benchmarking import build_layer
+    from adalora_fast.integrations.peft import fast_layer_class
+
+    h, r = args.hidden, 12
+    patched = build_layer("peft_svdlinear", h, h, r, dropout=args.dropout, dtype=dtype, device=device)
+    patched.__class__ = fast_layer_class()
+    base = torch.nn.Linear(h, h, bias=False, device=device, dtype=dtype)
+    base.weight.requires_grad_(False)
+    layers = {
+        "PEFT LoRA Linear (r 8)": host_overhead.peft_lora_linear(base, 8, 16, args.dropout).to(device=device),
+        "PEFT AdaLoRA SVDLinear": build_layer("peft_svdlinear", h, h, r, dropout=args.dropout, dtype=dtype,
+                                              device=device),  # fmt: skip
+        "FastPeftSVDLinear (the patched PEFT layer)": patched,
+        "FastSVDLinear": build_layer("adalora_fast", h, h, r, dropout=args.dropout, dtype=dtype, device=device),
+    }
+    x = torch.randn(args.batch, args.seq, h, device=device, dtype=dtype, requires_grad=True)
+    cases = {}
+    for name, layer in layers.items():
+        fwd, fwd_bwd = host_overhead.step_fns(layer, x)
+        cases[(name, "fwd")], cases[(name, "fwd+bwd")] = (fwd, None), (fwd_bwd, None)
+    t = host_overhead.measure(cases, args.layer_number, args.repeats * 2)
+    fast = t[("FastSVDLinear", "fwd+bwd")]
+    rows = [(name, f"{t[(name, 'fwd')]:.1f}", f"{t[(name, 'fwd+bwd')]:.1f}", f"{t[(name, 'fwd+bwd')] / fast:.2f}")
+            for name in layers]  # fmt: skip
+    return _md(("layer", "fwd µs", "fwd+bwd µs", "fwd+bwd / FastSVDLinear"), rows), t
+
+
+def targets_table(results: dict, layer_times: dict) -> str:
+    lora, fast = results["peft_lora"], results["adalora_fast"]
+    patched = layer_times[("FastPeftSVDLinear (the patched PEFT layer)", "fwd+bwd")]
+    fsvd = layer_times[("FastSVDLinear", "fwd+bwd")]
+    checks = [
+        ("whole step ≤ 0.85× PEFT LoRA's", fast["host"] / lora["host"], 0.85, "×"),
+        ("forward + penalty ≤ PEFT LoRA's forward", fast["phases"]["forward"] / lora["phases"]["forward"], 1.0, "×"),
+        ("allocator ≤ 10 % of PEFT LoRA's step", 100 * fast["phases"]["allocator"] / lora["host"], 10.0, " %"),
+        ("patched PEFT layer ≤ 1.10× FastSVDLinear (fwd+bwd)", patched / fsvd, 1.10, "×"),
+    ]
+    rows = [(what, f"{value:.2f}{unit}", "met" if value <= limit else "not met") for what, value, limit, unit in checks]
+    return _md(("target", "adalora-fast", ""), rows)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Where the time goes (cProfile)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _where(key) -> str:
+    file, line, name = key
+    if file == "~":
+        return name
+    parts = os.path.normpath(file).split(os.sep)
+    for root in ("adalora_fast", "kernels", "peft", "transformers", "torch", "triton"):
+        if root in parts:
+            file = "/".join(parts[len(parts) - 1 - parts[::-1].index(root):])
+            break
+    else:
+        file = os.path.basename(file)
+    return f"{file}:{line} {name}"
+
+
+def profile_phases(step, unprofiled: dict[str, float], steps: int, top: int) -> str:
+    """Each phase's functions by own time (cProfile), as µs per step: each function's share of the profiled
+    phase times the phase's unprofiled best time (cProfile's per-call cost inflates Python calls more than C
+    ones, so the µs are estimates; the call counts are exact)."""
+    import cProfile
+    import pstats
+
+    profiles = {name: cProfile.Profile() for name in step.phases()}
+    gc.disable()
+    try:
+        for _ in range(steps):
+            for name, fn in step.phases().items():
+                profiles[name].enable()
+                fn()
+                profiles[name].disable()
+            _sync()
+    finally:
+        gc.enable()
+    out = []
+    for name, prof in profiles.items():
+        stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, tottime, cumtime, callers)
+        total = sum(v[2] for v in stats.values())
+        us = unprofiled[name] * 1e3
+        by_own = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+        by_cum = sorted(stats.items(), key=lambda kv: -kv[1][3])
+        by_cum = [kv for kv in by_cum if kv[0][0] != "~"][:top]  # (Python functions: where the calls come from)
+        own_rows = [(_where(k)[:90], f"{v[1] / steps:g}", f"{us * v[2] / total:.0f}") for k, v in by_own]
+        cum_rows = [(_where(k)[:90], f"{v[1] / steps:g}", f"{us * v[3] / total:.0f}") for k, v in by_cum]
+        out.append(f"**{PHASE_LABELS.get(name, name)}**: {us:.0f} µs per step unprofiled\n\n"
+                   + _md(("function (own time)", "calls / step", "≈ µs / step"), own_rows) + "\n\n"
+                   + _md(("function (inclusive time)", "calls / step", "≈ µs / step"), cum_rows))  # fmt: skip
+    return "\n\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    global GPU
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 layers, few steps")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (7 adapted modules each; default 8)")
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--intermediate", type=int, default=None, help="default: 2 × hidden")
+    parser.add_argument("--vocab", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed block (default 5)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed blocks per provider (default 7)")
+    parser.add_argument("--layer-number", type=int, default=None, help="calls per timed block of the layer table")
+    parser.add_argument("--profile", action="store_true", help="cProfile each phase (PEFT LoRA and adalora-fast)")
+    parser.add_argument("--profile-top", type=int, default=18)
+    parser.add_argument("--cpu", action="store_true", help="the fake-driver measurement even where a GPU is present")
+    parser.add_argument("--python-launcher", action="store_true",
+                        help="fake driver: a Python stand-in for Triton's C launcher (no stub libcuda, no C compiler)")
+    args = parser.parse_args(argv)
+    args.layers = args.layers or (2 if args.quick else 8)
+    args.steps = args.steps or (2 if args.quick else 5)
+    args.repeats = args.repeats or (2 if args.quick else 7)
+    args.layer_number = args.layer_number or (5 if args.quick else 20)
+
+    import torch  # (torch first: is there a GPU?)
+
+    GPU = host_overhead.GPU = torch.cuda.is_available() and not args.cpu
+    # the stub libcuda must not meet a real CUDA driver in one process
+    fake = _prepare_process(GPU, native=not (args.python_launcher or torch.cuda.is_available()))
+    if not GPU:
+        _penalty_on_extension()
+    import peft
+    import transformers
+    import triton
+
+    from adalora_fast import dispatch
+
+    device, dtype = ("cuda", torch.bfloat16) if GPU else ("cpu", torch.float32)
+    if GPU:
+        where = torch.cuda.get_device_name(0)
+    else:
+        launcher = "Triton's C launcher on a stub libcuda" if fake.native else "a Python stand-in launcher"
+        where = f"CPU, fake CUDA driver ({launcher}, cuLaunchKernelEx a no-op), one thread, thread CPU time"
+    providers = PROVIDERS + (("peft_lora_graph", "adalora_fast_graph") if GPU else ())
+    print(f"# Host cost of a training step ({where})\n")
+    print(f"`python benchmarks/step_overhead.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
+    print(f"torch {torch.__version__}, triton {triton.__version__}, peft {peft.__version__}, transformers "
+          f"{transformers.__version__}; Llama {args.layers} layers × {len(('q', 'k', 'v', 'o', 'gate', 'up', 'down'))} "
+          f"adapted modules = {7 * args.layers}, hidden {args.hidden}, intermediate {args.intermediate or 2 * args.hidden}, "
+          f"vocab {args.vocab}, {args.batch}×{args.seq} tokens, {str(dtype)[6:]}, dropout {args.dropout}; "
+          f"whole step: best of {args.repeats} blocks of {args.steps} steps; phases: best of "
+          f"{args.repeats * args.steps} steps\n")  # fmt: skip
+    dispatch.reset_backend_calls()
+    results = measure_steps(args, device, dtype, providers)
+    print("## Per step\n")
+    print(step_table(results))
+    print("\n## Per phase (ms; ops that reach the dispatcher, + Triton launches)\n")
+    print(phase_table(results))
+    print(f"\n## One adapted layer, {args.batch}×{args.seq} tokens × {args.hidden}→{args.hidden}, r 12 (8 for LoRA)\n")
+    table, layer_times = layer_table(args, device, dtype)
+    print(table)
+    print("\n## Targets\n")
+    print(targets_table(results, layer_times))
+    calls = dispatch.backend_calls()
+    print(f"\nadapter and penalty backends in this run: {calls}")
+    if fake is not None:
+        print(f"fake driver: {fake.launch_count()} launches; CachedLauncher calls: {_launches()}")
+    if calls["svd_adapter"].get("reference") or calls["orth_penalty"].get("reference"):
+        raise SystemExit("adalora-fast ran an op on its reference: the step measured is not the kernels' step")
+    if args.profile:
+        unprofiled = {p: results[p]["phases"] for p in ("peft_lora", "adalora_fast")}
+        for p in unprofiled:
+            _, step, _ = build(p, args, device, dtype)
+            print(f"\n## Where {LABELS[p]}'s host time goes, phase by phase (cProfile, {args.steps * 4} steps)\n")
+            print(profile_phases(step, unprofiled[p], args.steps * 4, args.profile_top))
+
+
+if __name__ == "__main__":
+    main()
