@@ -135,17 +135,10 @@ def plain_launches():
 
 
 def peft_lora_linear(base, r: int, lora_alpha: int, dropout: float):
-    """PEFT's LoRA ``Linear`` around ``base`` (built directly, as get_peft_model builds it)."""
-    from peft import LoraConfig
-    from peft.tuners.lora import Linear
+    """PEFT's LoRA ``Linear`` around ``base``, as the layer benchmark builds it."""
+    from adalora_fast.benchmarking import peft_lora_linear as build
 
-    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=["fc"])
-    layer = Linear(base, "default", config=cfg, r=r, lora_alpha=lora_alpha, lora_dropout=dropout)
-    import torch
-
-    with torch.no_grad():
-        layer.lora_B["default"].weight.normal_()  # non-zero B, as after a few steps
-    return layer
+    return build(base, r, lora_alpha, dropout)
 
 
 def build_providers(tokens, in_f, out_f, r, dtype, dropout, device):
