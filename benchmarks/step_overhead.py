@@ -23,9 +23,11 @@ All providers are interleaved in one run: ``--repeats`` rounds, each running a b
 of every provider. The whole step is the best block (its per-step mean); each phase is the best of its
 ``steps × repeats`` single steps. Ratios are meaningful only between providers of the same run.
 
-``--profile``: where the host time of each phase goes, by function (cProfile), for PEFT LoRA and
-adalora-fast. The last table compares the patched PEFT layer with ``FastSVDLinear`` (forward+backward of
-one layer at the model's shapes).
+A table of one adapted layer at the model's shapes follows (PEFT's layers, the patched PEFT layer and
+``FastSVDLinear``, timed as ``host_overhead.py`` times them), then the targets: adalora-fast's whole step,
+forward and allocator against PEFT LoRA's, the patched PEFT layer against ``FastSVDLinear``.
+``--profile`` adds where the host time of each phase goes, by function (cProfile), for PEFT LoRA and
+adalora-fast.
 """
 
 from __future__ import annotations
@@ -49,13 +51,12 @@ LABELS = {
 }
 SHORT = {"peft_lora": "PEFT LoRA", "peft_adalora": "stock AdaLoRA", "adalora_fast": "adalora-fast"}
 PHASES = ("forward", "backward", "optimizer", "allocator", "zero_grad")
-PHASE_LABELS = {"forward": "forward + loss + penalty", "zero_grad": "zero_grad"}
+PHASE_LABELS = {"forward": "forward + loss + penalty"}
 
 GPU = False  # decided in main(), before adalora_fast is imported
 
 
-def _clock() -> int:
-    return time.thread_time_ns()
+_clock = time.thread_time_ns  # the host's time: this thread's CPU time (on a GPU too: no sync inside a phase)
 
 
 def _sync():
@@ -172,6 +173,27 @@ def device_ms(run, steps: int) -> float:
     return sum(e.self_device_time_total for e in _device_rows(prof)) / 1e3 / steps
 
 
+def penalty_op_ms(model, number: int, repeats: int) -> tuple[float, float]:
+    """(forward, backward) ms of the penalty's compiled op alone on the model's factors. On CPU tensors that
+    is the extension's CPU loops, work a GPU does on the device: a share of the forward and backward rows
+    that is not host overhead there."""
+    import torch
+
+    from adalora_fast.discovery import find_orth_matrices
+
+    mats = find_orth_matrices(model, "default")
+    factors, rights = [p for _, p, _ in mats], [int(right) for _, _, right in mats]
+    ops = torch.ops.adalora_fast
+    with torch.no_grad():
+        loss, dev, sq_norms = ops.orth_penalty_forward(factors, rights, "fro")
+        grad = torch.ones_like(loss)
+        t = host_overhead.measure({
+            "forward": (lambda: ops.orth_penalty_forward(factors, rights, "fro"), None),
+            "backward": (lambda: ops.orth_penalty_backward(grad, factors, rights, dev, sq_norms, "fro"), None),
+        }, number, repeats)  # fmt: skip
+    return t["forward"] / 1e3, t["backward"] / 1e3
+
+
 def build(provider: str, args, device, dtype):
     """(the model, its TrainingStep or None for a graph provider, a run() of one whole step)."""
     import torch
@@ -214,11 +236,13 @@ def measure_steps(args, device, dtype, providers) -> dict:
             r["host"], r["wall"] = min(r["host"], host), min(r["wall"], wall)
             for name, ts in per_phase.items():
                 r["phases"][name] = min(r["phases"].get(name, float("inf")), *ts)
-    for p, (_, step, run) in built.items():
+    for p, (model, step, run) in built.items():
         if step is not None:
             best[p]["counts"] = count_phases(step.phases())
         if GPU:
             best[p]["device"] = device_ms(run, args.steps)
+        elif p == "adalora_fast":
+            best[p]["penalty_op"] = penalty_op_ms(model, args.steps, args.repeats)
     return best
 
 
@@ -273,8 +297,8 @@ def phase_table(results: dict) -> str:
 
 
 def layer_table(args, device, dtype) -> tuple[str, dict]:
-    """Forward+backward host µs of one adapted layer at the model's shapes: PEFT's layers, the patched PEFT
-    layer and FastSVDLinear."""
+    """µs per forward and forward+backward of one adapted layer at the model's shapes (host_overhead.py's
+    timing: thread CPU time, or wall time on a GPU): PEFT's layers, the patched PEFT layer, FastSVDLinear."""
     import torch
 
     from adalora_fast.benchmarking import build_layer
@@ -285,8 +309,9 @@ def layer_table(args, device, dtype) -> tuple[str, dict]:
     patched.__class__ = fast_layer_class()
     base = torch.nn.Linear(h, h, bias=False, device=device, dtype=dtype)
     base.weight.requires_grad_(False)
+    lora = host_overhead.peft_lora_linear(base, 8, 16, args.dropout).to(device=device, dtype=dtype)
     layers = {
-        "PEFT LoRA Linear (r 8)": host_overhead.peft_lora_linear(base, 8, 16, args.dropout).to(device=device),
+        "PEFT LoRA Linear (r 8)": lora,
         "PEFT AdaLoRA SVDLinear": build_layer("peft_svdlinear", h, h, r, dropout=args.dropout, dtype=dtype,
                                               device=device),  # fmt: skip
         "FastPeftSVDLinear (the patched PEFT layer)": patched,
@@ -301,7 +326,8 @@ def layer_table(args, device, dtype) -> tuple[str, dict]:
     fast = t[("FastSVDLinear", "fwd+bwd")]
     rows = [(name, f"{t[(name, 'fwd')]:.1f}", f"{t[(name, 'fwd+bwd')]:.1f}", f"{t[(name, 'fwd+bwd')] / fast:.2f}")
             for name in layers]  # fmt: skip
-    return _md(("layer", "fwd µs", "fwd+bwd µs", "fwd+bwd / FastSVDLinear"), rows), t
+    clock = "wall" if GPU else "host"
+    return _md(("layer", f"fwd (no_grad) {clock} µs", f"fwd+bwd {clock} µs", "fwd+bwd / FastSVDLinear"), rows), t
 
 
 def targets_table(results: dict, layer_times: dict) -> str:
@@ -411,19 +437,21 @@ def main(argv=None) -> None:
     import triton
 
     from adalora_fast import dispatch
+    from bench_common import LLAMA_TARGETS
 
     device, dtype = ("cuda", torch.bfloat16) if GPU else ("cpu", torch.float32)
     if GPU:
-        where = torch.cuda.get_device_name(0)
+        where = f"{torch.cuda.get_device_name(0)}; host time: thread CPU time, with wall and device time per step"
     else:
         launcher = "Triton's C launcher on a stub libcuda" if fake.native else "a Python stand-in launcher"
         where = f"CPU, fake CUDA driver ({launcher}, cuLaunchKernelEx a no-op), one thread, thread CPU time"
     providers = PROVIDERS + (("peft_lora_graph", "adalora_fast_graph") if GPU else ())
     print(f"# Host cost of a training step ({where})\n")
     print(f"`python benchmarks/step_overhead.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
+    shape = llama_shape(args)
     print(f"torch {torch.__version__}, triton {triton.__version__}, peft {peft.__version__}, transformers "
-          f"{transformers.__version__}; Llama {args.layers} layers × {len(('q', 'k', 'v', 'o', 'gate', 'up', 'down'))} "
-          f"adapted modules = {7 * args.layers}, hidden {args.hidden}, intermediate {args.intermediate or 2 * args.hidden}, "
+          f"{transformers.__version__}; Llama {args.layers} layers × {len(LLAMA_TARGETS)} adapted modules = "
+          f"{len(LLAMA_TARGETS) * args.layers}, hidden {args.hidden}, intermediate {shape['intermediate_size']}, "
           f"vocab {args.vocab}, {args.batch}×{args.seq} tokens, {str(dtype)[6:]}, dropout {args.dropout}; "
           f"whole step: best of {args.repeats} blocks of {args.steps} steps; phases: best of "
           f"{args.repeats * args.steps} steps\n")  # fmt: skip
@@ -433,7 +461,12 @@ def main(argv=None) -> None:
     print(step_table(results))
     print("\n## Per phase (ms; ops that reach the dispatcher, + Triton launches)\n")
     print(phase_table(results))
-    print(f"\n## One adapted layer, {args.batch}×{args.seq} tokens × {args.hidden}→{args.hidden}, r 12 (8 for LoRA)\n")
+    if "penalty_op" in results["adalora_fast"]:
+        fwd, bwd = results["adalora_fast"]["penalty_op"]
+        print(f"\nOf adalora-fast's forward and backward, the penalty op's own CPU loops (device work on a GPU): "
+              f"{fwd:.2f} and {bwd:.2f} ms.")  # fmt: skip
+    h = args.hidden
+    print(f"\n## One adapted layer, {args.batch}×{args.seq} tokens × {h}→{h}, r 12 (8 for LoRA)\n")
     table, layer_times = layer_table(args, device, dtype)
     print(table)
     print("\n## Targets\n")

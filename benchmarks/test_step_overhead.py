@@ -1,0 +1,27 @@
+"""Smoke test of benchmarks/step_overhead.py: its quick mode runs every provider's phases and prints its tables
+(without a GPU: the fake-driver measurement, in a subprocess, since the suite's conftest turns the Triton
+interpreter on in-process)."""
+
+import os
+import re
+import subprocess
+import sys
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "step_overhead.py")
+
+
+def test_step_overhead_quick_mode_prints_its_tables():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ADALORA_FAST_BACKEND")}
+    out = subprocess.run([sys.executable, SCRIPT, "--quick", "--cpu", "--profile", "--profile-top", "3"],
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    text = out.stdout
+    for row in ("PEFT LoRA (r 8)", "stock PEFT AdaLoRA (r 12)", "adalora-fast (patched PEFT, r 12)",
+                "forward + loss + penalty", "backward", "optimizer", "allocator", "zero_grad",
+                "FastPeftSVDLinear (the patched PEFT layer)", "FastSVDLinear", "## Targets",
+                "Where adalora-fast (patched PEFT, r 12)'s host time goes"):  # fmt: skip
+        assert row in text, row
+    # adalora-fast's step ran the kernels (14 adapted modules: 2 launches forward, 3 backward) and the extension op
+    fast_row = next(line for line in text.splitlines() if line.startswith("| adalora-fast (patched PEFT, r 12) |"))
+    assert fast_row.rstrip(" |").endswith("| 70"), fast_row
+    assert re.search(r"'orth_penalty': \{'extension': \d+\}", text), text[-600:]
