@@ -14,7 +14,10 @@ launches (``adalora_fast.kernels.launch.launch_counts()``).
 Without a GPU the kernels go through Triton's compiled launch path on the fake CUDA driver
 (``tests/tooling/fake_driver.py``, prepared as ``host_overhead.py`` prepares it), and the penalty runs the
 compiled extension op as on CUDA tensors (on CPU tensors the dispatcher keeps the reference unless the op
-is asked for: this process asks). The host time is this thread's CPU time. With a GPU the same phases
+is asked for: this process asks). The host time is this thread's CPU time. The kernels do not run there,
+so adalora-fast's adapter outputs and gradients are unwritten memory and its losses mean nothing (NaN soon);
+its step runs the same ops whatever the values (the allocator's non-finite path included), which is what
+is measured. With a GPU the same phases
 are timed on it (bf16 model, fp32 adapters, as ``get_peft_model`` leaves them) and each provider also
 reports its wall time and device time (torch.profiler) per step, with the step captured as one CUDA
 graph (``*_graph``) beside the eager step.
@@ -304,18 +307,18 @@ def layer_table(args, device, dtype) -> tuple[str, dict]:
     from adalora_fast.benchmarking import build_layer
     from adalora_fast.integrations.peft import fast_layer_class
 
-    h, r = args.hidden, 12
-    patched = build_layer("peft_svdlinear", h, h, r, dropout=args.dropout, dtype=dtype, device=device)
-    patched.__class__ = fast_layer_class()
-    base = torch.nn.Linear(h, h, bias=False, device=device, dtype=dtype)
-    base.weight.requires_grad_(False)
-    lora = host_overhead.peft_lora_linear(base, 8, 16, args.dropout).to(device=device, dtype=dtype)
+    h = args.hidden
+
+    def build(provider):
+        return build_layer(provider, h, h, 12, dropout=args.dropout, dtype=dtype, device=device)
+
+    patched = build("peft_svdlinear")
+    patched.__class__ = fast_layer_class()  # what patch_peft does to each of PEFT's SVDLinear layers
     layers = {
-        "PEFT LoRA Linear (r 8)": lora,
-        "PEFT AdaLoRA SVDLinear": build_layer("peft_svdlinear", h, h, r, dropout=args.dropout, dtype=dtype,
-                                              device=device),  # fmt: skip
+        "PEFT LoRA Linear (r 8)": build("peft_lora"),
+        "PEFT AdaLoRA SVDLinear": build("peft_svdlinear"),
         "FastPeftSVDLinear (the patched PEFT layer)": patched,
-        "FastSVDLinear": build_layer("adalora_fast", h, h, r, dropout=args.dropout, dtype=dtype, device=device),
+        "FastSVDLinear": build("adalora_fast"),
     }
     x = torch.randn(args.batch, args.seq, h, device=device, dtype=dtype, requires_grad=True)
     cases = {}
