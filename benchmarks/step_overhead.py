@@ -26,8 +26,8 @@ All providers are interleaved in one run: ``--repeats`` rounds, each running a b
 of every provider. The whole step is the best block (its per-step mean); each phase is the best of its
 ``steps × repeats`` single steps. Ratios are meaningful only between providers of the same run.
 
-A table of one adapted layer at the model's shapes follows (PEFT's layers, the patched PEFT layer and
-``FastSVDLinear``, timed as ``host_overhead.py`` times them), then the targets: adalora-fast's whole step,
+A table of one adapted layer at the model's shapes follows (the frozen base, PEFT's layers, the patched PEFT
+layer and ``FastSVDLinear``, timed as ``host_overhead.py`` times them), then the targets: adalora-fast's whole step,
 forward and allocator against PEFT LoRA's, the patched PEFT layer against ``FastSVDLinear``.
 ``--profile`` adds where the host time of each phase goes, by function (cProfile), for PEFT LoRA and
 adalora-fast.
@@ -301,7 +301,8 @@ def phase_table(results: dict) -> str:
 
 def layer_table(args, device, dtype) -> tuple[str, dict]:
     """µs per forward and forward+backward of one adapted layer at the model's shapes (host_overhead.py's
-    timing: thread CPU time, or wall time on a GPU): PEFT's layers, the patched PEFT layer, FastSVDLinear."""
+    timing: thread CPU time, or wall time on a GPU): the frozen base, PEFT's layers, the patched PEFT layer and
+    FastSVDLinear."""
     import torch
 
     from adalora_fast.benchmarking import build_layer
@@ -315,6 +316,7 @@ def layer_table(args, device, dtype) -> tuple[str, dict]:
     patched = build("peft_svdlinear")
     patched.__class__ = fast_layer_class()  # what patch_peft does to each of PEFT's SVDLinear layers
     layers = {
+        "nn.Linear (frozen: the floor)": build("frozen_linear"),
         "PEFT LoRA Linear (r 8)": build("peft_lora"),
         "PEFT AdaLoRA SVDLinear": build("peft_svdlinear"),
         "FastPeftSVDLinear (the patched PEFT layer)": patched,
