@@ -7,8 +7,8 @@ It reproduces PEFT's ``tuners/adalora`` and the paper's ``loralib`` exactly
 """
 
 from .adapter import (
-    adapter_scale,
     apply_dropout_mask,
+    rank_scale,
     svd_adapter_reference,
     svd_delta_weight_reference,
     svd_linear_reference,
@@ -29,12 +29,12 @@ __all__ = [
     "AdapterTriplet",
     "BudgetSchedule",
     "ReferenceRankAllocator",
-    "adapter_scale",
     "apply_dropout_mask",
     "element_score",
     "masking_threshold",
     "orth_penalty_reference",
     "orth_penalty_sum",
+    "rank_scale",
     "sensitivity",
     "svd_adapter_reference",
     "svd_delta_weight_reference",

@@ -6,7 +6,8 @@ right, ``* scaling / (ranknum + 1e-5)``), so that in fp32 it is bitwise equal
 to both.
 
 Notation (paper → code): Q = ``lora_A`` (r × in), Λ = ``lora_E`` (r × 1),
-P = ``lora_B`` (out × r), m = ``triplet_mask`` (r), s = α / (r_init + 1e-5).
+P = ``lora_B`` (out × r), m = ``triplet_mask`` (r), ``scaling`` = α, and the rank scale
+s = α / (r_init + 1e-5) (:func:`rank_scale`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 from ..adapter import RANKNUM_EPS  # the references divide by (ranknum + RANKNUM_EPS), ranknum fixed at r_init
 
 
-def adapter_scale(scaling: float, ranknum: torch.Tensor | float) -> float:
-    """The constant multiplier s = scaling / (r_init + 1e-5) as one Python float (for kernels)."""
+def rank_scale(scaling: float, ranknum: torch.Tensor | float) -> float:
+    """The rank scale s = scaling / (ranknum + RANKNUM_EPS) (scaling: α; ranknum: r_init) as one Python float."""
     r = float(ranknum) if not isinstance(ranknum, torch.Tensor) else float(ranknum.reshape(-1)[0])
     return float(scaling) / (r + RANKNUM_EPS)
 
