@@ -1,20 +1,22 @@
 """``SVDAdapter``: one layer's SVD adapter P·diag(Λ⊙m)·Q as the op takes it, one value through every layer of
-the op (functional API, dispatch, kernels' launchers, autograd) instead of a dozen positional arguments.
+the op (functional API, dispatch, the kernels' op module) instead of a dozen positional arguments; and the rules
+the op's inputs follow (:func:`check_svd_linear_input`, :func:`check_input_dtype`).
 
 Names: the user-facing PEFT/loralib names throughout the code, the paper's letters in the math.
 
-==============  ======  ==============================================
-field           paper   shape / meaning
-==============  ======  ==============================================
-``lora_A``      Q       (r, in): the right singular vectors
-``lora_E``      Λ       (r, 1): the singular values
-``lora_B``      P       (out, r): the left singular vectors
-``triplet_mask`` m      (r,) or None (all ones): 0 removes a triplet
-``ranknum``             (1,): r_init, the references' rank divisor
-``scaling``             float: α (loralib: α, or r when α = 0)
-==============  ======  ==============================================
+==================  ======  ==============================================
+field               paper   shape / meaning
+==================  ======  ==============================================
+``lora_A``          Q       (r, in): the right singular vectors
+``lora_E``          Λ       (r, 1): the singular values
+``lora_B``          P       (out, r): the left singular vectors
+``triplet_mask``    m       (r,) or None (all ones): 0 removes a triplet
+``scaling``         α       float: loralib's α (or r when α = 0), PEFT's ``scaling``
+``ranknum``                 (1,): r_init, the references' rank divisor
+==================  ======  ==============================================
 
-The adapter's term is ``dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ · scaling / (ranknum + RANKNUM_EPS)``.
+The adapter's term is ``s · dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ`` with the rank scale
+``s = scaling / (ranknum + RANKNUM_EPS)``.
 """
 
 from __future__ import annotations
@@ -23,20 +25,23 @@ from typing import NamedTuple
 
 import torch
 
+from .dtypes import KERNEL_DTYPES
+
 # The references divide by (ranknum + RANKNUM_EPS), with ranknum fixed at r_init.
 RANKNUM_EPS = 1e-5
 
 
 class SVDAdapter(NamedTuple):
-    """The adapter's tensors and scalars for one call. ``dropout_p`` is the dropout this call applies (0 outside
+    """The adapter's tensors and scalars for one call, in the order of the functional API and the references
+    (``…, triplet_mask, scaling, ranknum``). ``dropout_p`` is the dropout this call applies (0 outside
     training); ``fan_in_fan_out``: the base weight is stored (in, out), as in GPT-2's Conv1D."""
 
     lora_A: torch.Tensor
     lora_E: torch.Tensor
     lora_B: torch.Tensor
     triplet_mask: torch.Tensor | None
-    ranknum: torch.Tensor
     scaling: float
+    ranknum: torch.Tensor
     fan_in_fan_out: bool = False
     dropout_p: float = 0.0
 
@@ -49,3 +54,29 @@ class SVDAdapter(NamedTuple):
         """(lora_A, lora_E, lora_B): the trainable tensors."""
         return self.lora_A, self.lora_E, self.lora_B
 
+
+def check_svd_linear_input(x: torch.Tensor, weight: torch.Tensor, in_features: int) -> None:
+    """Clear errors for inputs the layer cannot take (instead of an opaque matmul failure)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"FastSVDLinear needs a floating-point input, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"FastSVDLinear expects inputs whose last dimension is in_features={in_features}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"the input is on {x.device} but the layer's weights are on {weight.device}")
+
+
+def check_input_dtype(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """The dtype rule of the adapted layer, as ``F.linear``'s: the input has the base weight's dtype, or
+    autocast casts both (fp16/bf16/fp32 inputs under ``torch.autocast`` on the input's device). The adapter's
+    parameters may hold another dtype (e.g. PEFT's fp32 adapters over a bf16 model)."""
+    if x.dtype == weight.dtype or (x.dtype in KERNEL_DTYPES and torch.is_autocast_enabled(x.device.type)):
+        return
+    raise TypeError(
+        f"the layer's base weight is {weight.dtype} but its input is {x.dtype}: cast the input "
+        f"(x.to({weight.dtype})) or the layer (layer.to({x.dtype})), or run it under torch.autocast"
+    )

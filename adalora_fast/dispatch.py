@@ -1,4 +1,5 @@
-"""The one place that decides, per call, whether an op runs a kernel or the PyTorch reference.
+"""The one place that decides, per call, whether an op runs a kernel or the PyTorch reference; for the SVD
+adapter op it also routes the call there (:func:`svd_adapter_linear`).
 
 ``ADALORA_FAST_BACKEND`` forces a backend:
 
@@ -28,21 +29,22 @@ from collections import Counter
 
 import torch
 
+from .adapter import SVDAdapter
+from .dtypes import KERNEL_DTYPES, activation_dtype
 from .extension import load_extension, warn_extension_fallback
 from .kernels import interpreting as triton_interpreter_enabled  # (kernels/__init__ imports no Triton)
+from .reference.adapter import svd_linear_reference
 
 BACKEND_ENV = "ADALORA_FAST_BACKEND"
 ADAPTER_BACKENDS = ("reference", "triton")
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 try:  # a guarded static import: without Triton the library still runs, and says why
-    from .kernels import svd_adapter_op as _svd_adapter_op
-    from .kernels.svd_adapter_op import svd_linear_triton  # the kernel path's entry point
+    from .kernels import svd_adapter_op as _svd_adapter_op  # the kernel path, from its entry point down
 
     _ADAPTER_KERNELS = (_svd_adapter_op, None)
 except Exception as _exc:  # ImportError, or a Triton that fails on import
+    _svd_adapter_op = None
     _ADAPTER_KERNELS = (None, _exc)
-    svd_linear_triton = None
 
 # Calls per op and backend since import (eager calls, and each trace under torch.compile).
 _CALLS = {"svd_adapter": Counter(), "orth_penalty": Counter()}
@@ -64,14 +66,6 @@ def requested_backend() -> str | None:
 def _import_adapter_kernels():
     """The Triton adapter module, or the exception that stopped it from importing."""
     return _ADAPTER_KERNELS
-
-
-def activation_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the layer computes in for ``x``: autocast's dtype for fp32/fp16/bf16 inputs under
-    ``torch.autocast`` on x's device (as ``F.linear`` there), else x's own."""
-    if x.dtype in KERNEL_DTYPES and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def triton_unavailable_reason(x: torch.Tensor | None = None, *params: torch.Tensor | None) -> str | None:
@@ -158,6 +152,29 @@ def adapter_backend(x: torch.Tensor, *params: torch.Tensor | None) -> str:
     backend = _choose_adapter_backend(x, params)[0]
     _ADAPTER_CALLS[backend] += 1
     return backend
+
+
+def svd_adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapter: SVDAdapter,
+                       importance=None) -> torch.Tensor:  # fmt: skip
+    """``base(x) + s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ`` for an :class:`~adalora_fast.adapter.SVDAdapter`, on the
+    backend :func:`adapter_backend` picks: the kernel op's entry point
+    (:func:`~adalora_fast.kernels.svd_adapter_op.svd_linear_triton`) or the PyTorch reference. The input's
+    dtype must follow :func:`~adalora_fast.adapter.check_input_dtype` (checked by the callers).
+
+    ``importance``: an :class:`~adalora_fast.importance.ImportanceState` this call's backward emits into
+    (paper order): the kernels get its :meth:`~adalora_fast.importance.ImportanceState.emission`, the
+    reference arms its gradient hooks.
+    """
+    if adapter_backend(x, adapter.lora_A, adapter.lora_E, adapter.lora_B) == "triton":
+        emission = importance.emission() if importance is not None else None
+        return _svd_adapter_op.svd_linear_triton(x, weight, bias, adapter, emission=emission)
+    if importance is not None:
+        importance.arm_gradient_hooks()
+    dropout_p = adapter.dropout_p
+    return svd_linear_reference(
+        x, weight, bias, adapter.lora_A, adapter.lora_E, adapter.lora_B, adapter.triplet_mask, adapter.scaling,
+        adapter.ranknum, fan_in_fan_out=adapter.fan_in_fan_out, dropout_p=dropout_p, training=dropout_p > 0,
+    )  # fmt: skip
 
 
 def backend_calls() -> dict[str, dict[str, int]]:

@@ -17,13 +17,10 @@ import torch.nn as nn
 
 from . import dispatch
 from .discovery import find_orth_matrices
+from .dtypes import accumulate_dtype
 from .extension import load_extension
 from .flat_state import is_sharded
 from .reference.penalty import check_penalty_mode, orth_penalty_sum
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _register_op_python_parts() -> bool:
@@ -34,7 +31,7 @@ def _register_op_python_parts() -> bool:
     @torch.library.register_fake("adalora_fast::orth_penalty_forward")
     def _forward_fake(factors, is_right, mode):
         ranks = [f.shape[0] if right else f.shape[1] for f, right in zip(factors, is_right)]
-        acc = _accumulate_dtype(factors[0].dtype)
+        acc = accumulate_dtype(factors[0].dtype)
         dev = factors[0].new_empty((sum(r * r for r in ranks),), dtype=acc)
         return factors[0].new_empty((), dtype=factors[0].dtype), dev, factors[0].new_empty((len(factors),), dtype=acc)
 

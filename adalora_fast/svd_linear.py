@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapter import SVDAdapter
-from .functional import check_input_dtype, check_svd_linear_input, svd_adapter_linear
+from . import dispatch
+from .adapter import SVDAdapter, check_input_dtype, check_svd_linear_input
 from .reference.adapter import svd_delta_weight_reference
 
 
@@ -122,9 +122,9 @@ class FastSVDLinear(nn.Linear):
             return F.linear(x, weight.T if self.fan_in_fan_out else weight, params["bias"])
         emit = self.importance if self._emits_importance() else None
         adapter = SVDAdapter(params["lora_A"], params["lora_E"], params["lora_B"], self._buffers["triplet_mask"],
-                             params["ranknum"], float(self.scaling), self.fan_in_fan_out,
+                             float(self.scaling), params["ranknum"], self.fan_in_fan_out,
                              self.dropout_p if self.training else 0.0)  # fmt: skip
-        return svd_adapter_linear(x, weight, params["bias"], adapter, emit)
+        return dispatch.svd_adapter_linear(x, weight, params["bias"], adapter, emit)
 
     def attach_importance(self, state) -> None:
         """Emit paper-order importance into ``state`` (an :class:`~adalora_fast.importance.ImportanceState`)

@@ -8,8 +8,8 @@ Prints markdown tables (paste them into a note):
    LoRA ``Linear``, PEFT's AdaLoRA ``SVDLinear``, and ``FastSVDLinear`` on the kernel path twice: as the
    package launches (each kernel through ``adalora_fast.kernels.launch.CachedLauncher``) and with that
    launcher's direct path turned off (every launch Triton's whole ``kernel[grid](...)`` path);
-2. the fast layer's call split into its levels (module, functional + dispatch, ``svd_linear_triton``,
-   ``autograd.Function.apply``, the launchers, the Triton launches themselves);
+2. the fast layer's call split into its levels (module, functional, ``dispatch.svd_adapter_linear``,
+   ``svd_linear_triton``, ``autograd.Function.apply``, the launchers, the Triton launches themselves);
 3. what single steps cost: allocations, grid lambdas, ``dropout_seed``, ``unit_mask``, ``Function.apply``,
    one Triton launch by each path, and a rank-r ``addmm`` against a launch.
 
@@ -221,12 +221,12 @@ def provider_table(args, dtype_names, dropouts, device):
 def _fast_layer_parts(args, dtype, dropout, device):
     """Closures calling the fast layer's forward at each level, and its backward's parts."""
     import torch
+    import torch.nn.functional as F
 
-    from adalora_fast import functional
+    from adalora_fast import dispatch, functional
     from adalora_fast.adapter import SVDAdapter
     from adalora_fast.benchmarking import build_layer
-    from adalora_fast.kernels import svd_adapter_launch as sa
-    from adalora_fast.kernels.svd_adapter_op import SVDLinearFunction, svd_linear_triton
+    from adalora_fast.kernels import svd_adapter_op as op
 
     layer = build_layer("adalora_fast", args.in_features, args.out_features, args.rank, dropout=dropout, dtype=dtype,
                         device=device)  # fmt: skip
@@ -234,10 +234,11 @@ def _fast_layer_parts(args, dtype, dropout, device):
     W, b, A, E, B, mask, ranknum = layer.weight, layer.bias, layer.lora_A, layer.lora_E, layer.lora_B, \
         layer.triplet_mask, layer.ranknum  # fmt: skip
     s = float(layer.scaling)
-    seed = sa.dropout_seed(dropout, x.device)
+    seed = op.dropout_seed(dropout, x.device)
     x2d = x.detach()
-    adapter = SVDAdapter(A, E, B, mask, ranknum, s, False, dropout)
-    y, h = sa.svd_adapter_forward(x2d, W, b, adapter, seed)
+    adapter = SVDAdapter(A, E, B, mask, s, ranknum, False, dropout)
+    y = F.linear(x2d, W, b)
+    h = op.svd_adapter_forward(x2d, adapter, seed, y)
     dy = torch.randn_like(y)
     trainable = [A, E, B]
 
@@ -248,13 +249,15 @@ def _fast_layer_parts(args, dtype, dropout, device):
 
     fwd = {
         "module: layer(x)": lambda: layer(x),
-        "functional.svd_linear (dispatch)": lambda: functional.svd_linear(
+        "functional.svd_linear": lambda: functional.svd_linear(
             x, W, b, A, E, B, mask, layer.scaling, ranknum, dropout_p=dropout, training=True),
-        "svd_linear_triton": lambda: svd_linear_triton(x, W, b, adapter),
-        "SVDLinearFunction.apply": lambda: SVDLinearFunction.apply(x, W, b, A, E, B, adapter, None, None),
-        "svd_adapter_forward (F.linear + 2 launches)": lambda: sa.svd_adapter_forward(x2d, W, b, adapter, seed),
-        "svd_adapter_forward, base_gemm=False (zeros + 2 launches)": lambda: sa.svd_adapter_forward(
-            x2d, W, b, adapter, seed, base_gemm=False),
+        "dispatch.svd_adapter_linear": lambda: dispatch.svd_adapter_linear(x, W, b, adapter),
+        "svd_linear_triton": lambda: op.svd_linear_triton(x, W, b, adapter),
+        "SVDLinearFunction.apply": lambda: op.SVDLinearFunction.apply(x, W, b, A, E, B, adapter, None, None),
+        "svd_adapter_forward onto F.linear (F.linear + 2 launches)": lambda: op.svd_adapter_forward(
+            x2d, adapter, seed, F.linear(x2d, W, b)),
+        "svd_adapter_forward onto zeros (zeros + 2 launches)": lambda: op.svd_adapter_forward(
+            x2d, adapter, seed, torch.zeros_like(y)),
     }
 
     def module_fwd_bwd():
@@ -262,16 +265,16 @@ def _fast_layer_parts(args, dtype, dropout, device):
         clear()
 
     def function_fwd_bwd():
-        SVDLinearFunction.apply(x, W, b, A, E, B, adapter, None, None).backward(dy)
+        op.SVDLinearFunction.apply(x, W, b, A, E, B, adapter, None, None).backward(dy)
         clear()
 
     bwd = {
         "module: layer(x).backward()": module_fwd_bwd,
         "SVDLinearFunction.apply(...).backward()": function_fwd_bwd,
-        "svd_adapter_backward (mm + 3 launches)": lambda: sa.svd_adapter_backward(
-            dy, x2d, W, adapter, h, seed, True),
-        "svd_adapter_backward, base_gemm=False (zeros + 3 launches)": lambda: sa.svd_adapter_backward(
-            dy, x2d, W, adapter, h, seed, True, base_gemm=False),
+        "svd_adapter_backward onto dY·W0 (mm + 3 launches)": lambda: op.svd_adapter_backward(
+            dy, x2d, adapter, h, seed, dy.mm(W)),
+        "svd_adapter_backward onto zeros (zeros + 3 launches)": lambda: op.svd_adapter_backward(
+            dy, x2d, adapter, h, seed, torch.zeros_like(x2d)),
     }
     return fwd, bwd
 
@@ -315,13 +318,12 @@ def steps_table(args, dtype, dropout, device):
     import torch
     import triton
 
-    from adalora_fast import dispatch, functional
-    from adalora_fast.adapter import SVDAdapter
-    from adalora_fast.kernels import svd_adapter as kernels
-    from adalora_fast.kernels import svd_adapter_launch as sa
-    from adalora_fast.kernels.launch import CachedLauncher
-    from adalora_fast.kernels.svd_adapter_op import SVDLinearFunction
-    from adalora_fast.kernels.utils import cdiv, dot_settings, rank_pad
+    from adalora_fast import dispatch
+    from adalora_fast.adapter import SVDAdapter, check_svd_linear_input
+    from adalora_fast.kernels import svd_adapter_op as op
+    from adalora_fast.kernels.launch import CachedLauncher, current_stream
+    from adalora_fast.kernels.precision import dot_settings
+    from adalora_fast.kernels.tiles import cdiv, rank_pad
 
     n, k, out, r = args.tokens, args.in_features, args.out_features, args.rank
     r_pad = rank_pad(r)
@@ -333,33 +335,25 @@ def steps_table(args, dtype, dropout, device):
     mask = torch.ones(r, device=dev, dtype=dtype)
     ranknum = torch.full((1,), float(r), device=dev, dtype=dtype)
     W = torch.randn(out, k, device=dev, dtype=dtype)
-    seed = sa.dropout_seed(dropout, dev, 1234)
+    seed = op.dropout_seed(dropout, dev, 1234)
     h = torch.empty((n, r_pad), device=dev, dtype=torch.float32)
     y = torch.empty((n, out), device=dev, dtype=dtype)
-    p, keep_scale = sa._dropout_args(dropout)
-    has_dropout = dropout > 0
-    dots = dot_settings(dtype)
-    shrink_args = (x, A, h, n, k, r, seed, p, keep_scale, x.stride(0), x.stride(1), A.stride(0), A.stride(1))
-    shrink_kw = dict(R_PAD=r_pad, HAS_DROPOUT=has_dropout, **dots)
-    expand_args = (h, E, mask, ranknum, B, y, n, out, r, 2.0, E.stride(0), B.stride(0), B.stride(1), y.stride(0),
-                   y.stride(1))  # fmt: skip
-    expand_kw = dict(R_PAD=r_pad, **dots)
-    grid = lambda meta: (cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
+    # The forward's two launches as the op makes them (arguments and constexprs), each measured by every path.
+    shrink, expand = op.forward_launches(x, SVDAdapter(A, E, B, mask, 2.0, ranknum, False, dropout), seed, y)
+    shrink_kernel, grid = shrink.launcher.kernel, shrink.grid  # the autotuned kernel
 
-    shrink_cached = CachedLauncher(kernels.svd_adapter_shrink)
-    expand_cached = CachedLauncher(kernels.svd_adapter_expand)
-    compiled = kernels.svd_adapter_shrink[grid](*shrink_args, **shrink_kw)  # autotune + compile
-    config = kernels.svd_adapter_shrink.best_config.all_kwargs()
-    fixed_grid = (cdiv(n, config["BLOCK_M"]), 1, 1)
+    shrink_cached = CachedLauncher(shrink_kernel)
+    expand_cached = CachedLauncher(expand.launcher.kernel)
+    compiled = shrink_kernel[grid](*shrink.args, **shrink.constexprs)  # autotune + compile
+    config = shrink_kernel.best_config.all_kwargs()
+    fixed_grid = (*grid(config), 1, 1)[:3]
     launcher, function, packed = compiled.run, compiled.function, compiled.packed_metadata
-    tail = tuple({**shrink_kw, **config}[name] for name in shrink_cached._tail_names)
-    expand_grid = lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(out, meta["BLOCK_N"]))  # noqa: E731
-    shrink_cached(grid, *shrink_args, **shrink_kw)
-    expand_cached(expand_grid, *expand_args, **expand_kw)
-    keyfn = shrink_cached._keyfns[tuple(map(type, shrink_args))]
-    shrink_bound = shrink_cached.bind(grid, *shrink_args, **shrink_kw)
-    expand_bound = expand_cached.bind(expand_grid, *expand_args, **expand_kw)
-    from adalora_fast.kernels.launch import current_stream
+    # the constexprs in signature order, after the positional arguments (what the compiled launcher takes)
+    tail = tuple({**shrink.constexprs, **config}[p.name] for p in shrink_kernel.fn.params if p.is_constexpr)
+    shrink_cached(grid, *shrink.args, **shrink.constexprs)
+    expand_cached(expand.grid, *expand.args, **expand.constexprs)
+    shrink_bound = shrink_cached.bind(grid, *shrink.args, **shrink.constexprs)
+    expand_bound = expand_cached.bind(expand.grid, *expand.args, **expand.constexprs)
     u = torch.randn(n, r, device=dev, dtype=dtype)
     lam = torch.randn(r, device=dev, dtype=dtype)
     h_r = h[:, :r].to(dtype)
@@ -370,23 +364,24 @@ def steps_table(args, dtype, dropout, device):
         "grid lambda: made and called once": lambda: (lambda meta: (cdiv(n, meta["BLOCK_M"]),))({"BLOCK_M": 64}),
         "float(scaling)": lambda: float(16),
         "dot_settings(dtype)": lambda: dot_settings(dtype),
-        f"dropout_seed(p={dropout})": lambda: sa.dropout_seed(dropout, dev),
-        "dropout_seed(p=0)": lambda: sa.dropout_seed(0.0, dev),
-        "unit_mask(r, device, dtype)": lambda: sa.unit_mask(r, dev, dtype),
-        "check_svd_linear_input": lambda: functional.check_svd_linear_input(x, W, k),
-        "dispatch.adapter_backend": lambda: dispatch.adapter_backend(x, W, A, E, B),
-        "shrink launch: autotuned kernel[grid](...)": lambda: kernels.svd_adapter_shrink[grid](*shrink_args, **shrink_kw),
-        "shrink launch: JITFunction[grid](...) with the config": lambda: kernels._svd_adapter_shrink_kernel[grid](
-            *shrink_args, **shrink_kw, **config),
-        "shrink launch: CachedLauncher(grid, ...)": lambda: shrink_cached(grid, *shrink_args, **shrink_kw),
-        "shrink launch: CachedLauncher, tuple grid": lambda: shrink_cached(fixed_grid, *shrink_args, **shrink_kw),
-        "  of which the key (types, specialization, kwargs)": lambda: (
-            keyfn, 0, keyfn(*shrink_args), *shrink_kw.items()),
+        f"dropout_seed(p={dropout})": lambda: op.dropout_seed(dropout, dev),
+        "dropout_seed(p=0)": lambda: op.dropout_seed(0.0, dev),
+        "unit_mask(r, device, dtype)": lambda: op.unit_mask(r, dev, dtype),
+        "check_svd_linear_input": lambda: check_svd_linear_input(x, W, k),
+        "dispatch.adapter_backend": lambda: dispatch.adapter_backend(x, A, E, B),
+        "shrink launch: autotuned kernel[grid](...)": lambda: shrink_kernel[grid](*shrink.args, **shrink.constexprs),
+        "shrink launch: JITFunction[grid](...) with the config": lambda: shrink_kernel.fn[grid](
+            *shrink.args, **shrink.constexprs, **config),
+        "shrink launch: CachedLauncher(grid, ...)": lambda: shrink_cached(grid, *shrink.args, **shrink.constexprs),
+        "shrink launch: CachedLauncher, tuple grid": lambda: shrink_cached(fixed_grid, *shrink.args,
+                                                                           **shrink.constexprs),
+        "  of which the key (CachedLauncher.key)": lambda: shrink_cached.key(*shrink.args, **shrink.constexprs),
         "shrink launch: the compiled kernel's launcher alone": lambda: launcher(
-            *fixed_grid, 0, function, packed, None, None, None, *shrink_args, *tail),
-        "shrink launch: BoundLaunch (a plan's replay)": lambda: shrink_bound(current_stream(), shrink_args),
-        "expand launch: CachedLauncher(grid, ...)": lambda: expand_cached(expand_grid, *expand_args, **expand_kw),
-        "expand launch: BoundLaunch (a plan's replay)": lambda: expand_bound(current_stream(), expand_args),
+            *fixed_grid, 0, function, packed, None, None, None, *shrink.args, *tail),
+        "shrink launch: BoundLaunch (a plan's replay)": lambda: shrink_bound(current_stream(), shrink.args),
+        "expand launch: CachedLauncher(grid, ...)": lambda: expand_cached(expand.grid, *expand.args,
+                                                                          **expand.constexprs),
+        "expand launch: BoundLaunch (a plan's replay)": lambda: expand_bound(current_stream(), expand.args),
         "expand as aten: y.addmm_(u, Bᵀ) (rank r)": lambda: y.addmm_(u, B.t()),
         "expand as aten: torch.addmm(y, h[:, :r]·λ, Bᵀ) (mul + addmm)": lambda: torch.addmm(y, h_r * lam, B.t()),
         "aten: F.linear(x, W) (the base GEMM)": lambda: torch.nn.functional.linear(x, W),
@@ -412,17 +407,17 @@ def steps_table(args, dtype, dropout, device):
         if not fake_driver.active().native:
             fake_launch = fake_driver.active().launcher_cls(compiled.src, compiled.metadata)
             cases["  the Python stand-in launcher (in every launch above)"] = lambda: fake_launch(
-                *fixed_grid, 0, function, packed, None, None, None, *shrink_args, *tail)
+                *fixed_grid, 0, function, packed, None, None, None, *shrink.args, *tail)
     t = measure({name: (fn, None) for name, fn in cases.items()}, args.number * 5, args.repeats)
 
     # the autograd path, whole forward and forward+backward
     xg = x.clone().requires_grad_(True)
     Ag, Eg, Bg = (p.clone().requires_grad_(True) for p in (A, E, B))
     dy = torch.randn(n, out, device=dev, dtype=dtype)
-    adapter = SVDAdapter(Ag, Eg, Bg, mask, ranknum, 16.0, False, dropout)
+    adapter = SVDAdapter(Ag, Eg, Bg, mask, 16.0, ranknum, False, dropout)
 
     def via_function():
-        return SVDLinearFunction.apply(xg, W, None, Ag, Eg, Bg, adapter, None, None)
+        return op.SVDLinearFunction.apply(xg, W, None, Ag, Eg, Bg, adapter, None, None)
 
     def fwd_bwd():
         via_function().backward(dy)
@@ -432,7 +427,7 @@ def steps_table(args, dtype, dropout, device):
         """autograd's own cost: the op's inputs, saved tensors and gradients, and no work."""
 
         @staticmethod
-        def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, importance):
+        def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, emission):
             ctx.save_for_backward(x, weight, lora_A, lora_E, lora_B, x)
             return torch.empty(n, out, device=dev, dtype=dtype)
 

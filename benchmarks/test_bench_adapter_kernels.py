@@ -38,14 +38,14 @@ def _problem(benchmark, shape, direction):
     """(layer, x, its SVDAdapter, a dropout seed) for one bandwidth case, and the case's benchmark group."""
     from adalora_fast import FastSVDLinear
     from adalora_fast.adapter import SVDAdapter
-    from adalora_fast.kernels.svd_adapter_launch import dropout_seed
+    from adalora_fast.kernels.svd_adapter_op import dropout_seed
 
     tokens, in_f, out_f = shape
     layer = FastSVDLinear(in_f, out_f, r=RANK, lora_alpha=16, bias=False, device=DEVICE, dtype=DTYPE)
     with torch.no_grad():
         layer.lora_E.normal_()
     x = torch.randn(tokens, in_f, device=DEVICE, dtype=DTYPE)
-    adapter = SVDAdapter(layer.lora_A, layer.lora_E, layer.lora_B, layer.triplet_mask, layer.ranknum, layer.scaling)
+    adapter = SVDAdapter(layer.lora_A, layer.lora_E, layer.lora_B, layer.triplet_mask, layer.scaling, layer.ranknum)
     benchmark.group = f"adapter {direction} kernels {tokens}x{in_f}->{out_f} r={RANK} {str(DTYPE)[6:]}"
     return layer, x, adapter, dropout_seed(0.0, x.device)
 
@@ -94,14 +94,20 @@ def _synchronized(fn):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_adapter_forward_kernels_bandwidth(benchmark, shape):
-    from adalora_fast.kernels.svd_adapter_launch import svd_adapter_forward
+    from adalora_fast.kernels.svd_adapter_op import svd_adapter_forward
 
     tokens, in_f, out_f = shape
-    layer, x, adapter, seed = _problem(benchmark, shape, "forward")
-    run = _synchronized(lambda: svd_adapter_forward(x, layer.weight, None, adapter, seed, base_gemm=False))
+    _, x, adapter, seed = _problem(benchmark, shape, "forward")
+
+    def adapter_term():  # onto zeros: the adapter's kernels alone
+        y = torch.zeros(tokens, out_f, device=DEVICE, dtype=DTYPE)
+        svd_adapter_forward(x, adapter, seed, y)
+        return y
+
+    run = _synchronized(adapter_term)
     run()
     benchmark.pedantic(run, rounds=50 if ON_GPU else 3, iterations=1, warmup_rounds=5 if ON_GPU else 1)
-    y, _ = run()
+    y = run()
     _check([y], [_reference(x, adapter)], ["y"])
     # y starts as zeros (a write of y; the layer has the base GEMM's output there); shrink reads x and writes H;
     # expand reads H and reads and writes y (A, E, B are negligible).
@@ -111,13 +117,14 @@ def test_adapter_forward_kernels_bandwidth(benchmark, shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_adapter_backward_kernels_bandwidth(benchmark, shape):
     from adalora_fast.kernels.svd_adapter import GRAD_H_BLOCK_M
-    from adalora_fast.kernels.svd_adapter_launch import svd_adapter_backward, svd_adapter_forward
+    from adalora_fast.kernels.svd_adapter_op import svd_adapter_backward, svd_adapter_forward
 
     tokens, in_f, out_f = shape
-    layer, x, adapter, seed = _problem(benchmark, shape, "backward")
-    _, h = svd_adapter_forward(x, layer.weight, None, adapter, seed, base_gemm=False)
+    _, x, adapter, seed = _problem(benchmark, shape, "backward")
+    h = svd_adapter_forward(x, adapter, seed, torch.zeros(tokens, out_f, device=DEVICE, dtype=DTYPE))
     dy = torch.randn(tokens, out_f, device=DEVICE, dtype=DTYPE)
-    run = _synchronized(lambda: svd_adapter_backward(dy, x, layer.weight, adapter, h, seed, True, None, base_gemm=False))
+    # onto zeros: the adapter's kernels alone
+    run = _synchronized(lambda: svd_adapter_backward(dy, x, adapter, h, seed, torch.zeros_like(x)))
     run()
     benchmark.pedantic(run, rounds=50 if ON_GPU else 3, iterations=1, warmup_rounds=5 if ON_GPU else 1)
     _check(run(), _reference(x, adapter, dy), ["dx", "dA", "dE", "dB"])

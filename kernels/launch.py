@@ -18,7 +18,7 @@ A caller that already knows that its next calls specialise alike (same shapes, s
 can go one step further: ``bound = shrink.bind(grid, *args, **constexprs)`` launches once and returns a
 :class:`BoundLaunch` (the compiled kernel, its config and its grid), and ``bound(current_stream(), args)``
 launches again without any per-call key. The adapter's launchers keep their bound launches per operand layout
-(``svd_adapter_launch.SVDAdapterPlan``).
+(``svd_adapter_op.SVDAdapterPlan``).
 
 When a cached launch is the same launch
 ---------------------------------------
@@ -410,6 +410,12 @@ class CachedLauncher:
             return BoundLaunch(self, None, grid, kwargs, (1, 1, 1))
         grid3 = self._grid3(entry, grid, args)
         return BoundLaunch(self, entry, grid3, kwargs, grid3)
+
+    def key(self, *args, **kwargs):
+        """The cache key of a call with these arguments (what each cached launch computes), or None for a call
+        the direct path cannot take."""
+        found = self._lookup(args, kwargs)
+        return None if found is None else found[0]
 
     def _grid3(self, entry: _Entry, grid, args) -> tuple[int, int, int]:
         """The launch's grid as three ints (a grid callable sees the entry's meta-parameters)."""

@@ -1,7 +1,7 @@
-"""The fused Triton kernels of AdaLoRA's SVD adapter (the launchers are in ``svd_adapter_launch``, the autograd
-path and the ``torch.library`` ops in ``svd_adapter_op``).
+"""The fused Triton kernels of AdaLoRA's SVD adapter and their tile configs (the op around them, its entry point,
+autograd path, ``torch.library`` ops and launchers, is ``svd_adapter_op``).
 
-    y = x·W0ᵀ + b + s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ,     s = scaling / (ranknum + RANKNUM_EPS)
+    y = x·W0ᵀ + b + s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ,     the rank scale s = scaling / (ranknum + RANKNUM_EPS)
 
 A = lora_A (r × in, the right singular vectors), E = lora_E (r × 1, the singular values), m = triplet_mask (r),
 B = lora_B (out × r, the left singular vectors). The rank lives in one register tile of R_PAD =
@@ -23,7 +23,7 @@ extra row per row tile (tiles × (OUT + 1) × R_PAD) at ws_b_offset:
            one pass over x and Gs, one read and one write of dx, one dropout draw for both
   reduce   one grid, three regions, each summing partials in a fixed order (deterministic, no atomics):
            dB = Σ of grad_h's row-tile partials, dA = Σ of grad_a_x's split partials,
-           dE = s·m/(ranknum + RANKNUM_EPS)·Σ of grad_h's Σ H⊙G partials (a one-row factor)
+           dE = s·m·Σ of grad_h's Σ H⊙G partials (a one-row factor)
 The base GEMMs come first and the adapter adds onto their outputs: the same bytes as a GEMM accumulating onto
 the adapter's term, and one aten op where that took an allocation and a transposed view besides.
 Paper-order importance is emitted by the ``reduce`` epilogues, where dB, dE and dA become final
@@ -36,8 +36,11 @@ import triton
 import triton.language as tl
 
 from ..adapter import RANKNUM_EPS
+from . import interpreting
+from .dropout import apply_dropout, dropout_keep, dropout_tile
 from .importance_ema import gradient_total, update_importance
-from .utils import apply_dropout, dropout_keep, dropout_tile, interpreting, tile_configs, tile_dot
+from .precision import tile_dot
+from .tiles import tile_configs
 
 _RANKNUM_EPS = tl.constexpr(RANKNUM_EPS)  # the references' epsilon, a compile-time constant in the kernels
 
@@ -48,7 +51,7 @@ _RANKNUM_EPS = tl.constexpr(RANKNUM_EPS)  # the references' epsilon, a compile-t
 
 @triton.jit
 def _rank_scale(mask_ptr, ranknum_ptr, scaling, R, R_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """m·scaling/(ranknum + RANKNUM_EPS) as a [R_PAD] vector in the accumulation dtype, zero in the padding."""
+    """m·s = m·scaling/(ranknum + RANKNUM_EPS) as a [R_PAD] vector in the accumulation dtype, zero in the padding."""
     ranks = tl.arange(0, R_PAD)
     keep = tl.load(mask_ptr + ranks, mask=ranks < R, other=0.0).to(ACC_DTYPE)
     return keep * (scaling / (tl.load(ranknum_ptr).to(ACC_DTYPE) + _RANKNUM_EPS))
@@ -159,7 +162,7 @@ def _reduce_factor_tile(
 ):  # fmt: skip
     """One row tile of a factor's gradient = Σ of n_parts partials (ROWS × R_PAD each, part_rows × R_PAD apart),
     in order: B, A seen as Aᵀ, or E seen as one row (with RANK_SCALE, the sum is multiplied by
-    m·s/(ranknum + RANKNUM_EPS)).
+    m·scaling/(ranknum + RANKNUM_EPS), i.e. m·s).
 
     Where the gradient is final, the paper-order epilogue: sensitivity, both EMAs in place, and this
     tile's per-rank sums of the element scores (over B's rows, or A's columns; E's own scores) written

@@ -1,42 +1,141 @@
-"""The SVD-adapted linear layer on the fused kernels: one autograd path, eager and under ``torch.compile``.
+"""The SVD adapter op on the fused kernels (:mod:`.svd_adapter`), from its entry point down to the launches.
 
-``svd_linear_triton`` is the kernel path's entry point (the dispatcher calls it). ``SVDLinearFunction`` is
-the one autograd path: eagerly its forward and backward call the launchers directly (the lowest per-call
-overhead: it matters with ~150 adapted layers per step); under ``torch.compile`` the same forward and
-backward call them through two ``torch.library`` custom ops with fake implementations, so that
-``torch.compile(fullgraph=True)`` traces a layer without a graph break.
+Read top to bottom:
+
+* :func:`svd_linear_triton`, the kernel path's entry point (:func:`adalora_fast.dispatch.svd_adapter_linear`
+  calls it);
+* :class:`SVDLinearFunction`, the one autograd path: eagerly its forward and backward call the launchers
+  directly (the lowest per-call overhead: it matters with ~150 adapted layers per step); under
+  ``torch.compile`` the same forward and backward call them through two ``torch.library`` custom ops with
+  fake implementations, so that ``torch.compile(fullgraph=True)`` traces a layer without a graph break;
+* the launchers :func:`svd_adapter_forward` and :func:`svd_adapter_backward`: the adapter's kernels, adding
+  onto what the caller gives them (the frozen layer's y and dx in the fused layer, zeros for the adapter's
+  term alone), each kernel through a :class:`~.launch.CachedLauncher`; :func:`forward_launches` hands out a
+  forward's launches unlaunched, for measuring their host cost;
+* plans: what a call decides from its operands' layout, decided once, with the launches bound to it;
+* dropout seeds and the all-ones triplet mask.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 
 from ..adapter import SVDAdapter
-from .svd_adapter_launch import adapter_plan, dropout_seed, svd_adapter_backward, svd_adapter_forward, unit_mask
-from .utils import accumulate_dtype, rank_pad
+from ..dtypes import accumulate_dtype
+from ..importance import ImportanceEmission
+from .launch import BoundLaunch, CachedLauncher, current_device, current_stream, direct_launch_enabled, on_clear_all
+from .precision import dot_settings
+from .svd_adapter import (
+    GRAD_A_MIN_ROWS_PER_SPLIT,
+    GRAD_H_BLOCK_M,
+    REDUCE_BLOCK_ROWS,
+    _dropout_keep_mask_kernel,
+    svd_adapter_expand,
+    svd_adapter_grad_a_x,
+    svd_adapter_grad_h,
+    svd_adapter_grad_reduce,
+    svd_adapter_shrink,
+)
+from .tiles import cdiv, rank_pad
+
+# ---------------------------------------------------------------------------------------------
+# The kernel path's entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def svd_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapter: SVDAdapter, *,
+                      seed: int | None = None, emission: ImportanceEmission | None = None) -> torch.Tensor:  # fmt: skip
+    """``base(x) + s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ`` on the fused kernels (the dispatcher's Triton entry point).
+
+    The dropout mask (``adapter.dropout_p``) is drawn from ``seed``; by default the seed is drawn on the
+    input's device (:func:`dropout_seed`: reproducible under ``torch.manual_seed``, no host sync, CUDA-graph
+    safe). ``emission``: an :class:`~adalora_fast.importance.ImportanceEmission` this call's backward emits
+    into (paper order).
+
+    Dtypes: x and the base weight share one (fp16, bf16 or fp32); the adapter's parameters may hold
+    another (:func:`~adalora_fast.kernels.precision.dot_settings` says how each product is computed). Under
+    ``torch.autocast`` x, the weight and the bias are cast to autocast's dtype first, as ``F.linear`` is
+    there; the adapter's parameters keep theirs (and so do their gradients).
+    """
+    if torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type):
+        x, weight, bias = _autocast_operands(x, weight, bias)
+    lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
+    compiling = torch.compiler.is_compiling()
+    if adapter.triplet_mask is None:  # (a fresh one while tracing: the cache is a side effect the compiler need not see)
+        r = lora_A.shape[0]
+        mask = torch.ones(r, device=lora_A.device, dtype=lora_A.dtype) if compiling else unit_mask(
+            r, lora_A.device, lora_A.dtype
+        )
+        adapter = adapter._replace(triplet_mask=mask)
+    if compiling:
+        if emission is not None:
+            return _eager_emitting(x, weight, bias, adapter, seed, emission)
+        return SVDLinearFunction.apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, None)
+    if not (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_E.requires_grad
+                                         or lora_B.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))):  # fmt: skip
+        # Nothing to differentiate (evaluation, no_grad): the launchers alone, without autograd's machinery.
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y, _ = _fused_forward(x2d, weight, bias, adapter, dropout_seed(adapter.dropout_p, x.device, seed))
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+    if _apply_eagerly is None or torch._C._are_functorch_transforms_active():
+        return SVDLinearFunction.apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, emission)
+    return _apply_eagerly(_unwrap_if_dead(x), weight, bias, lora_A, lora_E, lora_B, adapter, seed, emission)
+
+
+@torch.compiler.disable
+def _eager_emitting(x, weight, bias, adapter, seed, emission):
+    """Paper-order emission runs in the eager launchers (its epilogue updates Python-held state): under
+    torch.compile this call is left to eager execution, a graph break."""
+    return SVDLinearFunction.apply(x, weight, bias, *adapter.factors, adapter, seed, emission)
+
+
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast_operands(x, weight, bias):
+    """x, weight and bias as autocast hands them to ``F.linear``: fp16/bf16/fp32 tensors in its dtype.
+    The cast of x is the one copy saved for the backward (the base GEMM's own, under autocast)."""
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.dtype != dtype and t.dtype in _AUTOCAST_ELIGIBLE else t
+
+    return cast(x), cast(weight), cast(bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# The autograd path
+# ---------------------------------------------------------------------------------------------
 
 
 class SVDLinearFunction(torch.autograd.Function):
     """``base(x) + s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ`` with the frozen GEMMs on cuBLAS and the adapter on the kernels.
 
-    ``apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, importance)``: the trainable tensors are
+    ``apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, emission)``: the trainable tensors are
     arguments of their own (autograd differentiates arguments); ``adapter`` holds them too, with the
     rest of the adapter (its triplet mask must be a tensor). ``seed``: an int, or None to draw one on the
-    device. ``importance``: an ImportanceEmission this backward emits into (eager only).
+    device. ``emission``: an ImportanceEmission this backward emits into (eager only).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, adapter: SVDAdapter, seed: int | None, importance):
+    def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, adapter: SVDAdapter, seed: int | None, emission):
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (a reshape costs a view even when a no-op)
         if torch.compiler.is_compiling():
-            _, _, _, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter
-            y, h, seed_t = svd_linear_forward_op(x2d, weight, bias, lora_A, lora_E, lora_B, mask, ranknum, scaling,
-                                                 fan_in_fan_out, dropout_p, -1 if seed is None else seed)  # fmt: skip
+            y, h, seed_t = svd_linear_forward_op(
+                x2d, weight, bias, lora_A, lora_E, lora_B, adapter.triplet_mask, adapter.scaling, adapter.ranknum,
+                adapter.fan_in_fan_out, adapter.dropout_p, -1 if seed is None else seed,
+            )  # fmt: skip
             plan = None
         else:
             seed_t = dropout_seed(adapter.dropout_p, x.device, seed)
             plan = adapter_plan(x2d, adapter, seed_t)
-            y, h = svd_adapter_forward(x2d, weight, bias, adapter, seed_t, plan=plan)
+            y, h = _fused_forward(x2d, weight, bias, adapter, seed_t, plan)
         # Saved with autograd's checks: the activation, the layer's weights and H (saved-tensor hooks see them,
         # and an in-place change before the backward is an error). The adapter's mask and ranknum and the seed
         # tensor are buffers nothing changes inside a step: kept as they are (each saved tensor costs a pack
@@ -44,7 +143,7 @@ class SVDLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x2d, weight, lora_A, lora_E, lora_B, h)
         # The backward launches on the forward's plan: the adapter's tensors as they were laid out here (a
         # parameter whose .data is swapped between the forward and its backward is not supported).
-        ctx.adapter, ctx.seed, ctx.plan, ctx.importance = adapter, seed_t, plan, importance
+        ctx.adapter, ctx.seed, ctx.plan, ctx.emission = adapter, seed_t, plan, emission
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
@@ -55,11 +154,13 @@ class SVDLinearFunction(torch.autograd.Function):
         dy2d = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
         needs_dx, needs_w, needs_b = ctx.needs_input_grad[:3]
         if torch.compiler.is_compiling():
-            _, _, _, mask, ranknum, scaling, fan_in_fan_out, dropout_p = adapter
-            dx, d_a, d_e, d_b = svd_linear_backward_op(dy2d, x2d, weight, lora_A, lora_E, lora_B, mask, ranknum, h,
-                                                       ctx.seed, scaling, fan_in_fan_out, dropout_p, needs_dx)  # fmt: skip
+            dx, d_a, d_e, d_b = svd_linear_backward_op(
+                dy2d, x2d, weight, lora_A, lora_E, lora_B, adapter.triplet_mask, adapter.scaling, adapter.ranknum,
+                adapter.fan_in_fan_out, adapter.dropout_p, h, ctx.seed, needs_dx,
+            )  # fmt: skip
         else:
-            dx, d_a, d_e, d_b = svd_adapter_backward(dy2d, x2d, weight, adapter, h, ctx.seed, needs_dx, ctx.importance,
+            dx = _base_input_grad(dy2d, x2d, weight, adapter.fan_in_fan_out) if needs_dx else None
+            dx, d_a, d_e, d_b = svd_adapter_backward(dy2d, x2d, adapter, h, ctx.seed, dx, ctx.emission,
                                                      plan=ctx.plan)  # fmt: skip
         d_w = d_bias = None
         if needs_w or needs_b:
@@ -80,6 +181,24 @@ except (AttributeError, KeyError, ImportError):  # pragma: no cover - another to
     _apply_eagerly = _unwrap_if_dead = None
 
 
+def _fused_forward(x2d, weight, bias, adapter: SVDAdapter, seed: torch.Tensor, plan=None):
+    """(y, H) of the fused layer: the frozen layer's GEMM (bias in cuBLAS's epilogue), then the adapter's term
+    added onto its output."""
+    if adapter.fan_in_fan_out:
+        y = x2d.mm(weight) if bias is None else torch.addmm(bias, x2d, weight)
+    else:
+        y = F.linear(x2d, weight, bias)
+    return y, svd_adapter_forward(x2d, adapter, seed, y, plan)
+
+
+def _base_input_grad(dy2d, x2d, weight: torch.Tensor | None, fan_in_fan_out: bool) -> torch.Tensor:
+    """What the adapter's dx is added onto: the base GEMM's dY·W0, or zeros without a base weight (dx is then
+    the adapter's term alone)."""
+    if weight is None:
+        return torch.zeros(x2d.shape, device=x2d.device, dtype=x2d.dtype)
+    return dy2d.mm(weight.t() if fan_in_fan_out else weight)
+
+
 def _base_param_grads(dy2d, x2d, needs_weight: bool, needs_bias: bool, fan_in_fan_out: bool):
     """Gradients of a trainable base weight / bias (unusual for AdaLoRA, but supported)."""
     d_w = None
@@ -91,26 +210,26 @@ def _base_param_grads(dy2d, x2d, needs_weight: bool, needs_bias: bool, fan_in_fa
 
 # ---------------------------------------------------------------------------------------------
 # torch.library ops: the launchers as opaque ops with fake implementations, for torch.compile. A custom op's
-# schema takes tensors and scalars, so the adapter is spelled out field by field here.
+# schema takes tensors and scalars, so the adapter is spelled out field by field here, in SVDAdapter's order.
 # ---------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("adalora_fast::svd_linear_forward", mutates_args=())
 def svd_linear_forward_op(
     x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_E: torch.Tensor,
-    lora_B: torch.Tensor, triplet_mask: torch.Tensor, ranknum: torch.Tensor, scaling: float, fan_in_fan_out: bool,
+    lora_B: torch.Tensor, triplet_mask: torch.Tensor, scaling: float, ranknum: torch.Tensor, fan_in_fan_out: bool,
     dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(y, H, the dropout seed tensor the backward reuses) for a 2-D x. ``seed < 0`` draws one on the device."""
     seed_t = (dropout_seed(dropout_p, x2d.device, None if seed < 0 else seed) if dropout_p > 0
               else torch.empty(1, dtype=torch.int64, device=x2d.device))  # an op's output is its own tensor
-    adapter = SVDAdapter(lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, fan_in_fan_out, dropout_p)
-    y, h = svd_adapter_forward(x2d, weight, bias, adapter, seed_t)
+    adapter = SVDAdapter(lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum, fan_in_fan_out, dropout_p)
+    y, h = _fused_forward(x2d, weight, bias, adapter, seed_t)
     return y, h, seed_t
 
 
 @svd_linear_forward_op.register_fake
-def _(x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, fan_in_fan_out, dropout_p, seed):
+def _(x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum, fan_in_fan_out, dropout_p, seed):
     y = x2d.new_empty((x2d.shape[0], lora_B.shape[0]))
     h = x2d.new_empty((x2d.shape[0], rank_pad(lora_A.shape[0])), dtype=accumulate_dtype(lora_A.dtype))
     return y, h, x2d.new_empty((1,), dtype=torch.int64)
@@ -118,83 +237,439 @@ def _(x2d, weight, bias, lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling,
 
 @torch.library.custom_op("adalora_fast::svd_linear_backward", mutates_args=())
 def svd_linear_backward_op(
-    dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_E: torch.Tensor,
-    lora_B: torch.Tensor, triplet_mask: torch.Tensor, ranknum: torch.Tensor, h: torch.Tensor, seed: torch.Tensor,
-    scaling: float, fan_in_fan_out: bool, dropout_p: float, needs_dx: bool,
+    dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor | None, lora_A: torch.Tensor, lora_E: torch.Tensor,
+    lora_B: torch.Tensor, triplet_mask: torch.Tensor, scaling: float, ranknum: torch.Tensor, fan_in_fan_out: bool,
+    dropout_p: float, h: torch.Tensor, seed: torch.Tensor, needs_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(dx, dA, dE, dB); dx is empty when not needed (a custom op returns tensors only)."""
-    adapter = SVDAdapter(lora_A, lora_E, lora_B, triplet_mask, ranknum, scaling, fan_in_fan_out, dropout_p)
-    dx, d_a, d_e, d_b = svd_adapter_backward(dy2d, x2d, weight, adapter, h, seed, needs_dx)
+    """(dx, dA, dE, dB); dx is empty when not needed (a custom op returns tensors only). ``weight``: the base
+    weight whose dY·W0 dx starts from; None: dx holds the adapter's term alone (starting from zeros)."""
+    adapter = SVDAdapter(lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum, fan_in_fan_out, dropout_p)
+    dx = _base_input_grad(dy2d, x2d, weight, fan_in_fan_out) if needs_dx else None
+    dx, d_a, d_e, d_b = svd_adapter_backward(dy2d, x2d, adapter, h, seed, dx)
     return (dx if dx is not None else x2d.new_empty(0)), d_a, d_e, d_b
 
 
 @svd_linear_backward_op.register_fake
-def _(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask, ranknum, h, seed, scaling, fan_in_fan_out, dropout_p,
+def _(dy2d, x2d, weight, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum, fan_in_fan_out, dropout_p, h, seed,
       needs_dx):  # fmt: skip
     dx = torch.empty_like(x2d) if needs_dx else x2d.new_empty(0)
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
 
 
 # ---------------------------------------------------------------------------------------------
-# The kernel path's entry point
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+# Each kernel through a CachedLauncher: Triton's own path (autotuning included) once per specialization, then
+# the compiled kernel's launcher directly (on a GPU with a verified Triton; ``kernel[grid](...)`` otherwise).
+# Launches are the fixed cost of small layers.
+launch_shrink = CachedLauncher(svd_adapter_shrink)
+launch_expand = CachedLauncher(svd_adapter_expand)
+launch_grad_h = CachedLauncher(svd_adapter_grad_h)
+launch_grad_reduce = CachedLauncher(svd_adapter_grad_reduce)
+launch_grad_a_x = CachedLauncher(svd_adapter_grad_a_x)
+
+
+def svd_adapter_forward(x2d: torch.Tensor, adapter: SVDAdapter, seed: torch.Tensor, y: torch.Tensor,
+                        plan: SVDAdapterPlan | None = None) -> torch.Tensor:  # fmt: skip
+    """Adds the adapter's term s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ onto ``y`` (N × out) in place; returns
+    H = dropout(x)·Aᵀ (N × R_PAD, in the accumulation dtype), kept for the backward.
+
+    ``y``: the frozen layer's x·W0ᵀ + b in the fused layer, zeros for the adapter's term alone (bandwidth
+    measurements). ``adapter.triplet_mask`` must be a tensor here (:func:`unit_mask` for none); ``seed``: the
+    dropout seed tensor (:func:`dropout_seed`). ``plan``: :func:`adapter_plan` of these operands, when the
+    caller has it.
+    """
+    check_seed(seed)
+    if plan is None:
+        plan = adapter_plan(x2d, adapter, seed)
+    # (sizes as arguments: a faster parse than a tuple)
+    h = torch.empty(plan.n, plan.r_pad, device=x2d.device, dtype=plan.acc)
+    if plan.n == 0:
+        return h
+    y_strides = y.stride()
+    shrink_args, expand_args = _forward_args(plan, x2d, adapter, seed, y, y_strides, h)
+    variant = (y_strides, y.dtype)  # y is the caller's: its layout is part of what the launches specialise on
+    aligned = not y.data_ptr() & 15
+    bound = plan.forwards.get(variant) if aligned else None
+    if bound is not None:
+        stream = current_stream()
+        bound[0](stream, shrink_args)
+        bound[1](stream, expand_args)
+    else:  # this variant's first forward: through the launchers, and the launches bound for the next calls
+        bound = tuple(launch.bind() for launch in _forward_launches(plan, shrink_args, expand_args))
+        if plan.cached and aligned:
+            plan.forwards[variant] = bound
+    return h
+
+
+def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, adapter: SVDAdapter, h: torch.Tensor,
+                         seed: torch.Tensor, dx: torch.Tensor | None, emission: ImportanceEmission | None = None,
+                         plan: SVDAdapterPlan | None = None):  # fmt: skip
+    """(dx, dA, dE, dB) for an upstream gradient dY (N × out): the adapter's dx = dropout'(Gs·A) is added onto
+    ``dx`` (N × in) in place.
+
+    ``dx``: the base GEMM's dY·W0 in the fused layer, zeros for the adapter's term alone; None when dx is not
+    needed (then None is returned for it). With an ``emission`` (paper order, on the step-completing
+    micro-batch) the reduction's epilogues also update the sensitivity EMAs of B, E and A and sum their element
+    scores per rank; the triplet score is combined from those r-sized sums. ``plan``: the forward's
+    :func:`adapter_plan`, when the caller has it.
+    """
+    check_seed(seed)
+    if plan is None:
+        plan = adapter_plan(x2d, adapter, seed)
+    lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
+    n, k, r, out, r_pad, acc = plan.n, plan.k, plan.r, plan.out, plan.r_pad, plan.acc
+    if n == 0:
+        return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_E), torch.zeros_like(lora_B)
+    if not h.is_contiguous():  # the kernels read H as the forward wrote it (N × R_PAD, dense)
+        h = h.contiguous()
+    p, keep_scale = _dropout_args(adapter.dropout_p)
+    scaling = float(adapter.scaling)
+    n_tiles, n_splits = plan.n_tiles, plan.n_splits
+    ws = torch.empty(plan.ws_size, device=x2d.device, dtype=acc)
+    # dA = Gsᵀ·dropout(x) as dAᵀ partials, and the adapter's dx = dropout'(Gs·A): token splits × input tiles.
+    d_a, d_e, d_b = torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
+    # dY's layout, and x's as the backward sees it (a saved-tensor hook may hand back a copy laid out anew)
+    dy_strides, x_strides = dy2d.stride(), x2d.stride()
+    grad_h_args = (dy2d, h, lora_E, adapter.triplet_mask, adapter.ranknum, lora_B, ws, plan.ws_b_offset, n, out, r,
+                   scaling, *dy_strides, plan.e_stride, *plan.b_strides)  # fmt: skip
+    # without HAS_DX the kernel does not touch dx: a one-element dummy (autotuning copies it between trials)
+    needs_dx = dx is not None
+    dx_arg, dx_strides = (dx, dx.stride()) if needs_dx else (seed, (0, 0))
+    grad_a_x_args = (x2d, ws, plan.ws_a_offset, lora_A, dx_arg, n, k, r, plan.rows_per_split, seed, p, keep_scale,
+                     *x_strides, *plan.a_strides, *dx_strides)  # fmt: skip
+    reduce_args = _reduce_args(plan, ws, d_a, d_e, d_b, adapter, scaling)
+    variant = (dy_strides, dy2d.dtype, x_strides, x2d.dtype, h.dtype, dx_strides, dx_arg.dtype)
+    aligned = _aligned(dy2d, x2d, h, dx_arg)
+    bound = plan.backwards.get(variant) if aligned else None
+    if bound is not None:
+        stream = current_stream()
+        bound[0](stream, grad_h_args)
+        bound[1](stream, grad_a_x_args)
+        if emission is None:
+            bound[2](stream, reduce_args)
+    else:  # this variant's first call: through the launchers, and the launches bound for the next calls
+        dots = plan.dots
+        grad_h = launch_grad_h.bind((n_tiles,), *grad_h_args, BLOCK_M=GRAD_H_BLOCK_M, R_PAD=r_pad, **dots)
+        grad_a_x = launch_grad_a_x.bind(
+            lambda meta: (cdiv(k, meta["BLOCK_K"]), n_splits), *grad_a_x_args,
+            R_PAD=r_pad, HAS_DROPOUT=plan.has_dropout, HAS_DX=needs_dx, **dots,
+        )  # fmt: skip
+        if emission is None:
+            # dB, dA: Σ of grad_h's row-tile and grad_a_x's split partials; dE = s·m·Σ_n H⊙G.
+            reduce = launch_grad_reduce.bind(
+                (plan.tiles_b + plan.tiles_a + 1,), *reduce_args, BLOCK_ROWS=REDUCE_BLOCK_ROWS, R_PAD=r_pad,
+                ACC_DTYPE=dots["ACC_DTYPE"], EMIT=False, ACCUMULATE_B=False, ACCUMULATE_A=False, ACCUMULATE_E=False,
+            )  # fmt: skip
+            if plan.cached and aligned:
+                plan.backwards[variant] = (grad_h, grad_a_x, reduce)
+    if emission is not None:  # the step-completing micro-batch: the reduction also scores (once per step)
+        scores = _reduce_and_emit(plan, ws, d_a, d_e, d_b, adapter, scaling, emission)
+        _write_triplet_scores(emission, *scores, lora_A, lora_E, lora_B)
+    return dx, d_a, d_e, d_b
+
+
+class PlannedLaunch(NamedTuple):
+    """One kernel launch of an adapter call, as its plan makes it: ``launcher(grid, *args, **constexprs)``
+    launches it through its :class:`~.launch.CachedLauncher`, ``launcher.kernel[grid](*args, **constexprs)``
+    is the same launch through Triton's whole path, and :meth:`bind` the plan's bound launch of it."""
+
+    launcher: CachedLauncher
+    grid: Callable[[dict], tuple]  # of the launch's meta-parameters, as for ``kernel[grid]``
+    args: tuple
+    constexprs: dict
+
+    def bind(self) -> BoundLaunch:
+        """Launch it once and return that launch as a :class:`~.launch.BoundLaunch`."""
+        return self.launcher.bind(self.grid, *self.args, **self.constexprs)
+
+
+def forward_launches(x2d: torch.Tensor, adapter: SVDAdapter, seed: torch.Tensor,
+                     y: torch.Tensor) -> tuple[PlannedLaunch, PlannedLaunch]:  # fmt: skip
+    """The two launches (shrink, expand) that :func:`svd_adapter_forward` makes for these operands onto ``y``
+    (with a fresh H), unlaunched: what a forward's launches cost the host, measured one path at a time
+    (``benchmarks/host_overhead.py``)."""
+    check_seed(seed)
+    plan = adapter_plan(x2d, adapter, seed)
+    h = torch.empty(plan.n, plan.r_pad, device=x2d.device, dtype=plan.acc)
+    return _forward_launches(plan, *_forward_args(plan, x2d, adapter, seed, y, y.stride(), h))
+
+
+def _forward_args(plan: SVDAdapterPlan, x2d, adapter: SVDAdapter, seed, y, y_strides, h) -> tuple[tuple, tuple]:
+    """The positional arguments of the forward's shrink and expand launches."""
+    p, keep_scale = _dropout_args(adapter.dropout_p)
+    n, r = plan.n, plan.r
+    shrink = (x2d, adapter.lora_A, h, n, plan.k, r, seed, p, keep_scale, *plan.x_strides, *plan.a_strides)
+    expand = (h, adapter.lora_E, adapter.triplet_mask, adapter.ranknum, adapter.lora_B, y, n, plan.out, r,
+              float(adapter.scaling), plan.e_stride, *plan.b_strides, *y_strides)  # fmt: skip
+    return shrink, expand
+
+
+def _forward_launches(plan: SVDAdapterPlan, shrink_args: tuple, expand_args: tuple) -> tuple[PlannedLaunch, ...]:
+    n, out, dots = plan.n, plan.out, plan.dots
+    return (
+        PlannedLaunch(launch_shrink, lambda meta: (cdiv(n, meta["BLOCK_M"]),), shrink_args,
+                      dict(R_PAD=plan.r_pad, HAS_DROPOUT=plan.has_dropout, **dots)),
+        PlannedLaunch(launch_expand, lambda meta: (cdiv(n, meta["BLOCK_M"]), cdiv(out, meta["BLOCK_N"])),
+                      expand_args, dict(R_PAD=plan.r_pad, **dots)),
+    )  # fmt: skip
+
+
+def _dropout_args(dropout_p: float) -> tuple[float, float]:
+    """(p, 1 / (1 - p)) as the kernels take them: floats always (Triton specialises on the argument's type)."""
+    p = float(dropout_p)
+    return p, (1.0 / (1.0 - p) if p > 0 else 1.0)
+
+
+@torch.no_grad()
+def _write_triplet_scores(emission: ImportanceEmission, score_e, score_sum_a, score_sum_b, lora_A, lora_E, lora_B):
+    """The triplet score from the epilogues' per-rank element scores (E) and score sums (A, B): E's score plus
+    the means of A's and B's, in E's dtype (as the references combine them); then the emission is done."""
+    r = lora_E.shape[0]
+    s_a = (score_sum_a[:r] / lora_A.shape[1]).to(lora_E.dtype)
+    s_b = (score_sum_b[:r] / lora_B.shape[0]).to(lora_E.dtype)
+    emission.triplet_score.copy_(score_e[:r].to(lora_E.dtype) + (s_a + s_b))
+    emission.done()
+
+
+def _emission_operands(emission: ImportanceEmission, index: int, name: str, param: torch.Tensor,
+                       grad: torch.Tensor):  # fmt: skip
+    """((param, previous grad, Ī, Ū), accumulate?) for the reduction's importance epilogue."""
+    ipt, unc = emission.exp_avg_ipt[index], emission.exp_avg_unc[index]
+    prev = param.grad
+    if prev is not None and prev.stride() != grad.stride():
+        prev = torch.empty_like(grad).copy_(prev)
+    if not (param.stride() == grad.stride() == ipt.stride() == unc.stride()):
+        raise RuntimeError(f"{name}: the parameter, its gradient and its importance buffers must share one layout")
+    return (param, (prev if prev is not None else param), ipt, unc), prev is not None
+
+
+def _inverse_grad_scale(scale, device) -> torch.Tensor:
+    """1 / the loss scale the gradients carry (a one-element fp32 device tensor; no host sync)."""
+    if scale is None:
+        return torch.ones(1, device=device, dtype=torch.float32)
+    if isinstance(scale, torch.Tensor):
+        return torch.reciprocal(scale.to(device=device, dtype=torch.float32).reshape(1))
+    return torch.full((1,), 1.0 / scale, device=device, dtype=torch.float32)
+
+
+def _reduce_args(plan: SVDAdapterPlan, ws, d_a, d_e, d_b, adapter: SVDAdapter, scaling: float,
+                 emitting: tuple | None = None) -> tuple:  # fmt: skip
+    """The reduction's arguments: the workspace and its regions' offsets, then per factor its output and the
+    importance operands (param, previous grad, Ī, Ū; dummies it does not touch without EMIT), the score
+    partials, 1 / loss scale, the rank scale's operands and the EMA betas."""
+    lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
+    if emitting is None:
+        ops_b, ops_a, ops_e = (lora_B,) * 4, (lora_A,) * 4, (lora_E,) * 4
+        scores = inv_scale = ws
+        betas = 0.0, 1.0, 0.0, 1.0
+    else:
+        ops_b, ops_a, ops_e, scores, inv_scale, betas = emitting
+    db_rows, db_ranks, da_rows, da_ranks, de_ranks = plan.grad_strides
+    return (
+        ws, plan.ws_a_offset, plan.ws_b_offset,
+        d_b, *ops_b, plan.out, plan.n_tiles, db_rows, db_ranks,
+        d_a, *ops_a, plan.k, plan.n_splits, da_rows, da_ranks,
+        d_e, *ops_e, de_ranks,
+        scores, inv_scale, adapter.triplet_mask, adapter.ranknum, scaling, plan.r, *betas,
+    )  # fmt: skip
+
+
+def _reduce_and_emit(plan: SVDAdapterPlan, ws, d_a, d_e, d_b, adapter: SVDAdapter, scaling: float,
+                     emission: ImportanceEmission):  # fmt: skip
+    """dB, dA and dE (written into d_b, d_a, d_e) = Σ of their partials, in one launch whose epilogues also
+    score the final gradients: returns E's scores and the per-rank sums of A's and B's element scores."""
+    lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
+    (ops_b, acc_b), (ops_a, acc_a), (ops_e, acc_e) = (
+        _emission_operands(emission, index, name, param, grad)
+        for index, name, param, grad in ((2, "lora_B", lora_B, d_b), (0, "lora_A", lora_A, d_a),
+                                         (1, "lora_E", lora_E, d_e))  # fmt: skip
+    )
+    tiles_b, tiles_a = plan.tiles_b, plan.tiles_a
+    scores = torch.empty((tiles_b + tiles_a + 1, plan.r_pad), device=d_b.device, dtype=torch.float32)
+    inv_scale = _inverse_grad_scale(emission.grad_scale, d_b.device)
+    betas = emission.beta1, 1 - emission.beta1, emission.beta2, 1 - emission.beta2
+    launch_grad_reduce(
+        (tiles_b + tiles_a + 1,),
+        *_reduce_args(plan, ws, d_a, d_e, d_b, adapter, scaling, (ops_b, ops_a, ops_e, scores, inv_scale, betas)),
+        BLOCK_ROWS=REDUCE_BLOCK_ROWS, R_PAD=plan.r_pad, ACC_DTYPE=plan.dots["ACC_DTYPE"], EMIT=True,
+        ACCUMULATE_B=acc_b, ACCUMULATE_A=acc_a, ACCUMULATE_E=acc_e,
+    )  # fmt: skip
+    return scores[tiles_b + tiles_a], scores[tiles_b : tiles_b + tiles_a].sum(dim=0), scores[:tiles_b].sum(dim=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans: what a call decides from its operands' layout, decided once
 # ---------------------------------------------------------------------------------------------
 
 
-def svd_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapter: SVDAdapter, *,
-                      seed: int | None = None, importance=None) -> torch.Tensor:  # fmt: skip
-    """``base(x) + s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ`` on the fused kernels (the dispatcher's Triton entry point).
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
-    The dropout mask (``adapter.dropout_p``) is drawn from ``seed``; by default the seed is drawn on the
-    input's device (:func:`dropout_seed`: reproducible under ``torch.manual_seed``, no host sync, CUDA-graph
-    safe). ``importance``: an ImportanceEmission this call's backward emits into (paper order).
 
-    Dtypes: x and the base weight share one (fp16, bf16 or fp32); the adapter's parameters may hold
-    another (:func:`~adalora_fast.kernels.utils.dot_settings` says how each product is computed). Under
-    ``torch.autocast`` x, the weight and the bias are cast to autocast's dtype first, as ``F.linear`` is
-    there; the adapter's parameters keep theirs (and so do their gradients).
+def _token_splits(n: int, k: int, device) -> int:
+    """How many token splits grad_a_x uses: enough programs to fill the device, each with a useful share of rows."""
+    if device.type == "cuda":
+        programs_wanted = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        programs_wanted = 8
+    in_tiles = cdiv(k, 64)
+    return max(1, min(cdiv(n, GRAD_A_MIN_ROWS_PER_SPLIT), cdiv(programs_wanted, in_tiles)))
+
+
+class SVDAdapterPlan:
+    """Everything an adapter call decides from its operands' shapes, strides, dtypes and alignment: the
+    workspace shapes, the grids, the constexprs and each launch bound to its compiled kernel
+    (:class:`~.launch.BoundLaunch`). One plan serves every call on operands laid out alike (the layers of a
+    model that share a shape share it), so a steady-state call allocates and launches, and decides nothing.
+
+    The launches are bound by the first forward of each variant (the layout of the y it adds onto) and the
+    first backward of each variant (dY's layout, x's as unpacked, dx's or none), through their
+    :class:`~.launch.CachedLauncher` (Triton's path, autotuning included, the first time a kernel meets this
+    specialization).
     """
-    if torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type):
-        x, weight, bias = _autocast_operands(x, weight, bias)
-    lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
-    compiling = torch.compiler.is_compiling()
-    if adapter.triplet_mask is None:  # (a fresh one while tracing: the cache is a side effect the compiler need not see)
-        r = lora_A.shape[0]
-        mask = torch.ones(r, device=lora_A.device, dtype=lora_A.dtype) if compiling else unit_mask(
-            r, lora_A.device, lora_A.dtype
-        )
-        adapter = adapter._replace(triplet_mask=mask)
-    if compiling:
-        if importance is not None:
-            return _eager_emitting_importance(x, weight, bias, adapter, seed, importance)
-        return SVDLinearFunction.apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, None)
-    if not (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_E.requires_grad
-                                         or lora_B.requires_grad or weight.requires_grad
-                                         or (bias is not None and bias.requires_grad))):  # fmt: skip
-        # Nothing to differentiate (evaluation, no_grad): the launchers alone, without autograd's machinery.
-        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y, _ = svd_adapter_forward(x2d, weight, bias, adapter, dropout_seed(adapter.dropout_p, x.device, seed))
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
-    if _apply_eagerly is None or torch._C._are_functorch_transforms_active():
-        return SVDLinearFunction.apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, importance)
-    return _apply_eagerly(_unwrap_if_dead(x), weight, bias, lora_A, lora_E, lora_B, adapter, seed, importance)
+
+    __slots__ = ("n", "k", "r", "out", "r_pad", "acc", "dots", "has_dropout", "n_tiles", "n_splits",
+                 "rows_per_split", "tiles_b", "tiles_a", "ws_a_offset", "ws_b_offset", "ws_size", "x_strides",
+                 "a_strides", "e_stride", "b_strides", "grad_strides", "forwards", "backwards", "cached")  # fmt: skip
+
+    def __init__(self, x2d: torch.Tensor, adapter: SVDAdapter, cached: bool):
+        lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
+        self.n, self.k = x2d.shape
+        self.r, self.out = lora_A.shape[0], lora_B.shape[0]
+        self.r_pad = rank_pad(self.r)
+        self.acc = accumulate_dtype(lora_A.dtype)
+        self.dots = dot_settings(x2d.dtype, lora_A.dtype)
+        self.has_dropout = adapter.dropout_p > 0
+        self.n_tiles = cdiv(self.n, GRAD_H_BLOCK_M)
+        self.n_splits = _token_splits(self.n, self.k, x2d.device) if self.n else 1
+        self.rows_per_split = cdiv(self.n, self.n_splits)
+        self.tiles_b, self.tiles_a = cdiv(self.out, REDUCE_BLOCK_ROWS), cdiv(self.k, REDUCE_BLOCK_ROWS)
+        # The backward's one workspace (see svd_adapter.py): Gs, then the dA partials, then the dB partials
+        # with dE's as an extra row per row tile. Every region starts 16-element aligned (R_PAD >= 16).
+        self.ws_a_offset = self.n * self.r_pad
+        self.ws_b_offset = self.ws_a_offset + self.n_splits * self.k * self.r_pad
+        self.ws_size = self.ws_b_offset + self.n_tiles * (self.out + 1) * self.r_pad
+        # Strides in the key, read once: the operands' and the gradients' (empty_like keeps a dense layout)
+        self.x_strides, self.a_strides, self.b_strides = x2d.stride(), lora_A.stride(), lora_B.stride()
+        self.e_stride = lora_E.stride(0)
+        d_a, d_e, d_b = (torch.empty_like(t) for t in (lora_A, lora_E, lora_B))
+        self.grad_strides = (*d_b.stride(), d_a.stride(1), d_a.stride(0), d_e.stride(0))
+        self.forwards: dict = {}  # (y's strides and dtype) -> (shrink, expand)
+        self.backwards: dict = {}  # (dY's, x's, H's and dx's layouts and dtypes) -> (grad_h, grad_a_x, reduce)
+        self.cached = cached  # False: an operand is not 16-byte aligned, this plan serves one call
 
 
-@torch.compiler.disable
-def _eager_emitting_importance(x, weight, bias, adapter, seed, importance):
-    """Paper-order emission runs in the eager launchers (its epilogue updates Python-held state): under
-    torch.compile this call is left to eager execution, a graph break."""
-    return SVDLinearFunction.apply(x, weight, bias, *adapter.factors, adapter, seed, importance)
+_PLANS: dict = {}
+MAX_PLANS = 4096  # a bound, not a working size: past it the cache starts over
 
 
-_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+def _aligned(*tensors) -> bool:
+    ptrs = 0
+    for t in tensors:
+        ptrs |= t.data_ptr()
+    return not ptrs & 15
 
 
-def _autocast_operands(x, weight, bias):
-    """x, weight and bias as autocast hands them to ``F.linear``: fp16/bf16/fp32 tensors in its dtype.
-    The cast of x is the one copy saved for the backward (the base GEMM's own, under autocast)."""
-    dtype = torch.get_autocast_dtype(x.device.type)
+def adapter_plan(x2d: torch.Tensor, adapter: SVDAdapter, seed: torch.Tensor) -> SVDAdapterPlan:
+    """The plan for an adapter call on these operands (cached per layout; ``adapter.triplet_mask`` must be a
+    tensor, ``seed`` the dropout seed tensor).
 
-    def cast(t):
-        return t.to(dtype) if t is not None and t.dtype != dtype and t.dtype in _AUTOCAST_ELIGIBLE else t
+    Its key holds everything its bound launches were specialised on: the shapes and strides (every int the
+    kernels take is made of them), the dtypes, whether dropout is on, the device and whether direct launches
+    are on; every pointer must be 16-byte aligned, else the plan is made for this call alone. The tensors a
+    call allocates (H, the workspace, the gradients) are taken to be aligned, as torch's allocators give them;
+    the caller's y and dx are checked per call, and their layouts pick the plan's bound launches.
+    """
+    lora_A, lora_E, lora_B, mask, ranknum = (adapter.lora_A, adapter.lora_E, adapter.lora_B, adapter.triplet_mask,
+                                             adapter.ranknum)  # fmt: skip
+    key = (x2d.shape, x2d.stride(), x2d.dtype, lora_A.shape, lora_A.stride(), lora_A.dtype, lora_E.stride(0),
+           lora_E.dtype, lora_B.shape, lora_B.stride(), lora_B.dtype, mask.dtype, ranknum.dtype, adapter.dropout_p > 0,
+           x2d.device, current_device(), direct_launch_enabled())  # fmt: skip
+    if not _aligned(x2d, lora_A, lora_E, lora_B, mask, ranknum, seed):
+        return SVDAdapterPlan(x2d, adapter, cached=False)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = SVDAdapterPlan(x2d, adapter, cached=True)
+    return plan
 
-    return cast(x), cast(weight), cast(bias)
+
+def clear_plans() -> None:
+    """Forget every plan (the next call per layout binds its launches again); also done by
+    :func:`~.launch.clear_all`."""
+    _PLANS.clear()
+
+
+on_clear_all(clear_plans)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout seeds and the all-ones triplet mask
+# ---------------------------------------------------------------------------------------------
+
+
+_UNUSED_SEED: dict = {}
+
+
+def _outside_capture(device) -> bool:
+    """Whether a cached buffer may be made now: not while a CUDA graph is being captured (its fill would only
+    run at the first replay)."""
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def dropout_seed(dropout_p: float, device, seed: int | None = None) -> torch.Tensor:
+    """The one-element int64 tensor on ``device`` that the kernels read the dropout seed from.
+
+    ``seed=None`` draws it on the device from torch's generator (reproducible under
+    ``torch.manual_seed``; no host sync; inside a CUDA graph each replay draws a fresh one).
+    Without dropout the kernels do not read it: a shared uninitialised placeholder is returned.
+    """
+    if dropout_p <= 0:  # one cached placeholder per device (made outside a capture, like the ones mask)
+        unused = _UNUSED_SEED.get(device)
+        if unused is None:
+            if not _outside_capture(torch.device(device)):
+                return torch.empty(1, dtype=torch.int64, device=device)
+            with torch.inference_mode(False):
+                unused = _UNUSED_SEED[device] = torch.empty(1, dtype=torch.int64, device=device)
+        return unused
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+    return torch.full((1,), int(seed), dtype=torch.int64, device=device)
+
+
+def check_seed(seed) -> None:
+    if not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1):
+        raise TypeError(f"the dropout seed must be a one-element int64 tensor (see dropout_seed()), got {seed!r}")
+
+
+_ONES: dict[tuple, torch.Tensor] = {}
+
+
+def unit_mask(r: int, device, dtype) -> torch.Tensor:
+    """A triplet mask of r ones (layers without one, e.g. PEFT's): one cached read-only view per (r, device,
+    dtype), so that no layer launches a fill for it in every forward.
+
+    Made outside inference mode (an inference tensor cannot be saved for a later training backward), and
+    not cached while a CUDA graph is being captured.
+    """
+    key = (r, device, dtype)
+    ones = _ONES.get(key)
+    if ones is None:
+        if not _outside_capture(device):
+            return torch.ones(r, device=device, dtype=dtype)
+        with torch.inference_mode(False):
+            ones = _ONES[key] = torch.ones(r, device=device, dtype=dtype)
+    return ones
+
+
+def svd_adapter_dropout_mask(seed: int | torch.Tensor, n: int, k: int, dropout_p: float, device) -> torch.Tensor:
+    """The (n × k) keep mask the kernels draw for ``seed``: lets a reference replay the same dropout."""
+    out = torch.empty((n, k), device=device, dtype=torch.float32)
+    seed_t = torch.as_tensor(seed, dtype=torch.int64).to(device).reshape(1)
+    if n and k:
+        _dropout_keep_mask_kernel[(cdiv(n, 32), cdiv(k, 32))](out, n, k, seed_t, dropout_p, BLOCK_M=32, BLOCK_K=32)
+    return out.bool()

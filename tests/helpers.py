@@ -170,10 +170,10 @@ def token_batch(step, batch=4, seq=16):
 
 
 def triton_svd_linear(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum, *,
-                      fan_in_fan_out=False, dropout_p=0.0, training=False, seed=None, importance=None):  # fmt: skip
+                      fan_in_fan_out=False, dropout_p=0.0, training=False, seed=None, emission=None):  # fmt: skip
     """The kernel path's entry point called with the functional API's arguments (as the reference takes them)."""
     from adalora_fast.kernels.svd_adapter_op import svd_linear_triton
 
-    adapter = SVDAdapter(lora_A, lora_E, lora_B, triplet_mask, ranknum, float(scaling), fan_in_fan_out,
+    adapter = SVDAdapter(lora_A, lora_E, lora_B, triplet_mask, float(scaling), ranknum, fan_in_fan_out,
                          dropout_p if training else 0.0)  # fmt: skip
-    return svd_linear_triton(x, weight, bias, adapter, seed=seed, importance=importance)
+    return svd_linear_triton(x, weight, bias, adapter, seed=seed, emission=emission)

@@ -9,7 +9,7 @@ from helpers import triton_svd_linear
 from tooling.device import BF16, DEVICE, F32, ON_GPU, TOL, assert_close_to_scale
 
 from adalora_fast import FastSVDLinear
-from adalora_fast.kernels.svd_adapter_launch import svd_adapter_dropout_mask
+from adalora_fast.kernels.svd_adapter_op import svd_adapter_dropout_mask
 from adalora_fast.reference import svd_linear_reference
 
 def _layer(in_f=12, out_f=7, r=4, dtype=torch.float32):

@@ -118,7 +118,7 @@ def test_peft_default_setup_saves_less_for_the_backward_than_peft_lora(kernels):
     assert saved["fast"] < saved["lora"], saved
     # One patched layer: x (bf16, the base GEMM's) and one 128 × 16 fp32 tile, nothing else (PEFT's layers
     # have no triplet mask: they share one cached mask of ones, not an activation).
-    from adalora_fast.kernels.svd_adapter_launch import _ONES
+    from adalora_fast.kernels.svd_adapter_op import _ONES
 
     layer = fast.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(128, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)

@@ -19,8 +19,12 @@ from tooling.device import BF16, DEVICE, F16, F32, F64, KERNEL_DTYPES, ON_GPU, T
 
 from adalora_fast import FastSVDLinear, dispatch
 from adalora_fast.adapter import SVDAdapter
-from adalora_fast.kernels.svd_adapter_launch import svd_adapter_dropout_mask
-from adalora_fast.kernels.svd_adapter_op import SVDLinearFunction, svd_linear_backward_op, svd_linear_forward_op
+from adalora_fast.kernels.svd_adapter_op import (
+    SVDLinearFunction,
+    svd_adapter_dropout_mask,
+    svd_linear_backward_op,
+    svd_linear_forward_op,
+)
 from adalora_fast.reference import svd_linear_reference
 
 CUDA = ON_GPU
@@ -181,7 +185,7 @@ def test_gradcheck_float64_through_the_kernels(kernels, dropout_p):
     W, b, A, E, B, mask, ranknum = _layer_tensors(21, 13, 5, torch.float64)
     x = torch.randn(6, 21, device=DEVICE, dtype=torch.float64, requires_grad=True)
     def f(x, A, E, B, b):
-        adapter = SVDAdapter(A, E, B, mask, ranknum, ALPHA, False, dropout_p)
+        adapter = SVDAdapter(A, E, B, mask, ALPHA, ranknum, False, dropout_p)
         return SVDLinearFunction.apply(x, W, b, A, E, B, adapter, 77, None)
 
     b = b.requires_grad_()
@@ -205,7 +209,7 @@ def test_a_layer_launches_two_kernels_forward_and_three_backward(kernels):
     """Launches, not FLOPs, bound small layers: the forward is shrink + expand, the backward grad_h, grad_a_x
     (dA partials and the adapter's dx) and one reduction for dB, dA and dE; the same on the first call (which
     binds the plan's launches) and on the next ones (which replay them)."""
-    from adalora_fast.kernels import svd_adapter_launch as sa
+    from adalora_fast.kernels import svd_adapter_op as sa
     from adalora_fast.kernels.launch import CachedLauncher
 
     launchers = {name: obj for name, obj in vars(sa).items() if isinstance(obj, CachedLauncher)}
@@ -233,11 +237,11 @@ def test_plans_are_per_operand_layout_and_an_unaligned_operand_gets_one_of_its_o
     """Calls on operands laid out alike share one plan (cached); another layout of x (strides) or shape gets
     another; an operand off 16-byte alignment gets a plan for that call alone (its launches specialise on the
     alignment), and every call still matches the reference."""
-    from adalora_fast.kernels import svd_adapter_launch as sa
+    from adalora_fast.kernels import svd_adapter_op as sa
 
     params = _layer_tensors(40, 24, 12, F32)
     W, b, A, E, B, mask, ranknum = params
-    adapter = SVDAdapter(A, E, B, mask, ranknum, ALPHA)
+    adapter = SVDAdapter(A, E, B, mask, ALPHA, ranknum)
     seed = sa.dropout_seed(0.0, torch.device(DEVICE))
     x = torch.randn(30, 40, device=DEVICE)
     x_other = torch.randn(30, 40, device=DEVICE)
@@ -382,7 +386,7 @@ def test_saved_activations_are_x_plus_one_fp32_rank_tile(kernels):
 
 def test_layers_without_a_mask_train_after_an_inference_mode_call(kernels):
     """The shared mask of ones is made outside inference mode: a later training backward can save it."""
-    import adalora_fast.kernels.svd_adapter_launch as sa
+    import adalora_fast.kernels.svd_adapter_op as sa
 
     sa._ONES.clear()
     W, b, A, E, B, _, ranknum = _layer_tensors(20, 10, 4, torch.float32)
@@ -404,9 +408,9 @@ def test_the_custom_ops_and_the_eager_launchers_are_bitwise_the_same(kernels, dr
     dy = torch.randn(2, 9, 24, device=DEVICE)
     x2d, dy2d = x.detach().reshape(-1, 40), dy.reshape(-1, 24)
     with torch.no_grad():
-        y_op, h, seed = svd_linear_forward_op(x2d, W, b, A, E, B, mask, ranknum, ALPHA, False, dropout, 123)
-        g_op = svd_linear_backward_op(dy2d, x2d, W, A, E, B, mask, ranknum, h, seed, ALPHA, False, dropout, True)
-    y_fn = SVDLinearFunction.apply(x, W, b, A, E, B, SVDAdapter(A, E, B, mask, ranknum, ALPHA, False, dropout), 123,
+        y_op, h, seed = svd_linear_forward_op(x2d, W, b, A, E, B, mask, ALPHA, ranknum, False, dropout, 123)
+        g_op = svd_linear_backward_op(dy2d, x2d, W, A, E, B, mask, ALPHA, ranknum, False, dropout, h, seed, True)
+    y_fn = SVDLinearFunction.apply(x, W, b, A, E, B, SVDAdapter(A, E, B, mask, ALPHA, ranknum, False, dropout), 123,
                                    None)  # fmt: skip
     g_fn = torch.autograd.grad(y_fn, [x, A, E, B], dy)
     assert torch.equal(y_op.view_as(y_fn), y_fn)

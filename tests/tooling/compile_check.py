@@ -102,7 +102,7 @@ def compile_kernel(name: str, config: triton.Config, target: int, dtype: str, r_
     fn = autotuned.fn
     constexprs = dict(config.kwargs, R_PAD=r_pad, **extra)
     act, param = _dtypes(dtype)
-    if "UPCAST" in fn.arg_names:  # as kernels.utils.dot_settings sets them for this pair
+    if "UPCAST" in fn.arg_names:  # as kernels.precision.dot_settings sets them for this pair
         constexprs.update(UPCAST=False, DOT_PRECISION="ieee" if act == param == "fp32" else "tf32", ACC_DTYPE=tl.float32,
                           COMPUTE_DTYPE=_TL[param])  # fmt: skip
     elif "ACC_DTYPE" in fn.arg_names:
