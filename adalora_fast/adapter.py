@@ -80,3 +80,20 @@ def check_input_dtype(x: torch.Tensor, weight: torch.Tensor) -> None:
         f"the layer's base weight is {weight.dtype} but its input is {x.dtype}: cast the input "
         f"(x.to({weight.dtype})) or the layer (layer.to({x.dtype})), or run it under torch.autocast"
     )
+
+
+def check_adapter_add_input(result: torch.Tensor, x: torch.Tensor, adapter: SVDAdapter) -> None:
+    """Clear errors for a base layer's output and input that the adapter cannot be added onto."""
+    if not (x.is_floating_point() and result.is_floating_point()):
+        raise TypeError(f"the adapter needs floating-point tensors, got x {x.dtype} and the base output {result.dtype}")
+    in_features, out_features = adapter.lora_A.shape[1], adapter.lora_B.shape[0]
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    if x.dim() == 0 or x.shape[-1] != in_features or result.shape[-1:] != (out_features,) or (
+        result.numel() // out_features != rows
+    ):
+        raise ValueError(
+            f"the base layer's output {tuple(result.shape)} does not match the adapter on x {tuple(x.shape)}: "
+            f"the adapter takes {in_features} input features and gives {out_features} per row, one row per row of x"
+        )
+    if x.device != result.device or x.device != adapter.lora_A.device:
+        raise ValueError(f"x is on {x.device}, the base output on {result.device}, the adapter on {adapter.lora_A.device}")

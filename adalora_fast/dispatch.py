@@ -29,11 +29,11 @@ from collections import Counter
 
 import torch
 
-from .adapter import SVDAdapter
+from .adapter import SVDAdapter, check_adapter_add_input
 from .dtypes import KERNEL_DTYPES, activation_dtype
 from .extension import load_extension, warn_extension_fallback
 from .kernels import interpreting as triton_interpreter_enabled  # (kernels/__init__ imports no Triton)
-from .reference.adapter import svd_linear_reference
+from .reference.adapter import svd_adapter_add_reference, svd_linear_reference
 
 BACKEND_ENV = "ADALORA_FAST_BACKEND"
 ADAPTER_BACKENDS = ("reference", "triton")
@@ -176,6 +176,30 @@ def svd_adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         adapter.ranknum, fan_in_fan_out=adapter.fan_in_fan_out, dropout_p=dropout_p, training=dropout_p > 0,
     )  # fmt: skip
 
+
+
+def svd_adapter_add(result: torch.Tensor, x: torch.Tensor, adapter: SVDAdapter, out_dtype: torch.dtype | None = None,
+                    importance=None, *, seed: int | None = None) -> torch.Tensor:  # fmt: skip
+    """``result + s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ`` for the output ``result`` of any base layer on ``x``
+    (bitsandbytes 4-/8-bit, GPTQ, an ``nn.Linear`` subclass, …), as a new tensor of ``out_dtype`` (default:
+    ``result``'s), on the backend :func:`adapter_backend` picks: the kernel op
+    (:func:`~adalora_fast.kernels.svd_adapter_op.svd_adapter_add_triton`) or the PyTorch reference
+    (:func:`~adalora_fast.reference.adapter.svd_adapter_add_reference`). The backward adds the adapter's dx
+    to the base layer's own. ``importance`` as for :func:`svd_adapter_linear`; ``seed``: the kernels' dropout
+    seed (None: drawn on the device).
+    """
+    check_adapter_add_input(result, x, adapter)
+    out_dtype = result.dtype if out_dtype is None else out_dtype
+    if adapter_backend(x, adapter.lora_A, adapter.lora_E, adapter.lora_B) == "triton":
+        emission = importance.emission() if importance is not None else None
+        return _svd_adapter_op.svd_adapter_add_triton(result, x, adapter, out_dtype, seed=seed, emission=emission)
+    if importance is not None:
+        importance.arm_gradient_hooks()
+    dropout_p = adapter.dropout_p
+    return svd_adapter_add_reference(
+        result, x, adapter.lora_A, adapter.lora_E, adapter.lora_B, adapter.triplet_mask, adapter.scaling,
+        adapter.ranknum, out_dtype=out_dtype, dropout_p=dropout_p, training=dropout_p > 0,
+    )  # fmt: skip
 
 def backend_calls() -> dict[str, dict[str, int]]:
     """Calls per op and backend since import (or the last :func:`reset_backend_calls`): what actually ran.

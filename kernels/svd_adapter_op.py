@@ -66,12 +66,8 @@ def svd_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         x, weight, bias = _autocast_operands(x, weight, bias)
     lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
     compiling = torch.compiler.is_compiling()
-    if adapter.triplet_mask is None:  # (a fresh one while tracing: the cache is a side effect the compiler need not see)
-        r = lora_A.shape[0]
-        mask = torch.ones(r, device=lora_A.device, dtype=lora_A.dtype) if compiling else unit_mask(
-            r, lora_A.device, lora_A.dtype
-        )
-        adapter = adapter._replace(triplet_mask=mask)
+    if adapter.triplet_mask is None:
+        adapter = adapter._replace(triplet_mask=_ones_mask(lora_A, compiling))
     if compiling:
         if emission is not None:
             return _eager_emitting(x, weight, bias, adapter, seed, emission)
@@ -86,6 +82,15 @@ def svd_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if _apply_eagerly is None or torch._C._are_functorch_transforms_active():
         return SVDLinearFunction.apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, emission)
     return _apply_eagerly(_unwrap_if_dead(x), weight, bias, lora_A, lora_E, lora_B, adapter, seed, emission)
+
+
+def _ones_mask(lora_A: torch.Tensor, compiling: bool) -> torch.Tensor:
+    """The all-ones triplet mask of an adapter without one (PEFT's layers): the cached one eagerly, a fresh one
+    while tracing (the cache is a side effect the compiler need not see)."""
+    r = lora_A.shape[0]
+    if compiling:
+        return torch.ones(r, device=lora_A.device, dtype=lora_A.dtype)
+    return unit_mask(r, lora_A.device, lora_A.dtype)
 
 
 @torch.compiler.disable
@@ -107,6 +112,115 @@ def _autocast_operands(x, weight, bias):
         return t.to(dtype) if t is not None and t.dtype != dtype and t.dtype in _AUTOCAST_ELIGIBLE else t
 
     return cast(x), cast(weight), cast(bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter onto any base layer's output
+# ---------------------------------------------------------------------------------------------
+
+
+def svd_adapter_add_triton(result: torch.Tensor, x: torch.Tensor, adapter: SVDAdapter, out_dtype: torch.dtype, *,
+                           seed: int | None = None, emission: ImportanceEmission | None = None) -> torch.Tensor:  # fmt: skip
+    """``result + s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ`` as a new tensor of ``out_dtype``, for the output ``result`` of
+    any base layer (bitsandbytes, GPTQ, an ``nn.Linear`` subclass, …) on x: the base layer's own autograd gives
+    its part of dx, and this op's backward the adapter's part, dA, dE and dB (and the paper-order
+    ``emission``) as the fused layer's does.
+
+    x keeps its dtype (the kernels cast its tiles to the adapter's in registers, as PEFT casts x); under
+    ``torch.autocast`` nothing is cast here: the base layer has run under it already.
+    """
+    lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
+    compiling = torch.compiler.is_compiling()
+    if adapter.triplet_mask is None:
+        adapter = adapter._replace(triplet_mask=_ones_mask(lora_A, compiling))
+    if compiling:
+        if emission is not None:
+            return _eager_add_emitting(result, x, adapter, out_dtype, seed, emission)
+        return SVDAdapterAddFunction.apply(result, x, lora_A, lora_E, lora_B, adapter, seed, None, out_dtype)
+    if not (torch.is_grad_enabled() and (result.requires_grad or x.requires_grad or lora_A.requires_grad
+                                         or lora_E.requires_grad or lora_B.requires_grad)):  # fmt: skip
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y = _base_output_copy(result, x2d.shape[0], out_dtype)
+        svd_adapter_forward(x2d, adapter, dropout_seed(adapter.dropout_p, x.device, seed), y)
+        return y.view(result.shape)
+    return SVDAdapterAddFunction.apply(result, x, lora_A, lora_E, lora_B, adapter, seed, emission, out_dtype)
+
+
+@torch.compiler.disable
+def _eager_add_emitting(result, x, adapter, out_dtype, seed, emission):
+    """Paper-order emission under torch.compile: left to eager execution (see :func:`_eager_emitting`)."""
+    return SVDAdapterAddFunction.apply(result, x, *adapter.factors, adapter, seed, emission, out_dtype)
+
+
+def _base_output_copy(result: torch.Tensor, n: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """The base layer's output as a dense (N × out) tensor of ``out_dtype`` that the adapter's term is added
+    onto (a copy: the base layer's backward may have saved its output)."""
+    y = torch.empty((n, result.shape[-1]), device=result.device, dtype=out_dtype)
+    return y.copy_(result.reshape(y.shape))
+
+
+class SVDAdapterAddFunction(torch.autograd.Function):
+    """``result + s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ`` (:func:`svd_adapter_add_triton`).
+
+    ``apply(result, x, lora_A, lora_E, lora_B, adapter, seed, emission, out_dtype)``; eagerly the launchers,
+    under ``torch.compile`` the custom ops (the backward's without a base weight)."""
+
+    @staticmethod
+    def forward(ctx, result, x, lora_A, lora_E, lora_B, adapter: SVDAdapter, seed, emission, out_dtype):
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if torch.compiler.is_compiling():
+            y, h, seed_t = svd_adapter_add_forward_op(
+                result.reshape(x2d.shape[0], -1), x2d, lora_A, lora_E, lora_B, adapter.triplet_mask, adapter.scaling,
+                adapter.ranknum, adapter.dropout_p, -1 if seed is None else seed, out_dtype,
+            )  # fmt: skip
+            plan = None
+        else:
+            seed_t = dropout_seed(adapter.dropout_p, x.device, seed)
+            plan = adapter_plan(x2d, adapter, seed_t)
+            y = _base_output_copy(result, x2d.shape[0], out_dtype)
+            h = svd_adapter_forward(x2d, adapter, seed_t, y, plan)
+        ctx.save_for_backward(x2d, lora_A, lora_E, lora_B, h)
+        ctx.adapter, ctx.seed, ctx.plan, ctx.emission = adapter, seed_t, plan, emission
+        ctx.x_shape, ctx.result_dtype = x.shape, result.dtype
+        return y.view(result.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, lora_A, lora_E, lora_B, h = ctx.saved_tensors
+        adapter = ctx.adapter
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        needs_result, needs_dx = ctx.needs_input_grad[:2]
+        if torch.compiler.is_compiling():
+            dx, d_a, d_e, d_b = svd_linear_backward_op(
+                dy2d, x2d, None, lora_A, lora_E, lora_B, adapter.triplet_mask, adapter.scaling, adapter.ranknum,
+                False, adapter.dropout_p, h, ctx.seed, needs_dx,
+            )  # fmt: skip
+        else:
+            dx = _base_input_grad(dy2d, x2d, None, False) if needs_dx else None
+            dx, d_a, d_e, d_b = svd_adapter_backward(dy2d, x2d, adapter, h, ctx.seed, dx, ctx.emission, plan=ctx.plan)
+        d_result = dy.to(ctx.result_dtype) if needs_result else None
+        return d_result, (dx.view(ctx.x_shape) if needs_dx else None), d_a, d_e, d_b, None, None, None, None
+
+
+@torch.library.custom_op("adalora_fast::svd_adapter_add_forward", mutates_args=())
+def svd_adapter_add_forward_op(
+    result2d: torch.Tensor, x2d: torch.Tensor, lora_A: torch.Tensor, lora_E: torch.Tensor, lora_B: torch.Tensor,
+    triplet_mask: torch.Tensor, scaling: float, ranknum: torch.Tensor, dropout_p: float, seed: int,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(result + the adapter's term, H, the dropout seed tensor) for a 2-D x and base output."""
+    seed_t = (dropout_seed(dropout_p, x2d.device, None if seed < 0 else seed) if dropout_p > 0
+              else torch.empty(1, dtype=torch.int64, device=x2d.device))  # fmt: skip
+    adapter = SVDAdapter(lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum, False, dropout_p)
+    y = _base_output_copy(result2d, x2d.shape[0], out_dtype)
+    return y, svd_adapter_forward(x2d, adapter, seed_t, y), seed_t
+
+
+@svd_adapter_add_forward_op.register_fake
+def _(result2d, x2d, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum, dropout_p, seed, out_dtype):
+    y = result2d.new_empty(result2d.shape, dtype=out_dtype)
+    h = x2d.new_empty((x2d.shape[0], rank_pad(lora_A.shape[0])), dtype=accumulate_dtype(lora_A.dtype))
+    return y, h, x2d.new_empty((1,), dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------

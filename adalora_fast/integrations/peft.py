@@ -2,8 +2,11 @@
 
 ``patch_peft()`` makes every PEFT AdaLoRA model created afterwards use
 
-* the fast layer: PEFT's ``SVDLinear`` on ``nn.Linear`` bases becomes ``FastPeftSVDLinear``, whose forward
-  runs :func:`adalora_fast.functional.svd_linear` (the fused kernels on a GPU, the reference elsewhere);
+* the fast layer: each of PEFT's AdaLoRA linear layers (``SVDLinear``; bitsandbytes' ``SVDLinear4bit`` and
+  ``SVDLinear8bitLt``; GPTQ's ``SVDQuantLinear``) becomes its ``FastPeft…`` subclass (:class:`FastPeftLayer`),
+  whose forward runs the adapter on :mod:`adalora_fast.dispatch`'s choice (the fused kernels on a GPU, the
+  reference elsewhere): over an ``nn.Linear`` the fused op with the base GEMM, over any other base the
+  adapter's term added onto the base layer's output;
 * the fast allocator: ``AdaLoraModel.update_and_allocate`` runs :class:`adalora_fast.RankAllocator`
   (``semantics="peft"``: the same masks step for step) on flat state, with no host syncs;
   ``peft_config.rank_pattern`` is written when it is needed (at T − tfinal and on save), not every step;
@@ -32,8 +35,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .. import dispatch
+from ..adapter import SVDAdapter, check_input_dtype
 from ..allocator import RankAllocator
-from ..functional import svd_linear
 from ..penalty import orth_penalty
 
 _ORIGINALS: dict[str, object] = {}
@@ -47,35 +51,101 @@ def _peft():
     return PeftModel, AdaLoraModel, SVDLinear
 
 
-def _fast_layer_class():
-    _, _, SVDLinear = _peft()
+def peft_layer_classes() -> tuple[type, ...]:
+    """PEFT's AdaLoRA layer classes for linear bases that this PEFT and its quantization backends provide:
+    ``SVDLinear`` (``nn.Linear`` and its subclasses), ``SVDLinear8bitLt`` and ``SVDLinear4bit``
+    (bitsandbytes), ``SVDQuantLinear`` (GPTQ)."""
+    import peft.tuners.adalora as adalora
 
-    class FastPeftSVDLinear(SVDLinear):
-        """PEFT's SVDLinear (same parameters, state dict, merge, repr) with adalora-fast's forward."""
-
-        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            active = [a for a in self.active_adapters if a in self.lora_A.keys()]
-            base = self.get_base_layer()
-            if self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or type(base) is not nn.Linear:
-                return super().forward(x, *args, **kwargs)  # PEFT's own path covers everything else
-            a = active[0]
-            dropout = self.lora_dropout[a]
-            return svd_linear(
-                x, base.weight, base.bias, self.lora_A[a], self.lora_E[a], self.lora_B[a], None, self.scaling[a],
-                self.ranknum[a], dropout_p=dropout.p if isinstance(dropout, nn.Dropout) else 0.0, training=self.training,
-            )  # fmt: skip
-
-    return FastPeftSVDLinear
+    names = ("SVDLinear", "SVDLinear8bitLt", "SVDLinear4bit", "SVDQuantLinear")
+    return tuple(cls for cls in (getattr(adalora, name, None) for name in names) if cls is not None)
 
 
-_FAST_LAYER = None
+def _output_dtype_in_place(result: torch.Tensor, ranknum: torch.Tensor) -> torch.dtype:
+    """SVDLinear, SVDLinear4bit, SVDQuantLinear: ``result += term`` keeps the base output's dtype."""
+    return result.dtype
 
 
-def fast_layer_class():
-    global _FAST_LAYER
-    if _FAST_LAYER is None:
-        _FAST_LAYER = _fast_layer_class()
-    return _FAST_LAYER
+def _output_dtype_8bit(result: torch.Tensor, ranknum: torch.Tensor) -> torch.dtype:
+    """SVDLinear8bitLt: ``result + term * scaling / (ranknum + 1e-5)`` out of place, where the term has
+    the base output's dtype (CUDA autocast's, under it) and dividing by the (1,)-shaped ranknum promotes it."""
+    term = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled() else result.dtype
+    return torch.promote_types(torch.promote_types(result.dtype, term), ranknum.dtype)
+
+
+# What each of PEFT's layer classes does that the fast layer must do alike: the rule of its output's dtype,
+# and whether PEFT can merge the adapter into that base.
+_OUTPUT_DTYPE = {"SVDLinear8bitLt": _output_dtype_8bit}
+_MERGES = ("SVDLinear",)
+
+
+def _dense_linear(base: nn.Module) -> bool:
+    """A plain ``nn.Linear`` with a dense floating weight: the fused path computes its GEMM itself."""
+    weight = base.weight
+    return type(base) is nn.Linear and type(weight) is nn.Parameter and weight.is_floating_point()
+
+
+class FastPeftLayer:
+    """adalora-fast's forward for one of PEFT's AdaLoRA layer classes (mixed in before it): same parameters,
+    state dict and repr. Over a plain ``nn.Linear`` the fused op computes the base GEMM too
+    (:func:`~adalora_fast.dispatch.svd_adapter_linear`); over any other base (bitsandbytes 4-/8-bit, GPTQ,
+    an ``nn.Linear`` subclass or a quantized weight) the base layer computes its output and the adapter's
+    kernels add their term onto it (:func:`~adalora_fast.dispatch.svd_adapter_add`), with the output dtype
+    of PEFT's own class. Anything else (adapters disabled or merged, several active adapters) runs PEFT's
+    forward."""
+
+    _output_dtype = staticmethod(_output_dtype_in_place)
+    _peft_name = "SVDLinear"
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = [a for a in self.active_adapters if a in self.lora_A.keys()]
+        if self.disable_adapters or self.merged or len(active) != 1:
+            return super().forward(x, *args, **kwargs)
+        a = active[0]
+        dropout = self.lora_dropout[a]
+        adapter = SVDAdapter(
+            lora_A=self.lora_A[a], lora_E=self.lora_E[a], lora_B=self.lora_B[a], triplet_mask=None,
+            scaling=float(self.scaling[a]), ranknum=self.ranknum[a],
+            dropout_p=dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0,
+        )  # fmt: skip
+        base = self.get_base_layer()
+        if not (args or kwargs) and _dense_linear(base):
+            check_input_dtype(x, base.weight)
+            return dispatch.svd_adapter_linear(x, base.weight, base.bias, adapter)
+        result = base(x, *args, **kwargs)
+        return dispatch.svd_adapter_add(result, x, adapter, self._output_dtype(result, adapter.ranknum))
+
+    def merge(self, *args, **kwargs):
+        if self._peft_name not in _MERGES:
+            raise NotImplementedError(
+                f"PEFT's AdaLoRA cannot merge an adapter into this base layer ({self._peft_name} over "
+                f"{type(self.get_base_layer()).__name__}): merge_and_unload needs a dense base. Save the adapter "
+                "(save_pretrained) and merge it into the unquantized model instead"
+            )
+        return super().merge(*args, **kwargs)
+
+
+_FAST_LAYERS: dict[type, type] = {}
+
+
+def fast_layer_class(peft_class: type | None = None) -> type:
+    """The fast subclass of one of PEFT's AdaLoRA layer classes (default: ``SVDLinear``), made once."""
+    if peft_class is None:
+        peft_class = _peft()[2]
+    fast = _FAST_LAYERS.get(peft_class)
+    if fast is None:
+        name = peft_class.__name__
+        body = {"_peft_name": name, "__doc__": f"PEFT's {name} with adalora-fast's forward (see FastPeftLayer)."}
+        if name in _OUTPUT_DTYPE:
+            body["_output_dtype"] = staticmethod(_OUTPUT_DTYPE[name])
+        fast = _FAST_LAYERS[peft_class] = type(f"FastPeft{name}", (FastPeftLayer, peft_class), body)
+    return fast
+
+
+def _convert_layer(module: nn.Module) -> None:
+    """Give one of PEFT's AdaLoRA layers the fast forward, in place."""
+    if type(module) in peft_layer_classes():
+        module.__class__ = fast_layer_class(type(module))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,9 +290,7 @@ def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwant
 def _create_new_module(lora_config, adapter_name, target, device_map=None, **kwargs):
     create = _ORIGINALS["AdaLoraModel._create_new_module"].__func__
     module = create(lora_config, adapter_name, target, device_map=device_map, **kwargs)
-    _, _, SVDLinear = _peft()
-    if type(module) is SVDLinear:
-        module.__class__ = fast_layer_class()
+    _convert_layer(module)
     return module
 
 
@@ -296,8 +364,7 @@ def _patch_model(peft_model, capturable: bool):
         )
     fast.capturable = capturable
     for module in tuner.model.modules():
-        if type(module) is SVDLinear:
-            module.__class__ = fast_layer_class()
+        _convert_layer(module)
     _install_save_hook()
     tuner.forward = types.MethodType(fast_forward, tuner)
     tuner.update_and_allocate = types.MethodType(fast_update_and_allocate, tuner)

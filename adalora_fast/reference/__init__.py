@@ -9,6 +9,7 @@ It reproduces PEFT's ``tuners/adalora`` and the paper's ``loralib`` exactly
 from .adapter import (
     apply_dropout_mask,
     rank_scale,
+    svd_adapter_add_reference,
     svd_adapter_reference,
     svd_delta_weight_reference,
     svd_linear_reference,
@@ -36,6 +37,7 @@ __all__ = [
     "orth_penalty_sum",
     "rank_scale",
     "sensitivity",
+    "svd_adapter_add_reference",
     "svd_adapter_reference",
     "svd_delta_weight_reference",
     "svd_linear_reference",

@@ -90,6 +90,37 @@ def svd_linear_reference(
     return result
 
 
+def svd_adapter_add_reference(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_E: torch.Tensor,
+    lora_B: torch.Tensor,
+    triplet_mask: torch.Tensor | None,
+    scaling: float,
+    ranknum: torch.Tensor,
+    *,
+    out_dtype: torch.dtype | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    dropout_keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The adapter's term added onto a base layer's output ``result`` (any base: quantized, a subclass of
+    ``nn.Linear``, …), as PEFT's AdaLoRA layers compute it: x cast to the adapter's dtype, the term evaluated
+    as :func:`svd_adapter_reference`, the sum in ``out_dtype`` (default: the base output's). Dropout as in
+    :func:`svd_linear_reference`."""
+    x = x.to(lora_A.dtype)
+    if dropout_keep is not None:
+        u = apply_dropout_mask(x, dropout_keep, dropout_p)
+    elif dropout_p > 0.0:
+        u = F.dropout(x, dropout_p, training)
+    else:
+        u = x
+    out_dtype = result.dtype if out_dtype is None else out_dtype
+    term = svd_adapter_reference(u, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum)
+    return result.to(out_dtype) + term.to(out_dtype)
+
+
 def svd_delta_weight_reference(
     lora_A: torch.Tensor,
     lora_E: torch.Tensor,
