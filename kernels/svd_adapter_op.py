@@ -64,14 +64,11 @@ def svd_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """
     if torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type):
         x, weight, bias = _autocast_operands(x, weight, bias)
+    adapter, compiling = _with_triplet_mask(adapter)
     lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
-    compiling = torch.compiler.is_compiling()
-    if adapter.triplet_mask is None:
-        adapter = adapter._replace(triplet_mask=_ones_mask(lora_A, compiling))
     if compiling:
-        if emission is not None:
-            return _eager_emitting(x, weight, bias, adapter, seed, emission)
-        return SVDLinearFunction.apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, None)
+        apply = SVDLinearFunction.apply if emission is None else _eager_apply(SVDLinearFunction)
+        return apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, emission)
     if not (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_E.requires_grad
                                          or lora_B.requires_grad or weight.requires_grad
                                          or (bias is not None and bias.requires_grad))):  # fmt: skip
@@ -84,20 +81,25 @@ def svd_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return _apply_eagerly(_unwrap_if_dead(x), weight, bias, lora_A, lora_E, lora_B, adapter, seed, emission)
 
 
-def _ones_mask(lora_A: torch.Tensor, compiling: bool) -> torch.Tensor:
-    """The all-ones triplet mask of an adapter without one (PEFT's layers): the cached one eagerly, a fresh one
-    while tracing (the cache is a side effect the compiler need not see)."""
-    r = lora_A.shape[0]
-    if compiling:
-        return torch.ones(r, device=lora_A.device, dtype=lora_A.dtype)
-    return unit_mask(r, lora_A.device, lora_A.dtype)
+def _with_triplet_mask(adapter: SVDAdapter) -> tuple[SVDAdapter, bool]:
+    """(the adapter with a triplet mask, whether torch.compile is tracing). An adapter without one (PEFT's
+    layers) gets the cached all-ones mask eagerly, a fresh one while tracing (the cache is a side effect the
+    compiler need not see)."""
+    compiling = torch.compiler.is_compiling()
+    if adapter.triplet_mask is None:
+        lora_A = adapter.lora_A
+        r = lora_A.shape[0]
+        mask = torch.ones(r, device=lora_A.device, dtype=lora_A.dtype) if compiling else unit_mask(
+            r, lora_A.device, lora_A.dtype
+        )
+        adapter = adapter._replace(triplet_mask=mask)
+    return adapter, compiling
 
 
-@torch.compiler.disable
-def _eager_emitting(x, weight, bias, adapter, seed, emission):
-    """Paper-order emission runs in the eager launchers (its epilogue updates Python-held state): under
-    torch.compile this call is left to eager execution, a graph break."""
-    return SVDLinearFunction.apply(x, weight, bias, *adapter.factors, adapter, seed, emission)
+def _eager_apply(function: type[torch.autograd.Function]):
+    """``function.apply`` left to eager execution under torch.compile (a graph break): paper-order emission runs
+    in the eager launchers, whose epilogue updates Python-held state."""
+    return torch.compiler.disable(function.apply)
 
 
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
@@ -129,14 +131,11 @@ def svd_adapter_add_triton(result: torch.Tensor, x: torch.Tensor, adapter: SVDAd
     x keeps its dtype (the kernels cast its tiles to the adapter's in registers, as PEFT casts x); under
     ``torch.autocast`` nothing is cast here: the base layer has run under it already.
     """
+    adapter, compiling = _with_triplet_mask(adapter)
     lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
-    compiling = torch.compiler.is_compiling()
-    if adapter.triplet_mask is None:
-        adapter = adapter._replace(triplet_mask=_ones_mask(lora_A, compiling))
     if compiling:
-        if emission is not None:
-            return _eager_add_emitting(result, x, adapter, out_dtype, seed, emission)
-        return SVDAdapterAddFunction.apply(result, x, lora_A, lora_E, lora_B, adapter, seed, None, out_dtype)
+        apply = SVDAdapterAddFunction.apply if emission is None else _eager_apply(SVDAdapterAddFunction)
+        return apply(result, x, lora_A, lora_E, lora_B, adapter, seed, emission, out_dtype)
     if not (torch.is_grad_enabled() and (result.requires_grad or x.requires_grad or lora_A.requires_grad
                                          or lora_E.requires_grad or lora_B.requires_grad)):  # fmt: skip
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -144,12 +143,6 @@ def svd_adapter_add_triton(result: torch.Tensor, x: torch.Tensor, adapter: SVDAd
         svd_adapter_forward(x2d, adapter, dropout_seed(adapter.dropout_p, x.device, seed), y)
         return y.view(result.shape)
     return SVDAdapterAddFunction.apply(result, x, lora_A, lora_E, lora_B, adapter, seed, emission, out_dtype)
-
-
-@torch.compiler.disable
-def _eager_add_emitting(result, x, adapter, out_dtype, seed, emission):
-    """Paper-order emission under torch.compile: left to eager execution (see :func:`_eager_emitting`)."""
-    return SVDAdapterAddFunction.apply(result, x, *adapter.factors, adapter, seed, emission, out_dtype)
 
 
 def _base_output_copy(result: torch.Tensor, n: int, out_dtype: torch.dtype) -> torch.Tensor:

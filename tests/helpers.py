@@ -57,17 +57,23 @@ class TinyMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def random_singular_values(model, std: float):
+    """``model`` with every Λ (lora_E) drawn from N(0, std²): PEFT initialises Λ to zero, which makes every
+    adapter's output and A's and B's gradients zero."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_E" in n:
+                p.normal_(std=std)
+    return model
+
+
 def peft_mlp(seed=0, **cfg):
     """A PEFT AdaLoRA TinyMLP with random Λ."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)
     model = get_peft_model(TinyMLP(), peft_config(**cfg))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_E" in n:
-                p.normal_(std=0.1)
-    return model
+    return random_singular_values(model, std=0.1)
 
 
 def clone(model):
@@ -156,11 +162,7 @@ def peft_llama(seed=0, task_type="CAUSAL_LM", dtype=None, **kw):
     args.update(kw)
     base = tiny_llama(seed)
     model = get_peft_model(base.to(dtype) if dtype is not None else base, AdaLoraConfig(task_type=task_type, **args))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_E" in n:
-                p.normal_(std=0.1)
-    return model
+    return random_singular_values(model, std=0.1)
 
 
 def token_batch(step, batch=4, seq=16):

@@ -8,7 +8,7 @@ QLoRA user loads theirs, on ``DEVICE`` (bitsandbytes' CPU backend without a GPU)
 
 import pytest
 import torch
-from helpers import lora_params, saved_activation_bytes, token_batch
+from helpers import lora_params, random_singular_values, saved_activation_bytes, token_batch
 from tooling.device import BF16, DEVICE, F32, ON_GPU, TOL, assert_close_to_scale
 
 import adalora_fast
@@ -57,12 +57,7 @@ def qlora_adalora(checkpoint, bits: int, seed=0, **kw):
                 target_modules=TARGETS, orth_reg_weight=0.5, task_type="CAUSAL_LM")  # fmt: skip
     args.update(kw)
     torch.manual_seed(seed)
-    model = get_peft_model(quantized_llama(checkpoint, bits), AdaLoraConfig(**args))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_E" in n:
-                p.normal_(std=0.5)
-    return model
+    return random_singular_values(get_peft_model(quantized_llama(checkpoint, bits), AdaLoraConfig(**args)), std=0.5)
 
 
 def adapted_layers(model):

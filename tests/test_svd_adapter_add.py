@@ -114,3 +114,27 @@ def test_a_base_output_that_does_not_fit_is_an_error(kernels):
         dispatch.svd_adapter_add(torch.zeros(4, 30, device=DEVICE), x, SVDAdapter(A, E, B, mask, ALPHA, ranknum))
     launch = dispatch.svd_adapter_add(torch.zeros(4, 29, device=DEVICE), x, SVDAdapter(A, E, B, mask, ALPHA, ranknum))
     assert launch.shape == (4, 29)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_torch_compile_fullgraph(kernels, dropout_p):
+    """Under torch.compile the op is its torch.library ops (no graph break), with the eager op's results."""
+    x = torch.randn(2, 7, 45, device=DEVICE)
+    W, A, E, B, mask, ranknum = _adapter_tensors(45, 29, 12, F32)
+    adapter = SVDAdapter(A, E, B, mask, ALPHA, ranknum, dropout_p=dropout_p)
+
+    def layer(x):
+        return dispatch.svd_adapter_add(torch.tanh(x @ W.T), x, adapter, F32)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    results = []
+    for fn in (compiled, layer):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(11)  # the same dropout seed is drawn inside the op
+        y = fn(xi)
+        y.square().sum().backward()
+        results.append([y.detach(), xi.grad] + [t.grad.clone() for t in (A, E, B)])
+        for t in (A, E, B):
+            t.grad = None
+    for name, got, eager in zip(("y", "dx", "dA", "dE", "dB"), *results):
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6, msg=name)

@@ -78,16 +78,18 @@ def svd_linear_reference(
     torch's RNG, consuming it exactly as ``nn.Dropout`` in PEFT does.
     """
     result = F.linear(x, weight.T if fan_in_fan_out else weight, bias)
-    x = x.to(lora_A.dtype)  # PEFT's _cast_input_dtype
-    if dropout_keep is not None:
-        u = apply_dropout_mask(x, dropout_keep, dropout_p)
-    elif dropout_p > 0.0:
-        u = F.dropout(x, dropout_p, training)
-    else:
-        u = x
+    u = _dropped_out_input(x, lora_A.dtype, dropout_p, training, dropout_keep)
     # In-place, like PEFT: the output keeps the base layer's dtype.
     result += svd_adapter_reference(u, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum)
     return result
+
+
+def _dropped_out_input(x, dtype, dropout_p: float, training: bool, dropout_keep) -> torch.Tensor:
+    """dropout(x) in the adapter's dtype, as PEFT forms it (x cast first: its _cast_input_dtype)."""
+    x = x.to(dtype)
+    if dropout_keep is not None:
+        return apply_dropout_mask(x, dropout_keep, dropout_p)
+    return F.dropout(x, dropout_p, training) if dropout_p > 0.0 else x
 
 
 def svd_adapter_add_reference(
@@ -109,16 +111,11 @@ def svd_adapter_add_reference(
     ``nn.Linear``, …), as PEFT's AdaLoRA layers compute it: x cast to the adapter's dtype, the term evaluated
     as :func:`svd_adapter_reference`, the sum in ``out_dtype`` (default: the base output's). Dropout as in
     :func:`svd_linear_reference`."""
-    x = x.to(lora_A.dtype)
-    if dropout_keep is not None:
-        u = apply_dropout_mask(x, dropout_keep, dropout_p)
-    elif dropout_p > 0.0:
-        u = F.dropout(x, dropout_p, training)
-    else:
-        u = x
-    out_dtype = result.dtype if out_dtype is None else out_dtype
-    term = svd_adapter_reference(u, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum)
-    return result.to(out_dtype) + term.to(out_dtype)
+    u = _dropped_out_input(x, lora_A.dtype, dropout_p, training, dropout_keep)
+    # a copy (the base's backward may need its output), then in place like PEFT: one rounding to out_dtype
+    y = result.to(result.dtype if out_dtype is None else out_dtype, copy=True)
+    y += svd_adapter_reference(u, lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum)
+    return y
 
 
 def svd_delta_weight_reference(
