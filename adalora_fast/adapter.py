@@ -87,9 +87,9 @@ def check_adapter_add_input(result: torch.Tensor, x: torch.Tensor, adapter: SVDA
     if not (x.is_floating_point() and result.is_floating_point()):
         raise TypeError(f"the adapter needs floating-point tensors, got x {x.dtype} and the base output {result.dtype}")
     in_features, out_features = adapter.lora_A.shape[1], adapter.lora_B.shape[0]
-    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
-    if x.dim() == 0 or x.shape[-1] != in_features or result.shape[-1:] != (out_features,) or (
-        result.numel() // out_features != rows
+    # (ints only: comparing torch.Size objects goes through symbolic-shape helpers, a Python call per element)
+    if x.dim() == 0 or x.shape[-1] != in_features or result.dim() == 0 or result.shape[-1] != out_features or (
+        result.numel() * in_features != x.numel() * out_features
     ):
         raise ValueError(
             f"the base layer's output {tuple(result.shape)} does not match the adapter on x {tuple(x.shape)}: "

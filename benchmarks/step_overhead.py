@@ -299,6 +299,16 @@ def phase_table(results: dict) -> str:
     return _md(headers, rows)
 
 
+def _linear_subclass():
+    import torch.nn as nn
+
+    class LinearSubclass(nn.Linear):
+        """An nn.Linear subclass (as torchao's or an fp8 Linear is): the patched layer lets it compute its own
+        output and adds the adapter's term onto it (svd_adapter_add), the path of every quantized base."""
+
+    return LinearSubclass
+
+
 def layer_table(args, device, dtype) -> tuple[str, dict]:
     """µs per forward and forward+backward of one adapted layer at the model's shapes (host_overhead.py's
     timing: thread CPU time, or wall time on a GPU): the frozen base, PEFT's layers, the patched PEFT layer and
@@ -315,11 +325,15 @@ def layer_table(args, device, dtype) -> tuple[str, dict]:
 
     patched = build("peft_svdlinear")
     patched.__class__ = fast_layer_class()  # what patch_peft does to each of PEFT's SVDLinear layers
+    over_any_base = build("peft_svdlinear")
+    over_any_base.__class__ = fast_layer_class()
+    over_any_base.get_base_layer().__class__ = _linear_subclass()
     layers = {
         "nn.Linear (frozen: the floor)": build("frozen_linear"),
         "PEFT LoRA Linear (r 8)": build("peft_lora"),
         "PEFT AdaLoRA SVDLinear": build("peft_svdlinear"),
         "FastPeftSVDLinear (the patched PEFT layer)": patched,
+        "FastPeftSVDLinear, adapter onto the base's output (as over a quantized base)": over_any_base,
         "FastSVDLinear": build("adalora_fast"),
     }
     x = torch.randn(args.batch, args.seq, h, device=device, dtype=dtype, requires_grad=True)

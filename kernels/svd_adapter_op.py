@@ -148,8 +148,7 @@ def svd_adapter_add_triton(result: torch.Tensor, x: torch.Tensor, adapter: SVDAd
 def _base_output_copy(result: torch.Tensor, n: int, out_dtype: torch.dtype) -> torch.Tensor:
     """The base layer's output as a dense (N × out) tensor of ``out_dtype`` that the adapter's term is added
     onto (a copy: the base layer's backward may have saved its output)."""
-    y = torch.empty((n, result.shape[-1]), device=result.device, dtype=out_dtype)
-    return y.copy_(result.reshape(y.shape))
+    return result.reshape(n, result.shape[-1]).to(out_dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 class SVDAdapterAddFunction(torch.autograd.Function):

@@ -81,8 +81,25 @@ _MERGES = ("SVDLinear",)
 
 def _dense_linear(base: nn.Module) -> bool:
     """A plain ``nn.Linear`` with a dense floating weight: the fused path computes its GEMM itself."""
-    weight = base.weight
-    return type(base) is nn.Linear and type(weight) is nn.Parameter and weight.is_floating_point()
+    if type(base) is not nn.Linear:
+        return False
+    weight = base._parameters["weight"]
+    return type(weight) is nn.Parameter and weight.is_floating_point()
+
+
+def _the_active_adapter(layer, state: dict, adapters: dict) -> str | None:
+    """The one active adapter of a PEFT layer that holds it, or None where PEFT's own forward must run
+    (adapters disabled or merged, none or several active here)."""
+    try:
+        active, disabled, merged = state["_active_adapter"], state["_disable_adapters"], state["merged_adapters"]
+    except KeyError:  # another PEFT's attribute names: its public properties
+        active, disabled, merged = layer.active_adapters, layer.disable_adapters, layer.merged_adapters
+    if disabled or merged:
+        return None
+    if isinstance(active, str):
+        return active if active in adapters else None
+    held = [a for a in active if a in adapters]
+    return held[0] if len(held) == 1 else None
 
 
 class FastPeftLayer:
@@ -98,20 +115,25 @@ class FastPeftLayer:
     _peft_name = "SVDLinear"
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        active = [a for a in self.active_adapters if a in self.lora_A.keys()]
-        if self.disable_adapters or self.merged or len(active) != 1:
+        # PEFT's state read from the instance's dicts: its properties and nn.Module's attribute lookup cost a
+        # Python call per name, and a model has ~150 of these layers.
+        state = self.__dict__
+        modules = state["_modules"]
+        a = _the_active_adapter(self, state, modules["lora_A"]._parameters)
+        if a is None:
             return super().forward(x, *args, **kwargs)
-        a = active[0]
-        dropout = self.lora_dropout[a]
+        dropout = modules["lora_dropout"]._modules[a]
         adapter = SVDAdapter(
-            lora_A=self.lora_A[a], lora_E=self.lora_E[a], lora_B=self.lora_B[a], triplet_mask=None,
-            scaling=float(self.scaling[a]), ranknum=self.ranknum[a],
-            dropout_p=dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0,
+            lora_A=modules["lora_A"]._parameters[a], lora_E=modules["lora_E"]._parameters[a],
+            lora_B=modules["lora_B"]._parameters[a], triplet_mask=None, scaling=float(state["scaling"][a]),
+            ranknum=modules["ranknum"]._parameters[a],
+            dropout_p=dropout.p if state["training"] and type(dropout) is nn.Dropout else 0.0,
         )  # fmt: skip
-        base = self.get_base_layer()
+        base = modules["base_layer"]  # (PEFT's forward calls it, not get_base_layer())
         if not (args or kwargs) and _dense_linear(base):
-            check_input_dtype(x, base.weight)
-            return dispatch.svd_adapter_linear(x, base.weight, base.bias, adapter)
+            weight = base._parameters["weight"]
+            check_input_dtype(x, weight)
+            return dispatch.svd_adapter_linear(x, weight, base._parameters["bias"], adapter)
         result = base(x, *args, **kwargs)
         return dispatch.svd_adapter_add(result, x, adapter, self._output_dtype(result, adapter.ranknum))
 
