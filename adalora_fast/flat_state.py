@@ -225,22 +225,25 @@ class FlatAdapterState:
         return self.param_list, grads
 
     def _update_emas(self, grad_scale) -> torch.Tensor:
-        """Write the new Ī, Ū (keeping the previous ones aside); returns whether this shard's I was finite."""
+        """Write the new Ī, Ū (keeping the previous ones aside); returns whether this shard's I was finite.
+
+        I = |θ·∇θ| is formed in Ū's flat buffer (its previous value set aside first) by two multi-tensor ops
+        over its views; the rest of the update is a few ops on whole buffers, whatever the number of adapters
+        (each multi-tensor op costs host work per tensor on a CPU)."""
         params, grads = self._gradient_lists()
-        ipt = torch._foreach_mul(params, grads)
-        torch._foreach_abs_(ipt)
-        if grad_scale is not None:
-            torch._foreach_div_(ipt, grad_scale)  # scores from unscaled gradients under AMP loss scaling
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(ipt, ord=float("inf")))).all()
         self._previous = (self.exp_avg_ipt.clone(), self.exp_avg_unc.clone())
+        prev_ipt, prev_unc = self._previous
+        torch._foreach_copy_(self.unc_views, params)
+        torch._foreach_mul_(self.unc_views, grads)
+        ipt = self.exp_avg_unc.abs_()
+        if grad_scale is not None:
+            ipt.div_(grad_scale)  # scores from unscaled gradients under AMP loss scaling
+        finite = torch.isfinite(ipt).all()
         # The references' expressions, term for term (bitwise equal in fp32):
         # Ī ← β1·Ī + (1−β1)·I;  Ū ← β2·Ū + (1−β2)·|I − Ī|
-        avg = torch._foreach_add(torch._foreach_mul(self.ipt_views, self.beta1), torch._foreach_mul(ipt, 1 - self.beta1))
-        dev = torch._foreach_sub(ipt, avg)
-        torch._foreach_abs_(dev)
-        unc = torch._foreach_add(torch._foreach_mul(self.unc_views, self.beta2), torch._foreach_mul(dev, 1 - self.beta2))
-        torch._foreach_copy_(self.ipt_views, avg)
-        torch._foreach_copy_(self.unc_views, unc)
+        avg = torch.add(prev_ipt * self.beta1, ipt * (1 - self.beta1), out=self.exp_avg_ipt)
+        dev = (ipt - avg).abs_()
+        torch.add(prev_unc * self.beta2, dev * (1 - self.beta2), out=self.exp_avg_unc)
         return finite
 
     def _settle(self, finite: torch.Tensor) -> None:
