@@ -318,13 +318,23 @@ class FlatAdapterState:
             self.step.copy_(state["step"])
 
 
-def is_sharded(t: torch.Tensor) -> bool:
-    """A DTensor parameter (FSDP2's ``fully_shard``)."""
+def _dtensor_class():
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without distributed
-        return False
-    return isinstance(t, DTensor)
+        return ()
+    return DTensor
+
+
+_DTENSOR = None  # DTensor's class, () without torch.distributed: looked up once (the penalty asks per factor)
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor parameter (FSDP2's ``fully_shard``)."""
+    global _DTENSOR
+    if _DTENSOR is None:
+        _DTENSOR = _dtensor_class()
+    return isinstance(t, _DTENSOR)
 
 
 def _dim0_shard(p) -> tuple[int, int]:

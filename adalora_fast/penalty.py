@@ -43,20 +43,43 @@ def _register_op_python_parts() -> bool:
         factors, is_right, mode = inputs
         _, deviation, sq_norms = output
         ctx.mark_non_differentiable(deviation, sq_norms)
-        ctx.save_for_backward(deviation, sq_norms, *factors)
-        ctx.is_right, ctx.mode = is_right, mode
+        _save_for_backward(ctx, factors, is_right, mode, deviation, sq_norms)
 
     def _backward(ctx, grad_loss, _grad_deviation, _grad_sq_norms):
-        deviation, sq_norms, *factors = ctx.saved_tensors
-        grads = torch.ops.adalora_fast.orth_penalty_backward(
-            grad_loss, factors, ctx.is_right, deviation, sq_norms, ctx.mode
-        )
-        return list(grads), None, None
+        return _factor_grads(ctx, grad_loss), None, None
 
     torch.library.register_autograd(
         "adalora_fast::orth_penalty_forward", _backward, setup_context=_setup_context
     )
     return True
+
+
+def _save_for_backward(ctx, factors, is_right, mode, deviation, sq_norms) -> None:
+    ctx.save_for_backward(deviation, sq_norms, *factors)
+    ctx.is_right, ctx.mode = is_right, mode
+
+
+def _factor_grads(ctx, grad_loss) -> list[torch.Tensor]:
+    deviation, sq_norms, *factors = ctx.saved_tensors
+    return list(torch.ops.adalora_fast.orth_penalty_backward(grad_loss, factors, ctx.is_right, deviation, sq_norms,
+                                                             ctx.mode))  # fmt: skip
+
+
+class _EagerOrthPenalty(torch.autograd.Function):
+    """The compiled op with the same autograd formula as its ``torch.library`` registration, for eager calls:
+    the registration's generic wrapper (pytree flattening of inputs and outputs, per call) costs about as
+    much host time as the op's own launches. Under torch.compile the registered op is traced instead."""
+
+    @staticmethod
+    def forward(ctx, is_right, mode, *factors):
+        with torch._C._AutoDispatchBelowAutograd():  # (the op itself, not its registered autograd)
+            loss, deviation, sq_norms = torch.ops.adalora_fast.orth_penalty_forward(list(factors), is_right, mode)
+        _save_for_backward(ctx, factors, is_right, mode, deviation, sq_norms)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return (None, None, *_factor_grads(ctx, grad_loss))
 
 
 _OP_REGISTERED = _register_op_python_parts()
@@ -85,7 +108,11 @@ def orth_penalty(
     for idx in groups.values():
         fs, rights = [factors[k] for k in idx], [bool(is_right[k]) for k in idx]
         if dispatch.penalty_backend(fs[0], backend) == "extension":
-            loss, _, _ = torch.ops.adalora_fast.orth_penalty_forward(fs, [int(r) for r in rights], mode)
+            flags = [int(r) for r in rights]
+            if torch.compiler.is_compiling():
+                loss = torch.ops.adalora_fast.orth_penalty_forward(fs, flags, mode)[0]
+            else:
+                loss = _EagerOrthPenalty.apply(flags, mode, *fs)
             part = loss * len(idx)
         else:
             part = orth_penalty_sum(list(zip(fs, rights)), mode)

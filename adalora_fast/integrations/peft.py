@@ -269,7 +269,9 @@ def _orth_factors(self) -> tuple[list[torch.Tensor], list[bool]]:
     modules = fast.layers
     if modules is None or any(name not in m.lora_A for m in modules):
         modules = fast.layers = [m for m in self.model.modules() if isinstance(m, AdaLoraLayer) and name in m.lora_A]
-    factors = [p for m in modules for p in (m.lora_A[name], m.lora_B[name])]
+    # (read from the layers' dicts: a ParameterDict item is an nn.Module attribute lookup, a Python call each)
+    factors = [p for m in modules
+               for p in (m._modules["lora_A"]._parameters[name], m._modules["lora_B"]._parameters[name])]  # fmt: skip
     return factors, [True, False] * len(modules)
 
 
