@@ -138,3 +138,31 @@ def test_torch_compile_fullgraph(kernels, dropout_p):
             t.grad = None
     for name, got, eager in zip(("y", "dx", "dA", "dE", "dB"), *results):
         torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_paper_order_emission_matches_the_reference(kernels, monkeypatch):
+    """The backward's importance epilogue over any base: the EMAs and triplet scores the reference's gradient
+    hooks compute from the same gradients."""
+    from adalora_fast.importance import ImportanceState
+
+    x = torch.randn(2, 9, 64, device=DEVICE)
+    W, A, E, B, mask, ranknum = _adapter_tensors(64, 77, 12, F32)
+    adapter = SVDAdapter(A, E, B, mask, ALPHA, ranknum)
+    emitted = []
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv(dispatch.BACKEND_ENV, backend)
+        ipt = {n: torch.full_like(p, 0.1) for n, p in zip(("lora_A", "lora_E", "lora_B"), (A, E, B))}
+        state = ImportanceState(A, E, B, ipt, {n: t.clone() for n, t in ipt.items()}, beta1=0.85, beta2=0.85)
+        dispatch.svd_adapter_add(torch.tanh(x @ W.T), x, adapter, importance=state).square().sum().backward()
+        emitted.append((state.emissions, state.triplet_score.clone(), state.exp_avg_ipt, state.exp_avg_unc))
+        state.remove()
+        for t in (A, E, B):
+            t.grad = None
+    (n_k, score_k, ipt_k, unc_k), (n_r, score_r, ipt_r, unc_r) = emitted
+    assert n_k == n_r == 1
+    assert score_k.abs().min() > 1e-4  # (relative comparisons below: the scores are small)
+    close = dict(rtol=1e-3, atol=1e-7)  # fp32 products in both (exact fp32 dots in the kernels)
+    torch.testing.assert_close(score_k, score_r, **close, msg="triplet score")
+    for name in ipt_k:
+        torch.testing.assert_close(ipt_k[name], ipt_r[name], **close, msg=f"Ī {name}")
+        torch.testing.assert_close(unc_k[name], unc_r[name], **close, msg=f"Ū {name}")
