@@ -4,16 +4,18 @@ to a single-process run over the same global batch.
 DDP: the gradients are already all-reduced, so the ranks score identically with no extra communication.
 FSDP2 (``fully_shard``): the adapters are sharded DTensors; the allocator scores the local shards and
 combines the triplet scores with one all-reduce per step, and the penalty runs on the sharded P and Q.
+The ranks run under a deadline (:mod:`tooling.ranks`): a hang fails the test with every rank's stack.
 """
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
+from helpers import peft_llama, token_batch
+from tooling.ranks import run_ranks
+
+from adalora_fast.integrations.peft import sync_rank_pattern
 
 STEPS, GLOBAL_BATCH = 40, 16
 
@@ -52,34 +54,23 @@ def _run(model, rank=0, world=1, sharded=False):
     return history
 
 
-def _worker(rank, world, port, out_dir, mode):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        if mode == "ddp":
-            history = _run(nn.parallel.DistributedDataParallel(_model()), rank, world)
-        else:
-            from torch.distributed.fsdp import fully_shard
+def _worker(rank, world, out_dir, mode):
+    if mode == "ddp":
+        history = _run(nn.parallel.DistributedDataParallel(_model()), rank, world)
+    else:
+        from torch.distributed.fsdp import fully_shard
 
-            model = _model()
-            for layer in (model[0], model[2]):
-                fully_shard(layer)
-            fully_shard(model)
-            history = _run(model, rank, world, sharded=True)
-        torch.save(history, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        model = _model()
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+        history = _run(model, rank, world, sharded=True)
+    torch.save(history, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_ranks_agree_with_each_other_and_with_one_process(tmp_path, mode):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), mode), nprocs=2, join=True)
+    run_ranks(_worker, 2, tmp_path, args=(str(tmp_path), mode), deadline_s=180)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     single = _run(_model())
     for step, ((p0, l0), (p1, l1), (ps, ls)) in enumerate(zip(rank0, rank1, single)):
@@ -89,3 +80,50 @@ def test_ranks_agree_with_each_other_and_with_one_process(tmp_path, mode):
         for a, b in zip(l0, ls):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert any(p is not None for p, _ in single)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP with gradient checkpointing (PEFT #1745), on the patched PEFT model
+
+
+def _peft_run(model, ddp=None, rank=0, world=1, steps=10):
+    """AdamW steps with the allocator on :func:`helpers.token_batch`'s batches (this rank's equal share);
+    the rank pattern after each step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    patterns = []
+    for step in range(steps):
+        ids = token_batch(step)[rank::world]
+        loss = (ddp or model)(input_ids=ids, labels=ids, use_cache=False).loss  # the penalty included
+        loss.backward()
+        opt.step()
+        model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+        sync_rank_pattern(model.base_model)
+        patterns.append(model.peft_config["default"].rank_pattern)
+    return patterns
+
+
+def _patched_llama():
+    import adalora_fast
+
+    return adalora_fast.patch_peft(peft_llama(tinit=2, tfinal=3, deltaT=2, total_step=10))
+
+
+def _checkpointed_ddp_worker(rank, world, out_dir, reentrant):
+    model = _patched_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    # Reentrant checkpointing runs each layer's backward as a nested backward, and the penalty uses P and Q
+    # outside it: DDP needs static_graph to see their gradients arrive twice (else "mark a variable ready
+    # only once", PEFT #1745, as with stock PEFT). Non-reentrant checkpointing needs nothing.
+    ddp = nn.parallel.DistributedDataParallel(model, static_graph=reentrant)
+    torch.save(_peft_run(model, ddp, rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant, static_graph"])
+def test_ddp_with_gradient_checkpointing_gives_one_process_masks(tmp_path, reentrant):
+    run_ranks(_checkpointed_ddp_worker, 2, tmp_path, args=(str(tmp_path), reentrant), deadline_s=180)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    single = _peft_run(_patched_llama())
+    assert rank0 == rank1 == single
+    assert single[-1] is not None and sum(map(sum, single[-1].values())) == 3 * len(single[-1])  # target_r
