@@ -166,6 +166,7 @@ LONG_RUNNING = (
     "test_offline_install",
     "test_without_pyproject",
     "test_distributed.py",
+    "test_ranks.py",
     "test_pretrained_minilm.py",
     "test_demo.py",
 )
