@@ -12,14 +12,16 @@ H = dropout(x)·Aᵀ (N × R_PAD, fp32).
 Forward (the base GEMM + 2 kernels):
   cuBLAS   y = x·W0ᵀ + b                                   (the frozen layer's own GEMM, bias in its epilogue)
   shrink   H = dropout(x)·Aᵀ                               one pass over x
-  expand   y += (H·diag(sE⊙m))·Bᵀ                          one read and one write of y
+  expand   y += (H·diag(sE⊙m))·Bᵀ                          one read and one write of y (over any other base:
+                                                           y = base output + the term, into a fresh y)
 Backward (the base dx GEMM + 3 launches, no other device op), with one fp32 workspace in three regions:
 Gs (N × R_PAD) at 0, the dA partials (splits × K × R_PAD) at ws_a_offset, the dB partials with dE's as one
 extra row per row tile (tiles × (OUT + 1) × R_PAD) at ws_b_offset:
   grad_h   G = dY·B, and per row tile the partial dB = dYᵀ·(H·diag(sE⊙m))   one pass over dY
            epilogue: Gs = G·diag(sE⊙m), partial Σ H⊙G for dE
   cuBLAS   dx = dY·W0
-  grad_a_x per token split × input tile: dAᵀ partials = dropout(x)ᵀ·Gs and dx += dropout'(Gs·A)
+  grad_a_x per token split × input tile: dAᵀ partials = dropout(x)ᵀ·Gs and dx += dropout'(Gs·A) (over any
+           other base dx = dropout'(Gs·A), written without a read: autograd adds the base's own dx)
            one pass over x and Gs, one read and one write of dx, one dropout draw for both
   reduce   one grid, three regions, each summing partials in a fixed order (deterministic, no atomics):
            dB = Σ of grad_h's row-tile partials, dA = Σ of grad_a_x's split partials,
@@ -101,12 +103,14 @@ def _svd_adapter_shrink_kernel(
 
 @triton.jit
 def _svd_adapter_expand_kernel(
-    H_ptr, E_ptr, mask_ptr, ranknum_ptr, B_ptr, Y_ptr, N, OUT, R, scaling,
-    stride_e, stride_bn, stride_br, stride_ym, stride_yn,
+    H_ptr, E_ptr, mask_ptr, ranknum_ptr, B_ptr, BASE_ptr, Y_ptr, N, OUT, R, scaling,
+    stride_e, stride_bn, stride_br, stride_basem, stride_basen, stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    """y += (H·diag(sE⊙m))·Bᵀ on one output tile (y holds the base GEMM's output: read and written once)."""
+    """y = base + (H·diag(sE⊙m))·Bᵀ on one output tile: the base output read once and y written once. The
+    fused layer passes its GEMM's y as both (in place); a layer over any other base passes the base's output
+    and a fresh y (of PEFT's output dtype), which saves copying it first."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ranks = tl.arange(0, R_PAD)
@@ -115,11 +119,12 @@ def _svd_adapter_expand_kernel(
     b_t = tl.load(B_ptr + cols[None, :] * stride_bn + ranks[:, None] * stride_br,
                   mask=(cols[None, :] < OUT) & (ranks[:, None] < R), other=0.0).to(COMPUTE_DTYPE)  # fmt: skip
     u = (h * lam[None, :]).to(COMPUTE_DTYPE)
-    y_ptrs = Y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
     in_bounds = (rows[:, None] < N) & (cols[None, :] < OUT)
     acc = tile_dot(u, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), UPCAST, DOT_PRECISION)
-    acc += tl.load(y_ptrs, mask=in_bounds, other=0.0).to(ACC_DTYPE)  # (after the dot: y is not an MMA operand)
-    tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=in_bounds)
+    base_ptrs = BASE_ptr + rows[:, None] * stride_basem + cols[None, :] * stride_basen
+    acc += tl.load(base_ptrs, mask=in_bounds, other=0.0).to(ACC_DTYPE)  # (after the dot: not an MMA operand)
+    tl.store(Y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(Y_ptr.dtype.element_ty),
+             mask=in_bounds)  # fmt: skip
 
 
 @triton.jit
@@ -223,8 +228,8 @@ def _svd_adapter_grad_a_x_kernel(
     X_ptr, WS_ptr, ws_a_offset, A_ptr, DX_ptr, N, K, R, rows_per_split, SEED_ptr, dropout_p, keep_scale,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_DX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
+    HAS_DX: tl.constexpr, DX_ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):  # fmt: skip
     """One token split × input tile: its share of dA = Gsᵀ·dropout(x), stored as dAᵀ partials (split, K,
     R_PAD) in the workspace's dA region, and (HAS_DX) the adapter's dx = dropout'(Gs·A) on the same rows and
@@ -255,7 +260,8 @@ def _svd_adapter_grad_a_x_kernel(
                 du = apply_dropout(du, keep, keep_scale)
             dx_ptrs = DX_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk
             in_bounds = (rows[:, None] < end) & (cols[None, :] < K)
-            du += tl.load(dx_ptrs, mask=in_bounds, other=0.0).to(ACC_DTYPE)  # onto the base GEMM's dY·W0
+            if DX_ACCUMULATE:  # onto the base GEMM's dY·W0 (else dx is the adapter's term alone)
+                du += tl.load(dx_ptrs, mask=in_bounds, other=0.0).to(ACC_DTYPE)
             tl.store(dx_ptrs, du.to(DX_ptr.dtype.element_ty), mask=in_bounds)
     tl.store(WS_ptr + ws_a_offset + (split * K + cols[None, :]) * R_PAD + ranks[:, None], acc, mask=cols[None, :] < K)
 
@@ -308,7 +314,6 @@ _EMA_ARGS = ["IPTB_ptr", "UNCB_ptr", "IPTA_ptr", "UNCA_ptr", "IPTE_ptr", "UNCE_p
 svd_adapter_grad_reduce = triton.autotune(
     REDUCE_CONFIGS, key=["ROWS_B", "ROWS_A", "R_PAD", "EMIT"], restore_value=_EMA_ARGS
 )(_svd_adapter_grad_reduce_kernel)
-svd_adapter_grad_a_x = triton.autotune(GRAD_A_X_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT", "HAS_DX"],
-                                       restore_value=["DX_ptr"])(
-    _svd_adapter_grad_a_x_kernel
-)
+svd_adapter_grad_a_x = triton.autotune(
+    GRAD_A_X_CONFIGS, key=["K", "R_PAD", "HAS_DROPOUT", "HAS_DX", "DX_ACCUMULATE"], restore_value=["DX_ptr"]
+)(_svd_adapter_grad_a_x_kernel)

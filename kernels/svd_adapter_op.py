@@ -139,16 +139,18 @@ def svd_adapter_add_triton(result: torch.Tensor, x: torch.Tensor, adapter: SVDAd
     if not (torch.is_grad_enabled() and (result.requires_grad or x.requires_grad or lora_A.requires_grad
                                          or lora_E.requires_grad or lora_B.requires_grad)):  # fmt: skip
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = _base_output_copy(result, x2d.shape[0], out_dtype)
-        svd_adapter_forward(x2d, adapter, dropout_seed(adapter.dropout_p, x.device, seed), y)
+        y, _ = _onto_base(x2d, adapter, dropout_seed(adapter.dropout_p, x.device, seed), result, out_dtype)
         return y.view(result.shape)
     return SVDAdapterAddFunction.apply(result, x, lora_A, lora_E, lora_B, adapter, seed, emission, out_dtype)
 
 
-def _base_output_copy(result: torch.Tensor, n: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """The base layer's output as a dense (N × out) tensor of ``out_dtype`` that the adapter's term is added
-    onto (a copy: the base layer's backward may have saved its output)."""
-    return result.reshape(n, result.shape[-1]).to(out_dtype, memory_format=torch.contiguous_format, copy=True)
+def _onto_base(x2d, adapter: SVDAdapter, seed: torch.Tensor, result: torch.Tensor, out_dtype: torch.dtype,
+               plan=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(y = the base layer's output + the adapter's term, in a fresh (N × out) tensor of ``out_dtype``; H). The
+    base output is read by the expand kernel as it is (not modified: its own backward may have saved it)."""
+    n = x2d.shape[0]
+    y = torch.empty((n, result.shape[-1]), device=result.device, dtype=out_dtype)
+    return y, svd_adapter_forward(x2d, adapter, seed, y, plan, base=result.reshape(n, result.shape[-1]))
 
 
 class SVDAdapterAddFunction(torch.autograd.Function):
@@ -169,8 +171,7 @@ class SVDAdapterAddFunction(torch.autograd.Function):
         else:
             seed_t = dropout_seed(adapter.dropout_p, x.device, seed)
             plan = adapter_plan(x2d, adapter, seed_t)
-            y = _base_output_copy(result, x2d.shape[0], out_dtype)
-            h = svd_adapter_forward(x2d, adapter, seed_t, y, plan)
+            y, h = _onto_base(x2d, adapter, seed_t, result, out_dtype, plan)
         ctx.save_for_backward(x2d, lora_A, lora_E, lora_B, h)
         ctx.adapter, ctx.seed, ctx.plan, ctx.emission = adapter, seed_t, plan, emission
         ctx.x_shape, ctx.result_dtype = x.shape, result.dtype
@@ -188,8 +189,7 @@ class SVDAdapterAddFunction(torch.autograd.Function):
                 False, adapter.dropout_p, h, ctx.seed, needs_dx,
             )  # fmt: skip
         else:
-            dx = _base_input_grad(dy2d, x2d, None, False) if needs_dx else None
-            dx, d_a, d_e, d_b = svd_adapter_backward(dy2d, x2d, adapter, h, ctx.seed, dx, ctx.emission, plan=ctx.plan)
+            dx, d_a, d_e, d_b = _backward(dy2d, x2d, None, adapter, h, ctx.seed, needs_dx, ctx.emission, ctx.plan)
         d_result = dy.to(ctx.result_dtype) if needs_result else None
         return d_result, (dx.view(ctx.x_shape) if needs_dx else None), d_a, d_e, d_b, None, None, None, None
 
@@ -204,8 +204,7 @@ def svd_adapter_add_forward_op(
     seed_t = (dropout_seed(dropout_p, x2d.device, None if seed < 0 else seed) if dropout_p > 0
               else torch.empty(1, dtype=torch.int64, device=x2d.device))  # fmt: skip
     adapter = SVDAdapter(lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum, False, dropout_p)
-    y = _base_output_copy(result2d, x2d.shape[0], out_dtype)
-    return y, svd_adapter_forward(x2d, adapter, seed_t, y), seed_t
+    return (*_onto_base(x2d, adapter, seed_t, result2d, out_dtype), seed_t)
 
 
 @svd_adapter_add_forward_op.register_fake
@@ -265,9 +264,7 @@ class SVDLinearFunction(torch.autograd.Function):
                 adapter.fan_in_fan_out, adapter.dropout_p, h, ctx.seed, needs_dx,
             )  # fmt: skip
         else:
-            dx = _base_input_grad(dy2d, x2d, weight, adapter.fan_in_fan_out) if needs_dx else None
-            dx, d_a, d_e, d_b = svd_adapter_backward(dy2d, x2d, adapter, h, ctx.seed, dx, ctx.emission,
-                                                     plan=ctx.plan)  # fmt: skip
+            dx, d_a, d_e, d_b = _backward(dy2d, x2d, weight, adapter, h, ctx.seed, needs_dx, ctx.emission, ctx.plan)
         d_w = d_bias = None
         if needs_w or needs_b:
             d_w, d_bias = _base_param_grads(dy2d, x2d, needs_w, ctx.has_bias and needs_b, adapter.fan_in_fan_out)
@@ -297,12 +294,18 @@ def _fused_forward(x2d, weight, bias, adapter: SVDAdapter, seed: torch.Tensor, p
     return y, svd_adapter_forward(x2d, adapter, seed, y, plan)
 
 
-def _base_input_grad(dy2d, x2d, weight: torch.Tensor | None, fan_in_fan_out: bool) -> torch.Tensor:
-    """What the adapter's dx is added onto: the base GEMM's dY·W0, or zeros without a base weight (dx is then
-    the adapter's term alone)."""
-    if weight is None:
-        return torch.zeros(x2d.shape, device=x2d.device, dtype=x2d.dtype)
-    return dy2d.mm(weight.t() if fan_in_fan_out else weight)
+def _backward(dy2d, x2d, weight: torch.Tensor | None, adapter: SVDAdapter, h, seed, needs_dx: bool, emission=None,
+              plan=None):  # fmt: skip
+    """(dx or None, dA, dE, dB): with a base ``weight``, the adapter's dx added onto the base GEMM's dY·W0;
+    without one (a layer over any other base), the adapter's dx alone, written into a fresh tensor (autograd
+    adds the base layer's own)."""
+    dx = None
+    if needs_dx:
+        if weight is None:
+            dx = torch.empty(x2d.shape, device=x2d.device, dtype=x2d.dtype)
+        else:
+            dx = dy2d.mm(weight.t() if adapter.fan_in_fan_out else weight)
+    return svd_adapter_backward(dy2d, x2d, adapter, h, seed, dx, emission, plan, accumulate_dx=weight is not None)
 
 
 def _base_param_grads(dy2d, x2d, needs_weight: bool, needs_bias: bool, fan_in_fan_out: bool):
@@ -350,8 +353,7 @@ def svd_linear_backward_op(
     """(dx, dA, dE, dB); dx is empty when not needed (a custom op returns tensors only). ``weight``: the base
     weight whose dY·W0 dx starts from; None: dx holds the adapter's term alone (starting from zeros)."""
     adapter = SVDAdapter(lora_A, lora_E, lora_B, triplet_mask, scaling, ranknum, fan_in_fan_out, dropout_p)
-    dx = _base_input_grad(dy2d, x2d, weight, fan_in_fan_out) if needs_dx else None
-    dx, d_a, d_e, d_b = svd_adapter_backward(dy2d, x2d, adapter, h, seed, dx)
+    dx, d_a, d_e, d_b = _backward(dy2d, x2d, weight, adapter, h, seed, needs_dx)
     return (dx if dx is not None else x2d.new_empty(0)), d_a, d_e, d_b
 
 
@@ -377,14 +379,15 @@ launch_grad_a_x = CachedLauncher(svd_adapter_grad_a_x)
 
 
 def svd_adapter_forward(x2d: torch.Tensor, adapter: SVDAdapter, seed: torch.Tensor, y: torch.Tensor,
-                        plan: SVDAdapterPlan | None = None) -> torch.Tensor:  # fmt: skip
-    """Adds the adapter's term s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ onto ``y`` (N × out) in place; returns
+                        plan: SVDAdapterPlan | None = None, base: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Writes ``base`` + the adapter's term s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ into ``y`` (N × out); returns
     H = dropout(x)·Aᵀ (N × R_PAD, in the accumulation dtype), kept for the backward.
 
-    ``y``: the frozen layer's x·W0ᵀ + b in the fused layer, zeros for the adapter's term alone (bandwidth
-    measurements). ``adapter.triplet_mask`` must be a tensor here (:func:`unit_mask` for none); ``seed``: the
-    dropout seed tensor (:func:`dropout_seed`). ``plan``: :func:`adapter_plan` of these operands, when the
-    caller has it.
+    ``base`` (N × out, any layout and float dtype; default ``y`` itself: the term is added in place): the
+    frozen layer's x·W0ᵀ + b in the fused layer, a base layer's output over any other base, zeros for the
+    adapter's term alone (bandwidth measurements). ``adapter.triplet_mask`` must be a tensor here
+    (:func:`unit_mask` for none); ``seed``: the dropout seed tensor (:func:`dropout_seed`). ``plan``:
+    :func:`adapter_plan` of these operands, when the caller has it.
     """
     check_seed(seed)
     if plan is None:
@@ -393,10 +396,13 @@ def svd_adapter_forward(x2d: torch.Tensor, adapter: SVDAdapter, seed: torch.Tens
     h = torch.empty(plan.n, plan.r_pad, device=x2d.device, dtype=plan.acc)
     if plan.n == 0:
         return h
-    y_strides = y.stride()
-    shrink_args, expand_args = _forward_args(plan, x2d, adapter, seed, y, y_strides, h)
-    variant = (y_strides, y.dtype)  # y is the caller's: its layout is part of what the launches specialise on
-    aligned = not y.data_ptr() & 15
+    if base is None:
+        base = y
+    y_strides, base_strides = y.stride(), base.stride()
+    shrink_args, expand_args = _forward_args(plan, x2d, adapter, seed, y, y_strides, h, base, base_strides)
+    # y and the base are the caller's: their layouts are part of what the launches specialise on
+    variant = (y_strides, y.dtype, base_strides, base.dtype)
+    aligned = not (y.data_ptr() | base.data_ptr()) & 15
     bound = plan.forwards.get(variant) if aligned else None
     if bound is not None:
         stream = current_stream()
@@ -411,7 +417,7 @@ def svd_adapter_forward(x2d: torch.Tensor, adapter: SVDAdapter, seed: torch.Tens
 
 def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, adapter: SVDAdapter, h: torch.Tensor,
                          seed: torch.Tensor, dx: torch.Tensor | None, emission: ImportanceEmission | None = None,
-                         plan: SVDAdapterPlan | None = None):  # fmt: skip
+                         plan: SVDAdapterPlan | None = None, accumulate_dx: bool = True):  # fmt: skip
     """(dx, dA, dE, dB) for an upstream gradient dY (N × out): the adapter's dx = dropout'(Gs·A) is added onto
     ``dx`` (N × in) in place.
 
@@ -446,7 +452,8 @@ def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, adapter: SVDAdap
     grad_a_x_args = (x2d, ws, plan.ws_a_offset, lora_A, dx_arg, n, k, r, plan.rows_per_split, seed, p, keep_scale,
                      *x_strides, *plan.a_strides, *dx_strides)  # fmt: skip
     reduce_args = _reduce_args(plan, ws, d_a, d_e, d_b, adapter, scaling)
-    variant = (dy_strides, dy2d.dtype, x_strides, x2d.dtype, h.dtype, dx_strides, dx_arg.dtype)
+    accumulate_dx = needs_dx and accumulate_dx
+    variant = (dy_strides, dy2d.dtype, x_strides, x2d.dtype, h.dtype, dx_strides, dx_arg.dtype, accumulate_dx)
     aligned = _aligned(dy2d, x2d, h, dx_arg)
     bound = plan.backwards.get(variant) if aligned else None
     if bound is not None:
@@ -460,7 +467,7 @@ def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, adapter: SVDAdap
         grad_h = launch_grad_h.bind((n_tiles,), *grad_h_args, BLOCK_M=GRAD_H_BLOCK_M, R_PAD=r_pad, **dots)
         grad_a_x = launch_grad_a_x.bind(
             lambda meta: (cdiv(k, meta["BLOCK_K"]), n_splits), *grad_a_x_args,
-            R_PAD=r_pad, HAS_DROPOUT=plan.has_dropout, HAS_DX=needs_dx, **dots,
+            R_PAD=r_pad, HAS_DROPOUT=plan.has_dropout, HAS_DX=needs_dx, DX_ACCUMULATE=accumulate_dx, **dots,
         )  # fmt: skip
         if emission is None:
             # dB, dA: Σ of grad_h's row-tile and grad_a_x's split partials; dE = s·m·Σ_n H⊙G.
@@ -499,16 +506,17 @@ def forward_launches(x2d: torch.Tensor, adapter: SVDAdapter, seed: torch.Tensor,
     check_seed(seed)
     plan = adapter_plan(x2d, adapter, seed)
     h = torch.empty(plan.n, plan.r_pad, device=x2d.device, dtype=plan.acc)
-    return _forward_launches(plan, *_forward_args(plan, x2d, adapter, seed, y, y.stride(), h))
+    return _forward_launches(plan, *_forward_args(plan, x2d, adapter, seed, y, y.stride(), h, y, y.stride()))
 
 
-def _forward_args(plan: SVDAdapterPlan, x2d, adapter: SVDAdapter, seed, y, y_strides, h) -> tuple[tuple, tuple]:
+def _forward_args(plan: SVDAdapterPlan, x2d, adapter: SVDAdapter, seed, y, y_strides, h, base,
+                  base_strides) -> tuple[tuple, tuple]:  # fmt: skip
     """The positional arguments of the forward's shrink and expand launches."""
     p, keep_scale = _dropout_args(adapter.dropout_p)
     n, r = plan.n, plan.r
     shrink = (x2d, adapter.lora_A, h, n, plan.k, r, seed, p, keep_scale, *plan.x_strides, *plan.a_strides)
-    expand = (h, adapter.lora_E, adapter.triplet_mask, adapter.ranknum, adapter.lora_B, y, n, plan.out, r,
-              float(adapter.scaling), plan.e_stride, *plan.b_strides, *y_strides)  # fmt: skip
+    expand = (h, adapter.lora_E, adapter.triplet_mask, adapter.ranknum, adapter.lora_B, base, y, n, plan.out, r,
+              float(adapter.scaling), plan.e_stride, *plan.b_strides, *base_strides, *y_strides)  # fmt: skip
     return shrink, expand
 
 

@@ -49,13 +49,13 @@ KERNELS = {
     "reduce": (sa.svd_adapter_grad_reduce, False,
                {"BLOCK_ROWS": sa.REDUCE_BLOCK_ROWS, "EMIT": True, "ACCUMULATE_B": True, "ACCUMULATE_A": True,
                 "ACCUMULATE_E": True}),
-    "grad_a_x": (sa.svd_adapter_grad_a_x, True, {"HAS_DROPOUT": True, "HAS_DX": True}),
+    "grad_a_x": (sa.svd_adapter_grad_a_x, True, {"HAS_DROPOUT": True, "HAS_DX": True, "DX_ACCUMULATE": True}),
 }
 
 _FP32_BUFFERS = {"H_ptr", "WS_ptr", "OUT_ptr", "SCORE_ptr", "INV_SCALE_ptr"}
 # Activations; every other pointer is an adapter parameter,
 # its gradient or its importance state, in the parameters' dtype.
-_ACTIVATIONS = {"X_ptr", "Y_ptr", "DY_ptr", "DX_ptr"}
+_ACTIVATIONS = {"X_ptr", "BASE_ptr", "Y_ptr", "DY_ptr", "DX_ptr"}
 _TL = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
 _FLOAT_SCALARS = {"scaling", "dropout_p", "keep_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2"}
 
