@@ -43,8 +43,8 @@ def test_ranks_that_finish_return(tmp_path):
 def test_a_hang_ends_at_the_deadline_with_every_rank_stack(tmp_path):
     start = time.monotonic()
     with pytest.raises(AssertionError) as err:
-        run_ranks(_rank_one_skips_the_collective, 2, tmp_path, deadline_s=8)
-    assert time.monotonic() - start < 45
+        run_ranks(_rank_one_skips_the_collective, 2, tmp_path, deadline_s=5)
+    assert time.monotonic() - start < 40
     report = str(err.value)
     assert "--- rank 0" in report and "--- rank 1" in report
     assert "_rank_one_skips_the_collective" in report.split("--- rank 1")[1]  # rank 1's own stack, in the sleep
