@@ -69,13 +69,27 @@ def adapted_layers(model):
 PEFT_CLASS = {4: "SVDLinear4bit", 8: "SVDLinear8bitLt"}
 
 
+@pytest.fixture(scope="module")
+def twin_layers(checkpoint):
+    """bits -> (stock PEFT's first adapted layer, the patched twin's), made once per module (the layer tests
+    only read the layers and clear the gradients they make)."""
+    made = {}
+
+    def layers(bits):
+        if bits not in made:
+            stock, fast = qlora_adalora(checkpoint, bits), qlora_adalora(checkpoint, bits)
+            adalora_fast.patch_peft(fast)
+            made[bits] = (stock, fast, adapted_layers(stock)[0], adapted_layers(fast)[0])
+        return made[bits][2:]
+
+    return layers
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("x_dtype", [BF16, F32], ids=["bf16 x", "fp32 x"])
 @pytest.mark.parametrize("autocast", [None, BF16], ids=["no autocast", "bf16 autocast"])
-def test_a_quantized_layer_runs_the_kernels_as_stock_peft_computes_it(kernels, checkpoint, bits, x_dtype, autocast):
-    stock, fast = qlora_adalora(checkpoint, bits), qlora_adalora(checkpoint, bits)
-    adalora_fast.patch_peft(fast)
-    theirs, ours = adapted_layers(stock)[0], adapted_layers(fast)[0]
+def test_a_quantized_layer_runs_the_kernels_as_stock_peft_computes_it(kernels, twin_layers, bits, x_dtype, autocast):
+    theirs, ours = twin_layers(bits)
     assert type(theirs).__name__ == PEFT_CLASS[bits] and type(ours).__name__ == "FastPeft" + PEFT_CLASS[bits]
     x = torch.randn(2, 5, HIDDEN, device=DEVICE, dtype=x_dtype)
     results = {}
@@ -86,8 +100,10 @@ def test_a_quantized_layer_runs_the_kernels_as_stock_peft_computes_it(kernels, c
             y = layer(xi)
         calls = dispatch.backend_calls()["svd_adapter"]
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, y.dtype))
-        results[name] = (y, xi.grad, [p.grad for p in (layer.lora_A["default"], layer.lora_E["default"],
-                                                       layer.lora_B["default"])], calls)  # fmt: skip
+        params = (layer.lora_A["default"], layer.lora_E["default"], layer.lora_B["default"])
+        results[name] = (y, xi.grad, [p.grad for p in params], calls)
+        for p in params:
+            p.grad = None
     (y_s, dx_s, grads_s, calls_s), (y_f, dx_f, grads_f, calls_f) = results["stock"], results["fast"]
     assert calls_s == {} and calls_f == {"triton": 1}  # stock PEFT's own forward, then the kernels
     assert y_f.dtype == y_s.dtype and dx_f.dtype == dx_s.dtype == x_dtype
