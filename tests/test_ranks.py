@@ -18,7 +18,6 @@ def _rank_one_skips_the_collective(rank, world):
 
 
 def _rank_one_fails(rank, world):
-    import torch
     import torch.distributed as dist
 
     if rank == 1:

@@ -374,7 +374,7 @@ def unpatch_peft() -> None:
 
 def _patch_model(peft_model, capturable: bool):
     """Convert an existing PEFT AdaLoRA model in place: layers, allocator (with its scores and masks), penalty."""
-    PeftModel, AdaLoraModel, SVDLinear = _peft()
+    PeftModel, AdaLoraModel, _ = _peft()
     tuner = peft_model.base_model if isinstance(peft_model, PeftModel) else peft_model
     if not isinstance(tuner, AdaLoraModel):
         raise TypeError(f"patch_peft expects a PEFT AdaLoRA model, got {type(peft_model).__name__}")
