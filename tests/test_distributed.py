@@ -54,31 +54,36 @@ def _run(model, rank=0, world=1, sharded=False):
     return history
 
 
-def _worker(rank, world, out_dir, mode):
-    if mode == "ddp":
-        history = _run(nn.parallel.DistributedDataParallel(_model()), rank, world)
-    else:
-        from torch.distributed.fsdp import fully_shard
-
-        model = _model()
-        for layer in (model[0], model[2]):
-            fully_shard(layer)
-        fully_shard(model)
-        history = _run(model, rank, world, sharded=True)
-    torch.save(history, os.path.join(out_dir, f"rank{rank}.pt"))
+MODES = ("ddp", "fsdp2")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_ranks_agree_with_each_other_and_with_one_process(tmp_path, mode):
-    run_ranks(_worker, 2, tmp_path, args=(str(tmp_path), mode), deadline_s=180)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+def _worker(rank, world, out_dir):
+    histories = {}
+    for mode in MODES:  # (both in one run: a run's start costs more than its steps)
+        if mode == "ddp":
+            histories[mode] = _run(nn.parallel.DistributedDataParallel(_model()), rank, world)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            model = _model()
+            for layer in (model[0], model[2]):
+                fully_shard(layer)
+            fully_shard(model)
+            histories[mode] = _run(model, rank, world, sharded=True)
+    torch.save(histories, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_ranks_agree_with_each_other_and_with_one_process(tmp_path):
+    run_ranks(_worker, 2, tmp_path, args=(str(tmp_path),), deadline_s=180)
+    runs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = _run(_model())
-    for step, ((p0, l0), (p1, l1), (ps, ls)) in enumerate(zip(rank0, rank1, single)):
-        assert p0 == p1, step  # identical masks on every rank, without any extra collective
-        assert all(torch.equal(a, b) for a, b in zip(l0, l1)), step
-        assert p0 == ps, step  # and the single-process masks over the same global batch
-        for a, b in zip(l0, ls):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for mode in MODES:
+        for step, ((p0, l0), (p1, l1), (ps, ls)) in enumerate(zip(runs[0][mode], runs[1][mode], single)):
+            assert p0 == p1, (mode, step)  # identical masks on every rank, without any extra collective
+            assert all(torch.equal(a, b) for a, b in zip(l0, l1)), (mode, step)
+            assert p0 == ps, (mode, step)  # and the single-process masks over the same global batch
+            for a, b in zip(l0, ls):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert any(p is not None for p, _ in single)
 
 
