@@ -9,7 +9,6 @@ The ranks run under a deadline (:mod:`tooling.ranks`): a hang fails the test wit
 
 import os
 
-import pytest
 import torch
 import torch.nn as nn
 from helpers import peft_llama, token_batch
