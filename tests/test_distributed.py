@@ -90,7 +90,7 @@ def test_ranks_agree_with_each_other_and_with_one_process(tmp_path):
 # DDP with gradient checkpointing (PEFT #1745), on the patched PEFT model
 
 
-def _peft_run(model, ddp=None, rank=0, world=1, steps=8):
+def _peft_run(model, ddp=None, rank=0, world=1, steps=6):
     """AdamW steps with the allocator on :func:`helpers.token_batch`'s batches (this rank's equal share);
     the rank pattern after each step."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -110,8 +110,8 @@ def _peft_run(model, ddp=None, rank=0, world=1, steps=8):
 def _patched_llama():
     import adalora_fast
 
-    # warm-up 0-1, budgeting 2-5 (masks at 3 and 5), the final phase 6-7
-    return adalora_fast.patch_peft(peft_llama(tinit=2, tfinal=2, deltaT=2, total_step=8))
+    # warm-up at step 0, budgeting 1-3 (masking every step), the final phase 4-5
+    return adalora_fast.patch_peft(peft_llama(tinit=1, tfinal=2, deltaT=1, total_step=6))
 
 
 CHECKPOINTING = {"non-reentrant": False, "reentrant, static_graph": True}
