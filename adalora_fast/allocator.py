@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 
 from .discovery import find_adapter_triplets
-from .flat_state import FlatAdapterState, ShardedAdapterState, is_sharded
+from .flat_state import FlatAdapterState, PartitionedAdapterState, ShardedAdapterState, is_sharded
 from .importance import ImportanceState
 from .schedule import BudgetSchedule, check_betas, check_choices
 
@@ -122,14 +122,12 @@ class RankAllocator:
             raise ValueError("RankAllocator: the model has no AdaLoRA adapters (no lora_A / lora_E / lora_B parameters)")
         self.total_rank = sum(t.rank for t in self.triplets)
         self.target_rank = target_total_rank if target_total_rank is not None else target_rank * len(self.triplets)
-        sharded = is_sharded(self.triplets[0].lora_A)
-        if sharded and order == "paper":
-            raise ValueError("order='paper' is not supported with sharded (FSDP2) adapters yet; use order='reference'")
-        if sharded and capturable:
-            raise ValueError("capturable=True is not supported with sharded (FSDP2) adapters")
-        self.state = (ShardedAdapterState if sharded else FlatAdapterState)(self.triplets, beta1, beta2)
+        self.state = self._make_state(order, capturable)
+        # Paper order on one process or DDP: the layers' backward emits the scores. Partitioned adapters
+        # take θ_t·∇θ_t of the reduced gradient just before the optimizer step instead (their state captures it).
+        partitioned = isinstance(self.state, PartitionedAdapterState)
         self.importance_states = (
-            self._attach_importance(model, grad_accumulation_steps) if order == "paper" else None
+            self._attach_importance(model, grad_accumulation_steps) if order == "paper" and not partitioned else None
         )
         self._emissions_seen = [0] * len(self.triplets)
         self._nonfinite_reported = 0
@@ -140,6 +138,22 @@ class RankAllocator:
         self._first_step = 0  # capturable: the counter's value as last set on the host (checked on the next call)
         if total_step is not None:
             self.set_total_step(total_step)
+
+    def _make_state(self, order: str, capturable: bool) -> FlatAdapterState:
+        """The flat state for where the adapters live: one process (or DDP), FSDP2 shards, ZeRO partitions."""
+        first = self.triplets[0].lora_A
+        from .integrations.deepspeed import ZeroAdapterState, zero_stage
+
+        stage = zero_stage(first)
+        kind = "sharded (FSDP2)" if is_sharded(first) else f"ZeRO-{stage} partitioned" if stage else None
+        if kind is None:
+            return FlatAdapterState(self.triplets, self.beta1, self.beta2)
+        if capturable:
+            raise ValueError(f"capturable=True is not supported with {kind} adapters")
+        if stage:
+            return ZeroAdapterState(self.triplets, self.beta1, self.beta2, order)
+        return ShardedAdapterState(self.triplets, self.beta1, self.beta2,
+                                   capture="sensitivity" if order == "paper" else None)  # fmt: skip
 
     def set_total_step(self, total_step: int) -> None:
         """Fix T; validates the whole schedule (T > init_warmup + final_warmup, target < initial budget)."""
@@ -204,9 +218,10 @@ class RankAllocator:
         budget, k_prune, score_now, mask_now = self._step_control(global_step)
         state = self.state
         state.set_control(k_prune, score_now, mask_now)
-        if self.order == "reference" and score_now:
+        scores_here = self.importance_states is None  # (else the layers' backward scored)
+        if scores_here and score_now:
             state.update_from_gradients(grad_scale if grad_scale is not None else self.grad_scale)
-        if self.order == "reference":
+        if scores_here:
             state.compute_scores()
             finite = state.step_finite
             if self.nonfinite == "raise" and finite is not None and not bool(finite):

@@ -27,10 +27,23 @@ class AdapterTriplet:
 
     @property
     def rank(self) -> int:
-        return self.lora_A.shape[0]
+        return full_shape(self.lora_A)[0]
+
+    @property
+    def in_features(self) -> int:
+        return full_shape(self.lora_A)[1]
+
+    @property
+    def out_features(self) -> int:
+        return full_shape(self.lora_B)[0]
 
     def named(self):
         return ((self.name_A, self.lora_A), (self.name_E, self.lora_E), (self.name_B, self.lora_B))
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's shape as the model sees it, also while ZeRO-3 holds only this rank's partition."""
+    return getattr(p, "ds_shape", None) or p.shape
 
 
 def require_grad(name: str, p: torch.Tensor) -> torch.Tensor:

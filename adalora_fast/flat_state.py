@@ -18,6 +18,8 @@ runs the same ops whatever its phase, so one captured CUDA graph replays any ste
 
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -112,7 +114,7 @@ class FlatAdapterState:
     def _layout(triplets: list[AdapterTriplet]) -> list[ShapeGroup]:
         groups: dict[tuple, ShapeGroup] = {}
         for i, t in enumerate(triplets):
-            key = (t.rank, t.lora_A.shape[1], t.lora_B.shape[0])
+            key = (t.rank, t.in_features, t.out_features)
             if key not in groups:
                 groups[key] = ShapeGroup([], *key)
             groups[key].members.append(i)
@@ -224,17 +226,21 @@ class FlatAdapterState:
                 require_grad(name, p)  # raises, naming the parameter
         return self.param_list, grads
 
+    def _sensitivity_into_unc(self) -> None:
+        """θ·∇θ of every element into Ū's flat buffer (its views), from the gradients now."""
+        params, grads = self._gradient_lists()
+        torch._foreach_copy_(self.unc_views, params)
+        torch._foreach_mul_(self.unc_views, grads)
+
     def _update_emas(self, grad_scale) -> torch.Tensor:
         """Write the new Ī, Ū (keeping the previous ones aside); returns whether this shard's I was finite.
 
         I = |θ·∇θ| is formed in Ū's flat buffer (its previous value set aside first) by two multi-tensor ops
         over its views; the rest of the update is a few ops on whole buffers, whatever the number of adapters
         (each multi-tensor op costs host work per tensor on a CPU)."""
-        params, grads = self._gradient_lists()
         self._previous = (self.exp_avg_ipt.clone(), self.exp_avg_unc.clone())
         prev_ipt, prev_unc = self._previous
-        torch._foreach_copy_(self.unc_views, params)
-        torch._foreach_mul_(self.unc_views, grads)
+        self._sensitivity_into_unc()
         ipt = self.exp_avg_unc.abs_()
         if grad_scale is not None:
             ipt.div_(grad_scale)  # scores from unscaled gradients under AMP loss scaling
@@ -298,7 +304,7 @@ class FlatAdapterState:
 
     def state_dict(self) -> dict:
         return {
-            "layout": [(t.name_E, t.rank, t.lora_A.shape[1], t.lora_B.shape[0]) for t in self.triplets],
+            "layout": [(t.name_E, t.rank, t.in_features, t.out_features) for t in self.triplets],
             "exp_avg_ipt": self.exp_avg_ipt.clone(),
             "exp_avg_unc": self.exp_avg_unc.clone(),
             "scores": self.scores.clone(),
@@ -309,7 +315,7 @@ class FlatAdapterState:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        layout = [(t.name_E, t.rank, t.lora_A.shape[1], t.lora_B.shape[0]) for t in self.triplets]
+        layout = [(t.name_E, t.rank, t.in_features, t.out_features) for t in self.triplets]
         if [tuple(x) for x in state["layout"]] != layout:
             raise ValueError("allocator state does not match this model's adapters (names, ranks or shapes differ)")
         for name in ("exp_avg_ipt", "exp_avg_unc", "scores", "keep", "masked", "nonfinite_steps"):
@@ -354,75 +360,125 @@ def _dim0_shard(p) -> tuple[int, int]:
     return start, local
 
 
-class ShardedAdapterState(FlatAdapterState):
-    """The flat state for FSDP2 (``fully_shard``): adapters are DTensors sharded along dim 0.
+class PartitionedAdapterState(FlatAdapterState):
+    """The flat state over adapters partitioned across data-parallel ranks: this rank holds one contiguous
+    range of every parameter's flattened elements (possibly empty): FSDP2's rows, a ZeRO partition's fragment.
 
-    Ī and Ū cover the local shards only. Each rank scores its elements and scatters them into a
-    replicated (Σr,) vector — λ_i and whole rows of Q where it holds them, column partial sums of P
-    over its rows of P — and one all-reduce per step (not per layer) sums them, the finiteness flag
-    riding along, so every rank thresholds the same scores and masks its shard of Λ the same way.
+    Ī and Ū cover the local elements only. Each rank scores its elements and scatters them into a replicated
+    (Σr,) vector — λ_i and the elements of Q's row i where it holds them (weight 1/in), the elements of P's
+    column i (weight 1/out) — and one all-reduce per step (not per layer) sums them, the finiteness flag riding
+    along, so that every rank thresholds the same scores and masks its part of Λ the same way.
+
+    ``capture``: where the sensitivity's gradient comes from.
+
+    * ``None``: the parameters' ``.grad`` when the allocator runs (after the optimizer step: reference order).
+    * ``"gradient"``: copied by :meth:`capture_before_step` just before the optimizer step (an engine that
+      frees the gradients in its step); the allocator multiplies it by θ after the step (reference order).
+    * ``"sensitivity"``: θ·∇θ formed by :meth:`capture_before_step` from θ before the step (paper order).
+
+    Subclasses say where this rank's elements are: :meth:`_span`, :meth:`_local`, :meth:`_local_grad` and
+    :meth:`_lambda_targets`; ``self.group`` is the data-parallel process group.
     """
 
-    def __init__(self, triplets: list[AdapterTriplet], beta1: float, beta2: float):
+    CAPTURES = (None, "gradient", "sensitivity")
+
+    def __init__(self, triplets: list[AdapterTriplet], beta1: float, beta2: float, capture: str | None = None):
         import torch.distributed as dist
 
-        self.group = triplets[0].lora_A.device_mesh.get_group()
-        self._dist = dist
+        if capture not in self.CAPTURES:
+            raise ValueError(f"capture must be one of {self.CAPTURES}, got {capture!r}")
+        self._dist, self.capture = dist, capture
         super().__init__(triplets, beta1, beta2)
-        self._pending_finite: torch.Tensor | None = None  # this shard's, until compute_scores settles the step
+        self.captured = torch.zeros_like(self.exp_avg_ipt) if capture else None
+        self.captured_views = self._flat_views(self.captured) if capture else None
+        self._captured_step = False  # captured since the allocator last ran?
+        self._pending_finite: torch.Tensor | None = None  # this rank's, until compute_scores settles the step
 
-    @staticmethod
-    def _placement(triplets):
+    # -- what a subclass says about a parameter -----------------------------------------------------
+    def _span(self, p) -> tuple[int, int]:
+        """(first element of ``p``'s flattened elements held here, how many)."""
+        raise NotImplementedError
+
+    def _local_grad(self, name: str, p) -> torch.Tensor:
+        """This rank's elements of ``p``'s (reduced) gradient, shaped like ``_local(p)``."""
+        raise NotImplementedError
+
+    def _lambda_targets(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(every tensor that holds this rank's Λ values, the slice of ``factor`` that multiplies each)."""
+        raise NotImplementedError
+
+    # -- the layout ---------------------------------------------------------------------------------
+    def _placement(self, triplets):
         ref = triplets[0].lora_A
-        return ref.dtype, ref.to_local().device
+        return ref.dtype, self._local(ref).device
 
     def _flat_order(self, triplets):
-        """Triplet by triplet (Q, Λ, P): the local shards have no common shapes to group by."""
+        """Triplet by triplet (Q, Λ, P): the local parts have no common shapes to group by."""
         return [pair for t in triplets for pair in t.named()]
 
-    @staticmethod
-    def _local(p):
-        return p.to_local()
-
     def _triplet_layout(self, triplets):
-        """Also where each local element's score lands in the replicated ``scores`` (``slot_index``) and
-        with what weight (1/in for Q, 1 for λ, 1/out for P); a factor column covers this shard's rows of Λ."""
-        slices, slot_index, weights, columns = [], [], [], []
+        """Also where each local element's score lands in the replicated ``scores`` (``slot_index``) and with
+        what weight (1/in for Q, 1 for λ, 1/out for P)."""
+        slices, slot_index, weights = [], [], []
+        self.lambda_spans = []  # (first triplet of the adapter in ``scores``, first λ held here, how many)
         offset = 0
         for t in triplets:
-            r, in_f, out_f = t.rank, t.lora_A.shape[1], t.lora_B.shape[0]
+            r, in_f, out_f = t.rank, t.in_features, t.out_features
             slices.append(slice(offset, offset + r))
-            a0, a_rows = _dim0_shard(t.lora_A)
-            e0, e_rows = _dim0_shard(t.lora_E)
-            _, b_rows = _dim0_shard(t.lora_B)
-            rows = torch.arange(a0, a0 + a_rows)
-            slot_index += [(offset + rows).repeat_interleave(in_f), offset + torch.arange(e0, e0 + e_rows),
-                           (offset + torch.arange(r)).repeat(b_rows)]  # fmt: skip
-            weights += [torch.full((a_rows * in_f,), 1.0 / in_f), torch.ones(e_rows), torch.full((b_rows * r,), 1.0 / out_f)]
-            columns.append(self.factor[offset + e0 : offset + e0 + e_rows].view(-1, 1))  # this shard's Λ rows
+            a = torch.arange(*_range(self._span(t.lora_A)))
+            e0, e_n = self._span(t.lora_E)
+            b = torch.arange(*_range(self._span(t.lora_B)))
+            slot_index += [offset + a // in_f, offset + torch.arange(e0, e0 + e_n), offset + b % r]
+            weights += [torch.full((len(a),), 1.0 / in_f), torch.ones(e_n), torch.full((len(b),), 1.0 / out_f)]
+            self.lambda_spans.append((offset, e0, e_n))
             offset += r
         self.slot_index = torch.cat(slot_index).to(self.device)
         self.slot_weight = torch.cat(weights).to(self.device, self.dtype)
-        return slices, columns
+        return slices, []
 
     def element_views(self, buffer, index):
-        raise NotImplementedError("order='paper' is not supported with sharded (FSDP2) adapters yet")
+        raise NotImplementedError("per-adapter EMA views are not kept for partitioned adapters")
 
+    def load_named_emas(self, exp_avg_ipt, exp_avg_unc):
+        if exp_avg_ipt or exp_avg_unc:  # (a model that has not trained yet brings none)
+            raise NotImplementedError("importing per-parameter EMAs is not supported with partitioned adapters")
+
+    # -- one step -----------------------------------------------------------------------------------
     def _gradient_lists(self):
-        grads = []
-        for name, p in self.flat_params:
-            grads.append(require_grad(name, p).to_local())
-        return [p.to_local() for _, p in self.flat_params], grads
+        return [self._local(p) for _, p in self.flat_params], [self._local_grad(n, p) for n, p in self.flat_params]
+
+    @torch.no_grad()
+    def capture_before_step(self) -> None:
+        """Just before the optimizer step: this rank's part of the reduced gradient (or of θ·∇θ)."""
+        params, grads = self._gradient_lists()
+        torch._foreach_copy_(self.captured_views, grads)
+        if self.capture == "sensitivity":
+            torch._foreach_mul_(self.captured_views, params)
+        self._captured_step = True
+
+    def _sensitivity_into_unc(self) -> None:
+        if self.capture is None:
+            return super()._sensitivity_into_unc()
+        if not self._captured_step:
+            raise RuntimeError(
+                "rank allocator: no gradient was captured before this optimizer step. With partitioned adapters "
+                "the allocator must exist before the step it scores (make it before training starts, after the "
+                "engine is set up)"
+            )
+        self._captured_step = False
+        if self.capture == "sensitivity":
+            self.exp_avg_unc.copy_(self.captured)
+        else:
+            params = [self._local(p) for _, p in self.flat_params]  # θ after the step
+            torch._foreach_copy_(self.unc_views, params)
+            self.exp_avg_unc.mul_(self.captured)
 
     @torch.no_grad()
     def update_from_gradients(self, grad_scale=None) -> torch.Tensor:
-        """The local shards' EMAs; returns whether this shard's sensitivity was finite (device bool). Whether
-        to keep them is decided with the other ranks in compute_scores."""
+        """The local EMAs; returns whether this rank's sensitivity was finite (device bool). Whether to keep
+        them is decided with the other ranks in compute_scores."""
         self._pending_finite = self._update_emas(grad_scale)
         return self._pending_finite
-
-    def load_named_emas(self, exp_avg_ipt, exp_avg_unc):
-        raise NotImplementedError("importing per-parameter EMAs is not supported with sharded (FSDP2) adapters")
 
     @torch.no_grad()
     def compute_scores(self) -> None:
@@ -442,5 +498,72 @@ class ShardedAdapterState(FlatAdapterState):
         self.scores.copy_(new_scores)
 
     def _multiply_lambdas(self) -> None:
-        torch._foreach_mul_([t.lora_E.to_local() for t in self.triplets], self.factor_columns)
+        tensors, factors = self._lambda_targets()
+        if tensors:
+            torch._foreach_mul_(tensors, factors)
 
+    def _factor_span(self, index: int, whole: bool = False) -> torch.Tensor:
+        """The slice of ``factor`` for adapter ``index``'s λ held here (all r of them with ``whole``), 1-D."""
+        offset, e0, e_n = self.lambda_spans[index]
+        if whole:
+            return self.factor[offset : offset + self.triplets[index].rank]
+        return self.factor[offset + e0 : offset + e0 + e_n]
+
+
+def _range(span: tuple[int, int]) -> tuple[int, int]:
+    return span[0], span[0] + span[1]
+
+
+class ShardedAdapterState(PartitionedAdapterState):
+    """FSDP2 (``fully_shard``): adapters are DTensors sharded along dim 0; the local rows are the span."""
+
+    def __init__(self, triplets: list[AdapterTriplet], beta1: float, beta2: float, capture: str | None = None):
+        self.group = triplets[0].lora_A.device_mesh.get_group()
+        super().__init__(triplets, beta1, beta2, capture)
+        self._lambdas_local = [t.lora_E.to_local() for t in triplets]
+        self._holds: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer → steps these?
+        if capture:  # FSDP2 leaves the reduced gradients in .grad: take them in the optimizer's step pre-hook
+            _capture_in_optimizer_steps(self)
+
+    @staticmethod
+    def _local(p):
+        return p.to_local()
+
+    def _span(self, p):
+        start, rows = _dim0_shard(p)
+        cols = math.prod(p.shape[1:])
+        return start * cols, rows * cols
+
+    def _local_grad(self, name, p):
+        return require_grad(name, p).to_local()
+
+    def capture_from(self, optimizer) -> None:
+        first = self.flat_params[0][1]
+        if optimizer not in self._holds:
+            self._holds[optimizer] = any(p is first for g in optimizer.param_groups for p in g["params"])
+        if self._holds[optimizer]:
+            self.capture_before_step()
+
+    def _lambda_targets(self):
+        return self._lambdas_local, [self._factor_span(i).view(-1, 1) for i in range(len(self.triplets))]
+
+
+
+_CAPTURING: "weakref.WeakSet[PartitionedAdapterState]" = weakref.WeakSet()
+_CAPTURE_HOOK = None
+
+
+def _capture_in_optimizer_steps(state: PartitionedAdapterState) -> None:
+    """Have ``state.capture_from(optimizer)`` called before every ``torch.optim`` step (one global step
+    pre-hook for all states; a state leaves with its allocator)."""
+    global _CAPTURE_HOOK
+    _CAPTURING.add(state)
+    if _CAPTURE_HOOK is None:
+
+        def hook(optimizer, args, kwargs):
+            for live in list(_CAPTURING):
+                live.capture_from(optimizer)
+
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _CAPTURE_HOOK = register_optimizer_step_pre_hook(hook)

@@ -275,10 +275,20 @@ def _orth_factors(self) -> tuple[list[torch.Tensor], list[bool]]:
     return factors, [True, False] * len(modules)
 
 
+def _under_zero(self) -> bool:
+    """Whether DeepSpeed ZeRO manages the trainable adapter's parameters."""
+    from .deepspeed import zero_stage
+
+    factors, _ = _orth_factors(self)
+    return bool(factors) and zero_stage(factors[0]) is not None
+
+
 def fast_forward(self, *args, **kwargs):
     """``AdaLoraModel.forward``: the model's outputs, plus ``orth_reg_weight ·`` the mean penalty on the loss."""
     outputs = self.model.forward(*args, **kwargs)
     trainable = hasattr(self, "trainable_adapter_name")  # absent when every adapter is in inference mode
+    if trainable and self.training and fast_state(self, create=True).allocator is None and _under_zero(self):
+        _allocator(self)  # before the first step: under ZeRO the allocator takes each step's gradient in the step
     if trainable and getattr(outputs, "loss", None) is not None and isinstance(outputs.loss, torch.Tensor):
         weight = self.peft_config[self.trainable_adapter_name].orth_reg_weight
         if weight < 0:
