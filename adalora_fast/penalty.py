@@ -99,8 +99,14 @@ def orth_penalty(
         raise ValueError("orthogonality penalty: no lora_A / lora_B matrices were given")
     if len(factors) != len(is_right):
         raise ValueError(f"{len(factors)} factors but {len(is_right)} is_right flags")
-    # Sharded factors (FSDP2 DTensors) are gathered, differentiably: every rank computes the whole penalty.
+    # Sharded factors (FSDP2 DTensors, partitioned ZeRO-3 parameters) are gathered, differentiably: every
+    # rank computes the whole penalty.
     factors = [f.full_tensor() if is_sharded(f) else f for f in factors]
+    if hasattr(factors[0], "ds_id"):
+        from .integrations.deepspeed import gather_partitioned, is_partitioned_now
+
+        if any(is_partitioned_now(f) for f in factors):
+            factors = gather_partitioned(factors)
     groups: dict[tuple, list[int]] = {}
     for k, f in enumerate(factors):
         groups.setdefault((f.device, f.dtype), []).append(k)

@@ -3,7 +3,8 @@ to a single-process run over the same global batch.
 
 DDP: the gradients are already all-reduced, so the ranks score identically with no extra communication.
 FSDP2 (``fully_shard``): the adapters are sharded DTensors; the allocator scores the local shards and
-combines the triplet scores with one all-reduce per step, and the penalty runs on the sharded P and Q.
+combines the triplet scores with one all-reduce per step, and the penalty runs on the sharded P and Q. In
+paper order it scores θ_t·∇θ_t of the reduced gradient, taken in the optimizer's step pre-hook.
 The ranks run under a deadline (:mod:`tooling.ranks`): a hang fails the test with every rank's stack.
 """
 
@@ -30,11 +31,11 @@ def _model():
     return model
 
 
-def _run(model, rank=0, world=1, sharded=False):
+def _run(model, rank=0, world=1, sharded=False, order="reference"):
     from adalora_fast import RankAllocator, compute_orth_regu
 
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    alloc = RankAllocator(inner, 4, 2, 4, 10, 2, 0.85, 0.85, total_step=STEPS)
+    alloc = RankAllocator(inner, 4, 2, 4, 10, 2, 0.85, 0.85, total_step=STEPS, order=order)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     history = []
     for step in range(STEPS):
@@ -53,13 +54,15 @@ def _run(model, rank=0, world=1, sharded=False):
     return history
 
 
-MODES = ("ddp", "fsdp2")
+# mode: (the engine, the allocator's order). Paper order on FSDP2 scores θ_t·∇θ_t of the reduced gradient,
+# taken in the optimizer's step pre-hook; one process scores the same in its layers' backward.
+MODES = {"ddp": ("ddp", "reference"), "fsdp2": ("fsdp2", "reference"), "fsdp2-paper": ("fsdp2", "paper")}
 
 
 def _worker(rank, world, out_dir):
     histories = {}
-    for mode in MODES:  # (both in one run: a run's start costs more than its steps)
-        if mode == "ddp":
+    for mode, (engine, order) in MODES.items():  # (all in one run: a run's start costs more than its steps)
+        if engine == "ddp":
             histories[mode] = _run(nn.parallel.DistributedDataParallel(_model()), rank, world)
         else:
             from torch.distributed.fsdp import fully_shard
@@ -68,22 +71,23 @@ def _worker(rank, world, out_dir):
             for layer in (model[0], model[2]):
                 fully_shard(layer)
             fully_shard(model)
-            histories[mode] = _run(model, rank, world, sharded=True)
+            histories[mode] = _run(model, rank, world, sharded=True, order=order)
     torch.save(histories, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ranks_agree_with_each_other_and_with_one_process(tmp_path):
     run_ranks(_worker, 2, tmp_path, args=(str(tmp_path),), deadline_s=180)
     runs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single = _run(_model())
-    for mode in MODES:
+    singles = {order: _run(_model(), order=order) for order in ("reference", "paper")}
+    for mode, (_, order) in MODES.items():
+        single = singles[order]
         for step, ((p0, l0), (p1, l1), (ps, ls)) in enumerate(zip(runs[0][mode], runs[1][mode], single)):
             assert p0 == p1, (mode, step)  # identical masks on every rank, without any extra collective
             assert all(torch.equal(a, b) for a, b in zip(l0, l1)), (mode, step)
             assert p0 == ps, (mode, step)  # and the single-process masks over the same global batch
             for a, b in zip(l0, ls):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert any(p is not None for p, _ in single)
+    assert all(any(p is not None for p, _ in single) for single in singles.values())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def test_peft_defaults_half_model_fp32_adapters_run_the_kernels_and_match_stock(
     calls = dispatch.backend_calls()["svd_adapter"]
     assert calls == {"triton": STEPS * len(LLAMA_TARGETS) * 2}, calls  # every adapted layer, every step
     _assert_tracks_stock(out, loss_rtol, grad_tol)
-    _assert_own_trajectory_tracks_stock(loss_rtol, dtype=dtype)
+    if dtype == torch.float16:  # (one dtype per setup trains by its own optimizer: the steps are compared in all)
+        _assert_own_trajectory_tracks_stock(loss_rtol, dtype=dtype)
 
 
 @pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -95,7 +96,8 @@ def test_fp32_model_under_autocast_runs_the_kernels_and_matches_stock(kernels, a
     out = _train_side_by_side(stock, fast, autocast=autocast)
     assert dispatch.backend_calls()["svd_adapter"] == {"triton": STEPS * len(LLAMA_TARGETS) * 2}
     _assert_tracks_stock(out, 1e-2, 6e-2 if autocast == torch.bfloat16 else 5e-3)
-    _assert_own_trajectory_tracks_stock(1e-2, autocast=autocast)
+    if autocast == torch.bfloat16:
+        _assert_own_trajectory_tracks_stock(1e-2, autocast=autocast)
     with torch.autocast(DEVICE, dtype=autocast):  # the output dtype is F.linear's under autocast
         layer = fast.base_model.model.model.layers[0].mlp.up_proj
         assert layer(torch.randn(3, 32, device=DEVICE)).dtype == autocast

@@ -20,6 +20,11 @@ Where this rank's elements are:
 Masking writes λ where DeepSpeed keeps it: the module's λ (all of it in ZeRO-1/2, this rank's partition in
 ZeRO-3) and this rank's part of the fp32 master copy, which the next step would otherwise copy back.
 
+The orthogonality penalty needs every P and Q whole: ZeRO-3 factors that are partitioned when it runs (it
+runs after the model's forward, where ZeRO-3 has released them unless the penalty is part of the engine's
+forward, as in PEFT's) are gathered together, in one coalesced all-gather per call, and their gradients go
+back to ZeRO's reduction like any other (:func:`gather_partitioned`).
+
 One collective per optimizer step: the all-reduce of the triplet scores (see
 :class:`~adalora_fast.flat_state.PartitionedAdapterState`). What is not supported raises an error that
 names it: optimizer or parameter offload (the master copy and gradients live in host or NVMe buffers).
@@ -144,3 +149,37 @@ class ZeroAdapterState(PartitionedAdapterState):
         if self.exp_avg_unc.numel() == 0:  # (this rank holds none of the adapters: nothing was captured)
             return
         super()._sensitivity_into_unc()
+
+
+def is_partitioned_now(p: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter whose elements are not gathered on this rank at the moment."""
+    status = getattr(p, "ds_status", None)
+    return status is not None and status.name == "NOT_AVAILABLE"
+
+
+class _GatheredCopy(torch.autograd.Function):
+    """Whole copies of parameters that are gathered while it runs; the gradients flow back to them whole,
+    where ZeRO-3's gradient hooks reduce and partition them."""
+
+    @staticmethod
+    def forward(ctx, *params):
+        return tuple(p.detach().clone() for p in params)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return grads
+
+
+def gather_partitioned(factors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``factors`` with every ZeRO-3 parameter that is partitioned now replaced by a whole, differentiable
+    copy, all gathered in one coalesced all-gather (the others as they are)."""
+    import deepspeed
+
+    index = [k for k, f in enumerate(factors) if is_partitioned_now(f)]
+    partitioned = [factors[k] for k in index]
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        whole = _GatheredCopy.apply(*partitioned)
+    out = list(factors)
+    for k, w in zip(index, whole):
+        out[k] = w
+    return out

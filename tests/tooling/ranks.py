@@ -34,7 +34,12 @@ def _rank_main(worker, rank: int, world: int, store: str, log_path: str, deadlin
     faulthandler.dump_traceback_later(deadline_s, exit=True, file=log)  # past the deadline: stacks, then exit
     from datetime import timedelta
 
+    import torch
     import torch.distributed as dist
+
+    # The ranks share this machine's cores: each on one thread (two ranks of two threads each on two cores
+    # run a step many times slower, waiting on each other in every collective).
+    torch.set_num_threads(1)
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=deadline_s))  # fmt: skip
