@@ -439,6 +439,23 @@ class PartitionedAdapterState(FlatAdapterState):
     def element_views(self, buffer, index):
         raise NotImplementedError("per-adapter EMA views are not kept for partitioned adapters")
 
+    def _spans(self) -> list[tuple[int, int]]:
+        return [tuple(self._span(p)) for _, p in self.flat_params]
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "spans": self._spans()}  # (the EMAs cover this rank's elements only)
+
+    def load_state_dict(self, state: dict) -> None:
+        saved, now = [tuple(s) for s in state.get("spans", [])], self._spans()
+        if saved != now:
+            differ = next((f"{name}: elements {a} saved, {b} here" for (name, _), a, b in zip(self.flat_params, saved, now)
+                           if a != b), "the number of parameters")  # fmt: skip
+            raise ValueError(
+                "allocator state saved on another partitioning of the adapters (another world size or engine "
+                f"setup; {differ}): each rank's state covers its own elements; resume with the same setup"
+            )
+        super().load_state_dict(state)
+
     def load_named_emas(self, exp_avg_ipt, exp_avg_unc):
         if exp_avg_ipt or exp_avg_unc:  # (a model that has not trained yet brings none)
             raise NotImplementedError("importing per-parameter EMAs is not supported with partitioned adapters")

@@ -1,12 +1,17 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 (``deepspeed.initialize``) on 2 gloo processes (DeepSpeed's CPU accelerator):
-every rank ends each step with the same masks and Λ, equal to one process trained on the same global batches.
+"""DeepSpeed ZeRO-2 and ZeRO-3 on 2 gloo processes (DeepSpeed's CPU accelerator), through ``deepspeed.initialize``
+and through the ``Trainer`` with :class:`AdaLoraCallback`: every rank ends each step with the same masks and Λ,
+equal to one process trained on the same global batches; a ``Trainer`` run resumed from its checkpoint ends
+as the run that was not interrupted; ``save_model`` under ZeRO-3 writes the adapter one process writes.
 
 The adapters are partitioned like every other parameter (ZeRO-3 with no persistence threshold: every
 adapter is split between the ranks). The allocator takes each step's gradient inside DeepSpeed's step, where
 it is unscaled and clipped; the runs clip (and the test checks that the clip was active), as one process's
-``clip_grad_norm_`` then ``optimizer.step()`` clips.
+``clip_grad_norm_`` then ``optimizer.step()`` clips. All runs happen in one start of the ranks (a start costs
+more than the runs), shared by the tests through a module fixture.
 """
 
+import copy
+import json
 import os
 
 import pytest
@@ -20,15 +25,17 @@ from adalora_fast.integrations.peft import sync_rank_pattern
 pytest.importorskip("deepspeed", reason="DeepSpeed is a test requirement (requirements-test.txt)")
 
 STEPS, CLIP, LR = 22, 0.08, 1e-2
+TRAINER_STEPS = 10  # warm-up 0-1, budgeting 2-6 (a mask every step), the final phase 7-9; a checkpoint at 5
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 STAGES = (2, 3)
 
 
-def _patched_llama():
+def adalora_llama(steps=STEPS):
     import adalora_fast
 
-    # warm-up 0-2, budgeting 3-15 (a mask every other step), the final phase 16-21
-    return adalora_fast.patch_peft(peft_llama(tinit=3, tfinal=6, deltaT=2, total_step=STEPS, target_modules=TARGETS))
+    if steps == STEPS:  # warm-up 0-2, budgeting 3-15 (a mask every other step), the final phase 16-21
+        return adalora_fast.patch_peft(peft_llama(tinit=3, tfinal=6, deltaT=2, total_step=steps, target_modules=TARGETS))
+    return adalora_fast.patch_peft(peft_llama(tinit=2, tfinal=3, deltaT=1, total_step=steps, target_modules=TARGETS))
 
 
 def _fast_mlp():
@@ -65,17 +72,109 @@ def _config(stage, clip=CLIP):
         "gradient_accumulation_steps": 1,
         "gradient_clipping": clip,
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0, "torch_adam": True}},
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
+                              "stage3_gather_16bit_weights_on_model_save": True},  # fmt: skip
         "steps_per_print": 10**9,
     }
 
 
-def _peft_history(model, step_fn, stage=None):
-    """After each step: (rank pattern, Λ)."""
+def _trainer_config(stage):
+    """The DeepSpeed config a Trainer user writes ("auto": taken from TrainingArguments)."""
+    config = _config(stage)
+    config.update(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto", gradient_clipping="auto")
+    config["optimizer"]["params"].update(lr="auto", weight_decay="auto", betas="auto", eps="auto")
+    return config
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __len__(self):
+        return TRAINER_STEPS * 4
+
+    def __getitem__(self, i):
+        ids = token_batch(1000 + i, batch=1)[0]
+        return {"input_ids": ids, "labels": ids}
+
+
+def _train_with_trainer(out_dir, deepspeed=None, resume=None, per_device_batch=4, save=True):
+    """A Trainer run of the patched Llama with AdaLoraCallback (with ``save``, a checkpoint every 5 steps);
+    (trainer, the rank pattern after each step it ran)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from adalora_fast.integrations.trainer import AdaLoraCallback
+
+    patterns = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            sync_rank_pattern(model.base_model)
+            patterns.append(copy.deepcopy(model.peft_config["default"].rank_pattern))
+
+    model = adalora_llama(TRAINER_STEPS)
+    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=per_device_batch, max_steps=TRAINER_STEPS,
+                             learning_rate=LR, deepspeed=deepspeed, use_cpu=deepspeed is None, seed=0, report_to=[],
+                             save_strategy="steps" if save else "no", save_steps=TRAINER_STEPS // 2, logging_strategy="no",
+                             disable_tqdm=True)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[AdaLoraCallback(), Record()])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, patterns
+
+
+def _save_under_zero3(trainer, rank, out_dir) -> str:
+    """save_pretrained on the partitioned adapters raises an error that says how to save; then saving as the
+    Trainer does under ZeRO-3 on GPUs: a state dict gathered on every rank, written by rank 0. Returns the
+    error's text."""
+    model, engine = trainer.model, trainer.model_wrapped
+    with pytest.raises(RuntimeError, match="partitioned by ZeRO-3") as error:
+        model.save_pretrained(out_dir + "-partitioned")
+    state_dict = engine._zero3_consolidated_16bit_state_dict()  # (a collective: every rank)
+    if rank == 0:
+        model.save_pretrained(out_dir, state_dict=state_dict)
+    return str(error.value)
+
+
+def _allocator_state(trainer):
+    from adalora_fast.integrations.peft import fast_allocator
+
+    return fast_allocator(trainer.model.base_model).state_dict()["flat"]
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier")
+
+
+class CountCollectives:
+    """Counts torch.distributed's collectives called inside the block (DeepSpeed's go through them too)."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self.count, self._saved = 0, {name: getattr(dist, name) for name in COLLECTIVES}
+        for name, fn in self._saved.items():
+            setattr(dist, name, self._counting(fn))
+        return self
+
+    def _counting(self, fn):
+        def counted(*args, **kwargs):
+            self.count += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+
+def _peft_history(model, step_fn, stage=None, collectives=None):
+    """After each step: (rank pattern, Λ); ``collectives``: a list to append each allocator call's count to."""
     history = []
     for step in range(STEPS):
         step_fn(step)
-        model.base_model.update_and_allocate(step)
+        with CountCollectives() as counted:
+            model.base_model.update_and_allocate(step)
+        if collectives is not None:
+            collectives.append(counted.count)
         sync_rank_pattern(model.base_model)
         history.append((model.peft_config["default"].rank_pattern, _lambdas(model, stage)))
     return history
@@ -91,7 +190,7 @@ def _zero_worker(rank, world, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     results = {}
     for stage in STAGES:  # (all in one run: a run's start costs more than its steps)
-        model = _patched_llama()
+        model = adalora_llama()
         engine, *_ = deepspeed.initialize(model=model, config=_config(stage),
                                           model_parameters=[p for p in model.parameters() if p.requires_grad])  # fmt: skip
         norms = []
@@ -102,7 +201,9 @@ def _zero_worker(rank, world, out_dir):
             engine.step()
             norms.append(float(engine.get_global_grad_norm()))
 
-        results[f"peft-zero{stage}"] = (_peft_history(model, step, stage), norms)
+        collectives = []
+        results[f"peft-zero{stage}"] = (_peft_history(model, step, stage, collectives), norms)
+        results[f"collectives-zero{stage}"] = collectives
 
         # Paper order on FastSVDLinear layers with the allocator itself: θ_t·∇θ_t of the reduced gradient
         # (unclipped, as one process's layers emit it in their backward).
@@ -120,11 +221,26 @@ def _zero_worker(rank, world, out_dir):
             alloc.update_and_mask(mlp, i)
             history.append((alloc.rank_pattern, _lambdas(mlp, stage)))
         results[f"paper-zero{stage}"] = (history, None)
+
+        # The Trainer (Accelerate runs the engine's step inside its backward); under ZeRO-2 also a run resumed at
+        # step 5 of its checkpoints. (Without accelerators Accelerate takes every rank for the main process, so
+        # each would save a ZeRO-3 checkpoint's model as rank 0: ZeRO-3 saving is tested as the Trainer does it
+        # on GPUs, below.)
+        run_dir = os.path.join(out_dir, f"trainer-zero{stage}")
+        trainer, patterns = _train_with_trainer(run_dir, _trainer_config(stage), per_device_batch=2, save=stage == 2)
+        resumed_patterns = resumed_state = None
+        if stage == 2:
+            resumed, resumed_patterns = _train_with_trainer(run_dir, _trainer_config(stage), per_device_batch=2,
+                                                            resume=os.path.join(run_dir, f"checkpoint-{TRAINER_STEPS // 2}"))  # fmt: skip
+            resumed_state = _allocator_state(resumed)
+        results[f"trainer-zero{stage}"] = (patterns, resumed_patterns, _allocator_state(trainer), resumed_state)
+        if stage == 3:
+            results["save-zero3"] = _save_under_zero3(trainer, rank, os.path.join(out_dir, "adapter-zero3"))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _one_process_peft():
-    model = _patched_llama()
+    model = adalora_llama()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
 
@@ -156,12 +272,19 @@ def _one_process_paper():
     return history
 
 
-def test_zero2_and_zero3_ranks_agree_with_each_other_and_with_one_process(tmp_path):
-    run_ranks(_zero_worker, 2, tmp_path, args=(str(tmp_path),), deadline_s=240)
-    runs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory):
+    """Every run of the ranks (one start), each rank's results."""
+    out = tmp_path_factory.mktemp("zero")
+    run_ranks(_zero_worker, 2, out, args=(str(out),), deadline_s=300)
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_zero2_and_zero3_ranks_agree_with_each_other_and_with_one_process(zero_runs):
+    _, runs = zero_runs
     single = {"peft": _one_process_peft(), "paper": _one_process_paper()}
-    for name, (history, norms) in runs[0].items():
-        other = runs[1][name][0]
+    for name in ("peft-zero2", "peft-zero3", "paper-zero2", "paper-zero3"):
+        (history, norms), (other, _) = runs[0][name], runs[1][name]
         reference = single[name.split("-")[0]]
         for step, ((p0, l0), (p1, l1), (ps, ls)) in enumerate(zip(history, other, reference, strict=True)):
             assert p0 == p1 == ps, (name, step)  # the same masks on every rank and as one process
@@ -170,6 +293,44 @@ def test_zero2_and_zero3_ranks_agree_with_each_other_and_with_one_process(tmp_pa
                 torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6, msg=f"{name}, step {step}")
         if norms is not None:
             assert max(norms) > CLIP, (name, norms)  # the clip was active: the scores saw the clipped gradient
+    for stage in STAGES:  # the allocator's collectives: one all-reduce per step, whatever the number of adapters
+        assert runs[0][f"collectives-zero{stage}"] == [1] * STEPS, runs[0][f"collectives-zero{stage}"]
     for name, reference in single.items():
         final = reference[-1][0]
         assert final is not None and sum(map(sum, final.values())) < sum(map(len, final.values())), name
+
+
+def test_trainer_under_zero_masks_as_one_process_and_resumes_exactly(zero_runs, tmp_path):
+    """On a machine without accelerators Accelerate sets up no process group of its own under DeepSpeed: each
+    rank reads every batch (DeepSpeed's engine still partitions over both ranks and averages their gradients),
+    so the one-process run reads the same batches of 2."""
+    _, runs = zero_runs
+    _, single = _train_with_trainer(tmp_path / "single", per_device_batch=2, save=False)
+    assert single[-1] is not None and sum(map(sum, single[-1].values())) == 3 * len(single[-1])  # target_r
+    for stage in STAGES:
+        (patterns, resumed, state, resumed_state), other = runs[0][f"trainer-zero{stage}"], runs[1][f"trainer-zero{stage}"]
+        assert patterns == other[0] == single, stage  # every rank, every step, as one process
+        if stage != 2:
+            continue
+        assert resumed == patterns[TRAINER_STEPS // 2 :], stage  # the resumed run's steps, as the whole run's
+        for rank_state, rank_resumed in ((state, resumed_state), (other[2], other[3])):
+            for key in ("exp_avg_ipt", "exp_avg_unc", "scores", "keep"):
+                torch.testing.assert_close(rank_resumed[key], rank_state[key], rtol=1e-6, atol=0, msg=f"{stage} {key}")
+
+
+def test_save_model_under_zero3_writes_the_one_process_adapter_and_stock_peft_loads_it(zero_runs, tmp_path):
+    from helpers import tiny_llama
+    from peft import PeftModel
+
+    out, runs = zero_runs
+    assert "stage3_gather_16bit_weights_on_model_save" in runs[0]["save-zero3"]  # the error says how to save
+    trainer, _ = _train_with_trainer(tmp_path / "single", per_device_batch=2, save=False)  # (what each rank read)
+    trainer.save_model(tmp_path / "adapter")
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in (out / "adapter-zero3", tmp_path / "adapter")]
+    assert configs[0]["rank_pattern"] == configs[1]["rank_pattern"] is not None
+    loaded = [PeftModel.from_pretrained(tiny_llama(), str(d)) for d in (out / "adapter-zero3", tmp_path / "adapter")]
+    (zero, one) = [{n: p for n, p in m.named_parameters() if "lora_" in n} for m in loaded]
+    assert zero.keys() == one.keys() and zero
+    for name in zero:
+        assert zero[name].shape == one[name].shape, name  # resized by the same rank pattern
+        torch.testing.assert_close(zero[name], one[name], rtol=1e-4, atol=1e-6, msg=name)

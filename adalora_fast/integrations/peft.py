@@ -184,6 +184,9 @@ class FastState:
     import_pending: bool = False  # a model converted in place: PEFT's scores and masks go into the allocator
     counter_set: bool = False  # capturable: the device step counter has taken the caller's first step
     layers: list | None = None  # the adapted modules, for the penalty
+    # What the Trainer multiplies the loss by when it averages tokens across ranks (set by AdaLoraCallback):
+    # the penalty, added inside the forward, is divided by it to keep its weight (see fast_forward).
+    trainer_loss_scale: int = 1
 
 
 def fast_state(model, create: bool = False) -> FastState | None:
@@ -296,6 +299,11 @@ def fast_forward(self, *args, **kwargs):
         if weight > 0:  # (the adapted modules are not walked when the penalty is off)
             factors, right = _orth_factors(self)
             if factors:
+                # The Trainer, averaging tokens across N ranks, multiplies the loss by N (the model's loss is a
+                # sum over the global token count); a term added here would weigh N times: divide it back.
+                fast = fast_state(self)
+                if kwargs.get("num_items_in_batch") is not None and fast is not None and fast.trainer_loss_scale != 1:
+                    weight = weight / fast.trainer_loss_scale
                 outputs.loss += weight * orth_penalty(factors, right)
     return outputs
 
@@ -314,8 +322,26 @@ def _peft_model_forward(self, *args, **kwargs):
     return _ORIGINALS["PeftModel.forward"](self, *args, **kwargs)
 
 
+def _check_whole(model, state_dict, adapter_name) -> None:
+    """Saving resizes every adapter by the rank pattern: its tensors must be whole, not ZeRO-3 partitions."""
+    from .deepspeed import zero_stage
+
+    for name, p in model.named_parameters():
+        if f"lora_E.{adapter_name}" in name and zero_stage(p) == 3:
+            saved = state_dict.get(name, p)
+            if saved.numel() != p.ds_numel:
+                raise RuntimeError(
+                    f"{name} is partitioned by ZeRO-3 ({saved.numel()} of its {p.ds_numel} elements here): save a "
+                    "gathered state dict, as the Trainer does with \"stage3_gather_16bit_weights_on_model_save\": true "
+                    "(state_dict=engine._zero3_consolidated_16bit_state_dict() on every rank, then save_pretrained("
+                    "..., state_dict=...) on rank 0), or save inside deepspeed.zero.GatheredParameters on every rank"
+                )
+            return
+
+
 def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
     sync_rank_pattern(model)  # the lazily kept pattern is what the saved, resized adapter must carry
+    _check_whole(model, state_dict, adapter_name)
     return _ORIGINALS["AdaLoraModel._get_adapter_state_dict"].__func__(
         cls, model, config, adapter_name, state_dict, unwanted_adapter_names
     )

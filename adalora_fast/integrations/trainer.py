@@ -1,8 +1,19 @@
-"""``AdaLoraCallback``: AdaLoRA's allocator with the Hugging Face ``Trainer``, which never calls it itself."""
+"""``AdaLoraCallback``: AdaLoRA's allocator with the Hugging Face ``Trainer``, which never calls it itself.
+
+It also keeps the allocator's state (EMAs, scores, masks) in the ``Trainer``'s checkpoints, one file per
+rank (``adalora_fast_allocator-rank<k>.pt``: under ZeRO and FSDP2 each rank holds the EMAs of its own
+partition), and restores it when training resumes from one, so a resumed run continues the schedule and
+the EMAs exactly.
+"""
 
 from __future__ import annotations
 
+import os
+
+import torch
 from transformers import TrainerCallback
+
+ALLOCATOR_FILE = "adalora_fast_allocator-rank{rank}.pt"
 
 
 def _adalora_tuner(model):
@@ -15,14 +26,58 @@ def _adalora_tuner(model):
     return tuner
 
 
+def _process_rank(args) -> int:
+    """This process's rank: torch.distributed's where it is set up (the engine's ranks: on a machine without
+    accelerators Accelerate counts every DeepSpeed rank as process 0), else the Trainer's."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else args.process_index
+
+
+def _checkpoint_file(args, state) -> str:
+    # The Trainer's own checkpoint folder naming (transformers.trainer_utils.PREFIX_CHECKPOINT_DIR).
+    name = ALLOCATOR_FILE.format(rank=_process_rank(args))
+    return os.path.join(args.output_dir, f"checkpoint-{state.global_step}", name)
+
+
 class AdaLoraCallback(TrainerCallback):
     """Calls ``update_and_allocate(global_step)`` once per optimizer step, after ``optimizer.step()`` and
     before ``zero_grad()`` (the Trainer's ``on_optimizer_step``), so gradient accumulation is respected and
-    the step index is the 0-based one PEFT's examples use."""
+    the step index is the 0-based one PEFT's examples use. Under DeepSpeed, where Accelerate runs the
+    engine's step inside the backward, the allocator has taken the step's gradient inside that step."""
 
     def __init__(self, model=None):
         self.model = model
 
+    def _tuner(self, model):
+        return _adalora_tuner(self.model if self.model is not None else model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from .peft import fast_state
+
+        # With average_tokens_across_devices the Trainer multiplies every loss by the number of ranks; the
+        # patched forward divides the penalty it adds by the same factor (stock PEFT weighs it N times).
+        scale = args.world_size if getattr(args, "average_tokens_across_devices", False) else 1
+        fast_state(self._tuner(model), create=True).trainer_loss_scale = scale
+        if state.global_step == 0:
+            return control
+        path = _checkpoint_file(args, state)
+        if os.path.exists(path):  # resuming from a checkpoint this callback saved
+            from .peft import _allocator
+
+            _allocator(self._tuner(model)).load_state_dict(torch.load(path, weights_only=False))
+        return control
+
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        _adalora_tuner(self.model if self.model is not None else model).update_and_allocate(state.global_step)
+        self._tuner(model).update_and_allocate(state.global_step)
+        return control
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        from .peft import fast_allocator
+
+        alloc = fast_allocator(self._tuner(model))
+        if alloc is not None:
+            path = _checkpoint_file(args, state)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(alloc.state_dict(), path)
         return control
