@@ -119,6 +119,10 @@ def _train_with_trainer(out_dir, deepspeed=None, resume=None, per_device_batch=4
     return trainer, patterns
 
 
+def _adapter_weights(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+
+
 def _save_under_zero3(trainer, rank, out_dir) -> str:
     """save_pretrained on the partitioned adapters raises an error that says how to save; then saving as the
     Trainer does under ZeRO-3 on GPUs: a state dict gathered on every rank, written by rank 0. Returns the
@@ -236,6 +240,11 @@ def _zero_worker(rank, world, out_dir):
         results[f"trainer-zero{stage}"] = (patterns, resumed_patterns, _allocator_state(trainer), resumed_state)
         if stage == 3:
             results["save-zero3"] = _save_under_zero3(trainer, rank, os.path.join(out_dir, "adapter-zero3"))
+    # The Trainer's DDP (use_cpu: Accelerate's multi-CPU setup, each rank its share of every batch). It averages
+    # tokens across the ranks, multiplying each rank's loss by 2: the patched forward keeps the penalty's weight.
+    trainer, patterns = _train_with_trainer(os.path.join(out_dir, "trainer-ddp"), per_device_batch=2, save=False)
+    assert trainer.args.world_size == 2 and trainer.args.average_tokens_across_devices
+    results["trainer-ddp"] = (patterns, _adapter_weights(trainer))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -334,3 +343,15 @@ def test_save_model_under_zero3_writes_the_one_process_adapter_and_stock_peft_lo
     for name in zero:
         assert zero[name].shape == one[name].shape, name  # resized by the same rank pattern
         torch.testing.assert_close(zero[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trainer_ddp_keeps_the_penalty_weight_of_one_process(zero_runs, tmp_path):
+    """Stock PEFT adds the penalty inside the forward, so the Trainer's ×(number of ranks) weighs it N times."""
+    _, runs = zero_runs
+    trainer, single = _train_with_trainer(tmp_path / "single", per_device_batch=4, save=False)  # the global batch
+    weights = _adapter_weights(trainer)
+    for rank in range(2):
+        patterns, rank_weights = runs[rank]["trainer-ddp"]
+        assert patterns == single, rank
+        for name, w in weights.items():
+            torch.testing.assert_close(rank_weights[name], w, rtol=1e-4, atol=1e-6, msg=name)
