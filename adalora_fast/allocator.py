@@ -30,7 +30,10 @@ device, and ``rank_pattern`` is produced only when it is read.
   triplet scores (in the fused kernels' epilogues, or in gradient hooks on the
   reference path), on the micro-batch that completes the optimizer step
   (``grad_accumulation_steps`` micro-batches per step), and ``update_and_mask``
-  only masks. The call site is the same.
+  only masks. On several ranks (DDP, FSDP2, DeepSpeed ZeRO), where a layer's
+  backward sees only its rank's gradient, θ_t·∇θ_t of the reduced gradient is
+  taken just before the optimizer step instead (make the allocator before the
+  first step). The call site is the same.
 
 Under AMP loss scaling pass ``grad_scale`` (the factor the gradients carry, a
 float or a device tensor) to ``update_and_mask`` unless the gradients were
@@ -58,11 +61,18 @@ import torch
 import torch.nn as nn
 
 from .discovery import find_adapter_triplets
-from .flat_state import FlatAdapterState, PartitionedAdapterState, ShardedAdapterState, is_sharded
+from .flat_state import FlatAdapterState, ShardedAdapterState, is_sharded
 from .importance import ImportanceState
 from .schedule import BudgetSchedule, check_betas, check_choices
 
 NONFINITE_POLICIES = ("skip", "raise")
+
+
+def _data_parallel() -> bool:
+    """Several ranks in torch.distributed's default group."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _check_capturable(order: str, nonfinite: str, tb_writter) -> None:
@@ -123,11 +133,10 @@ class RankAllocator:
         self.total_rank = sum(t.rank for t in self.triplets)
         self.target_rank = target_total_rank if target_total_rank is not None else target_rank * len(self.triplets)
         self.state = self._make_state(order, capturable)
-        # Paper order on one process or DDP: the layers' backward emits the scores. Partitioned adapters
-        # take θ_t·∇θ_t of the reduced gradient just before the optimizer step instead (their state captures it).
-        partitioned = isinstance(self.state, PartitionedAdapterState)
+        # Paper order on one process: the layers' backward emits the scores. On several ranks the state takes
+        # θ_t·∇θ_t of the reduced gradient just before the optimizer step instead (it captures).
         self.importance_states = (
-            self._attach_importance(model, grad_accumulation_steps) if order == "paper" and not partitioned else None
+            self._attach_importance(model, grad_accumulation_steps) if order == "paper" and not self.state.capture else None
         )
         self._emissions_seen = [0] * len(self.triplets)
         self._nonfinite_reported = 0
@@ -147,7 +156,10 @@ class RankAllocator:
         stage = zero_stage(first)
         kind = "sharded (FSDP2)" if is_sharded(first) else f"ZeRO-{stage} partitioned" if stage else None
         if kind is None:
-            return FlatAdapterState(self.triplets, self.beta1, self.beta2)
+            # Paper order on several ranks (DDP): the layers' backward would score this rank's gradient only;
+            # θ_t·∇θ_t of the all-reduced gradient is taken in the optimizer's step pre-hook instead.
+            capture = "sensitivity" if order == "paper" and _data_parallel() else None
+            return FlatAdapterState(self.triplets, self.beta1, self.beta2, capture)
         if capturable:
             raise ValueError(f"capturable=True is not supported with {kind} adapters")
         if stage:

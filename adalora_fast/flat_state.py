@@ -50,7 +50,12 @@ class FlatAdapterState:
     one slot per triplet in ``scores`` / ``keep`` (:meth:`_triplet_layout`).
     """
 
-    def __init__(self, triplets: list[AdapterTriplet], beta1: float, beta2: float):
+    CAPTURES = (None, "gradient", "sensitivity")
+
+    def __init__(self, triplets: list[AdapterTriplet], beta1: float, beta2: float, capture: str | None = None):
+        if capture not in self.CAPTURES:
+            raise ValueError(f"capture must be one of {self.CAPTURES}, got {capture!r}")
+        self.capture = capture
         self.triplets, self.beta1, self.beta2 = triplets, beta1, beta2
         self.dtype, self.device = self._placement(triplets)
         # The parameters in flat order (for the one gather of θ and ∇θ) and the element buffers over them.
@@ -74,6 +79,12 @@ class FlatAdapterState:
         self._previous = None
         self.score_slices, self.factor_columns = self._triplet_layout(triplets)
         self.lambdas = [t.lora_E for t in triplets]
+        self.captured = torch.zeros_like(self.exp_avg_ipt) if capture else None
+        self.captured_views = self._flat_views(self.captured) if capture else None
+        self._captured_step = False  # captured since the allocator last ran?
+        self._holds: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer → steps these?
+        if capture:
+            _capture_in_optimizer_steps(self)
 
     # -- the layout (what the sharded state overrides) ---------------------------------------------
     @staticmethod
@@ -226,11 +237,49 @@ class FlatAdapterState:
                 require_grad(name, p)  # raises, naming the parameter
         return self.param_list, grads
 
-    def _sensitivity_into_unc(self) -> None:
-        """θ·∇θ of every element into Ū's flat buffer (its views), from the gradients now."""
+    # -- the capture (``capture``: where the sensitivity's gradient comes from) -----------------------
+    # * None: the parameters' ``.grad`` when the allocator runs (after the optimizer step: reference order).
+    # * "gradient": copied just before the optimizer step (an engine that frees the gradients in its step);
+    #   the allocator multiplies it by θ after the step (reference order).
+    # * "sensitivity": θ·∇θ formed just before the step, from θ_t and the reduced gradient (paper order where
+    #   the layers' backward sees only this rank's gradient: DDP, FSDP2, ZeRO).
+    def capture_from(self, optimizer) -> None:
+        """Called before every ``torch.optim`` step: capture if ``optimizer`` steps these adapters."""
+        first = self.flat_params[0][1]
+        if optimizer not in self._holds:
+            self._holds[optimizer] = any(p is first for g in optimizer.param_groups for p in g["params"])
+        if self._holds[optimizer]:
+            self.capture_before_step()
+
+    @torch.no_grad()
+    def capture_before_step(self) -> None:
+        """Just before the optimizer step: this rank's elements of the reduced gradient (or of θ·∇θ)."""
         params, grads = self._gradient_lists()
-        torch._foreach_copy_(self.unc_views, params)
-        torch._foreach_mul_(self.unc_views, grads)
+        torch._foreach_copy_(self.captured_views, grads)
+        if self.capture == "sensitivity":
+            torch._foreach_mul_(self.captured_views, params)
+        self._captured_step = True
+
+    def _sensitivity_into_unc(self) -> None:
+        """θ·∇θ of every element into Ū's flat buffer (its views): from the gradients now, or as captured."""
+        if self.capture is None:
+            params, grads = self._gradient_lists()
+            torch._foreach_copy_(self.unc_views, params)
+            torch._foreach_mul_(self.unc_views, grads)
+            return
+        if not self._captured_step:
+            raise RuntimeError(
+                "rank allocator: no gradient was captured before this optimizer step. On several ranks the "
+                "allocator takes it in the optimizer's step: make the allocator before the step it scores "
+                "(before training starts, after the engine is set up)"
+            )
+        self._captured_step = False
+        if self.capture == "sensitivity":
+            self.exp_avg_unc.copy_(self.captured)
+        else:
+            params = [self._local(p) for _, p in self.flat_params]  # θ after the step
+            torch._foreach_copy_(self.unc_views, params)
+            self.exp_avg_unc.mul_(self.captured)
 
     def _update_emas(self, grad_scale) -> torch.Tensor:
         """Write the new Ī, Ū (keeping the previous ones aside); returns whether this shard's I was finite.
@@ -369,29 +418,15 @@ class PartitionedAdapterState(FlatAdapterState):
     column i (weight 1/out) — and one all-reduce per step (not per layer) sums them, the finiteness flag riding
     along, so that every rank thresholds the same scores and masks its part of Λ the same way.
 
-    ``capture``: where the sensitivity's gradient comes from.
-
-    * ``None``: the parameters' ``.grad`` when the allocator runs (after the optimizer step: reference order).
-    * ``"gradient"``: copied by :meth:`capture_before_step` just before the optimizer step (an engine that
-      frees the gradients in its step); the allocator multiplies it by θ after the step (reference order).
-    * ``"sensitivity"``: θ·∇θ formed by :meth:`capture_before_step` from θ before the step (paper order).
-
     Subclasses say where this rank's elements are: :meth:`_span`, :meth:`_local`, :meth:`_local_grad` and
     :meth:`_lambda_targets`; ``self.group`` is the data-parallel process group.
     """
 
-    CAPTURES = (None, "gradient", "sensitivity")
-
     def __init__(self, triplets: list[AdapterTriplet], beta1: float, beta2: float, capture: str | None = None):
         import torch.distributed as dist
 
-        if capture not in self.CAPTURES:
-            raise ValueError(f"capture must be one of {self.CAPTURES}, got {capture!r}")
-        self._dist, self.capture = dist, capture
-        super().__init__(triplets, beta1, beta2)
-        self.captured = torch.zeros_like(self.exp_avg_ipt) if capture else None
-        self.captured_views = self._flat_views(self.captured) if capture else None
-        self._captured_step = False  # captured since the allocator last ran?
+        self._dist = dist
+        super().__init__(triplets, beta1, beta2, capture)
         self._pending_finite: torch.Tensor | None = None  # this rank's, until compute_scores settles the step
 
     # -- what a subclass says about a parameter -----------------------------------------------------
@@ -465,32 +500,6 @@ class PartitionedAdapterState(FlatAdapterState):
         return [self._local(p) for _, p in self.flat_params], [self._local_grad(n, p) for n, p in self.flat_params]
 
     @torch.no_grad()
-    def capture_before_step(self) -> None:
-        """Just before the optimizer step: this rank's part of the reduced gradient (or of θ·∇θ)."""
-        params, grads = self._gradient_lists()
-        torch._foreach_copy_(self.captured_views, grads)
-        if self.capture == "sensitivity":
-            torch._foreach_mul_(self.captured_views, params)
-        self._captured_step = True
-
-    def _sensitivity_into_unc(self) -> None:
-        if self.capture is None:
-            return super()._sensitivity_into_unc()
-        if not self._captured_step:
-            raise RuntimeError(
-                "rank allocator: no gradient was captured before this optimizer step. With partitioned adapters "
-                "the allocator must exist before the step it scores (make it before training starts, after the "
-                "engine is set up)"
-            )
-        self._captured_step = False
-        if self.capture == "sensitivity":
-            self.exp_avg_unc.copy_(self.captured)
-        else:
-            params = [self._local(p) for _, p in self.flat_params]  # θ after the step
-            torch._foreach_copy_(self.unc_views, params)
-            self.exp_avg_unc.mul_(self.captured)
-
-    @torch.no_grad()
     def update_from_gradients(self, grad_scale=None) -> torch.Tensor:
         """The local EMAs; returns whether this rank's sensitivity was finite (device bool). Whether to keep
         them is decided with the other ranks in compute_scores."""
@@ -538,9 +547,6 @@ class ShardedAdapterState(PartitionedAdapterState):
         self.group = triplets[0].lora_A.device_mesh.get_group()
         super().__init__(triplets, beta1, beta2, capture)
         self._lambdas_local = [t.lora_E.to_local() for t in triplets]
-        self._holds: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer → steps these?
-        if capture:  # FSDP2 leaves the reduced gradients in .grad: take them in the optimizer's step pre-hook
-            _capture_in_optimizer_steps(self)
 
     @staticmethod
     def _local(p):
@@ -554,23 +560,16 @@ class ShardedAdapterState(PartitionedAdapterState):
     def _local_grad(self, name, p):
         return require_grad(name, p).to_local()
 
-    def capture_from(self, optimizer) -> None:
-        first = self.flat_params[0][1]
-        if optimizer not in self._holds:
-            self._holds[optimizer] = any(p is first for g in optimizer.param_groups for p in g["params"])
-        if self._holds[optimizer]:
-            self.capture_before_step()
-
     def _lambda_targets(self):
         return self._lambdas_local, [self._factor_span(i).view(-1, 1) for i in range(len(self.triplets))]
 
 
 
-_CAPTURING: "weakref.WeakSet[PartitionedAdapterState]" = weakref.WeakSet()
+_CAPTURING: "weakref.WeakSet[FlatAdapterState]" = weakref.WeakSet()
 _CAPTURE_HOOK = None
 
 
-def _capture_in_optimizer_steps(state: PartitionedAdapterState) -> None:
+def _capture_in_optimizer_steps(state: FlatAdapterState) -> None:
     """Have ``state.capture_from(optimizer)`` called before every ``torch.optim`` step (one global step
     pre-hook for all states; a state leaves with its allocator)."""
     global _CAPTURE_HOOK

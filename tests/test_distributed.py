@@ -56,14 +56,15 @@ def _run(model, rank=0, world=1, sharded=False, order="reference"):
 
 # mode: (the engine, the allocator's order). Paper order on FSDP2 scores θ_t·∇θ_t of the reduced gradient,
 # taken in the optimizer's step pre-hook; one process scores the same in its layers' backward.
-MODES = {"ddp": ("ddp", "reference"), "fsdp2": ("fsdp2", "reference"), "fsdp2-paper": ("fsdp2", "paper")}
+MODES = {"ddp": ("ddp", "reference"), "ddp-paper": ("ddp", "paper"), "fsdp2": ("fsdp2", "reference"),
+         "fsdp2-paper": ("fsdp2", "paper")}  # fmt: skip
 
 
 def _worker(rank, world, out_dir):
     histories = {}
     for mode, (engine, order) in MODES.items():  # (all in one run: a run's start costs more than its steps)
         if engine == "ddp":
-            histories[mode] = _run(nn.parallel.DistributedDataParallel(_model()), rank, world)
+            histories[mode] = _run(nn.parallel.DistributedDataParallel(_model()), rank, world, order=order)
         else:
             from torch.distributed.fsdp import fully_shard
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from ..discovery import AdapterTriplet
-from ..flat_state import PartitionedAdapterState, _capture_in_optimizer_steps
+from ..flat_state import PartitionedAdapterState
 
 
 def zero_stage(p: torch.Tensor) -> int | None:
@@ -79,7 +79,6 @@ class ZeroAdapterState(PartitionedAdapterState):
         # This rank's part of each parameter's fp32 master copy (None where it holds none of it): what the
         # inner optimizer steps, found in its param groups by storage.
         self.masters = [self._master(q) for _, q in self.flat_params]
-        _capture_in_optimizer_steps(self)
 
     # -- where this rank's elements are -------------------------------------------------------------
     def _span(self, p):
