@@ -165,6 +165,7 @@ LONG_RUNNING = (
     "test_the_check_writes_a_summary",
     "test_offline_install",
     "test_without_pyproject",
+    "test_deepspeed.py",
     "test_distributed.py",
     "test_ranks.py",
     "test_pretrained_minilm.py",

@@ -76,6 +76,16 @@ def peft_mlp(seed=0, **cfg):
     return random_singular_values(model, std=0.1)
 
 
+def fast_mlp():
+    """Two FastSVDLinear layers (12 → 16 → 6, r 4) around a tanh, with random Λ (seed 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FastSVDLinear(12, 16, r=4, lora_alpha=4), nn.Tanh(), FastSVDLinear(16, 6, r=4, lora_alpha=4))
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.lora_E.normal_(std=0.5)
+    return model
+
+
 def clone(model):
     return copy.deepcopy(model)
 

@@ -17,17 +17,18 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from helpers import peft_llama, token_batch
+from helpers import fast_mlp, peft_llama, token_batch
 from tooling.ranks import run_ranks
 
 from adalora_fast.integrations.peft import sync_rank_pattern
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is a test requirement (requirements-test.txt)")
+pytestmark = pytest.mark.xdist_group("deepspeed")  # (one worker runs the module's fixture, once)
 
 STEPS, CLIP, LR = 22, 0.04, 0.5
 TRAINER_STEPS = 10  # warm-up 0-1, budgeting 2-6 (a mask every step), the final phase 7-9; a checkpoint at 5
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-STAGES = (2, 3)
+STAGES = (2, 3)  # every run; ZeRO-1 (the same fragments as ZeRO-2) runs the PEFT model's
 
 
 def adalora_llama(steps=STEPS):
@@ -36,17 +37,6 @@ def adalora_llama(steps=STEPS):
     if steps == STEPS:  # warm-up 0-2, budgeting 3-15 (a mask every other step), the final phase 16-21
         return adalora_fast.patch_peft(peft_llama(tinit=3, tfinal=6, deltaT=2, total_step=steps, target_modules=TARGETS))
     return adalora_fast.patch_peft(peft_llama(tinit=2, tfinal=3, deltaT=1, total_step=steps, target_modules=TARGETS))
-
-
-def _fast_mlp():
-    from adalora_fast import FastSVDLinear
-
-    torch.manual_seed(0)
-    model = nn.Sequential(FastSVDLinear(12, 16, r=4, lora_alpha=4), nn.Tanh(), FastSVDLinear(16, 6, r=4, lora_alpha=4))
-    with torch.no_grad():
-        for m in (model[0], model[2]):
-            m.lora_E.normal_(std=0.5)
-    return model
 
 
 def _mlp_batch(step, rank=0, world=1):
@@ -199,7 +189,7 @@ def _zero_worker(rank, world, out_dir):
     deepspeed.ops.__compatible_ops__ = {}
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     results = {}
-    for stage in STAGES:  # (all in one run: a run's start costs more than its steps)
+    for stage in (1, *STAGES):  # (all in one run: a run's start costs more than its steps)
         model = adalora_llama()
         engine, *_ = deepspeed.initialize(model=model, config=_config(stage), optimizer=_sgd(model))
         norms = []
@@ -213,12 +203,14 @@ def _zero_worker(rank, world, out_dir):
         collectives = []
         results[f"peft-zero{stage}"] = (_peft_history(model, step, stage, collectives), norms)
         results[f"collectives-zero{stage}"] = collectives
+        if stage not in STAGES:
+            continue
 
         # Paper order on FastSVDLinear layers with the allocator itself: θ_t·∇θ_t of the reduced gradient
         # (unclipped, as one process's layers emit it in their backward).
         from adalora_fast import RankAllocator, compute_orth_regu
 
-        mlp = _fast_mlp()
+        mlp = fast_mlp()
         engine, *_ = deepspeed.initialize(model=mlp, config=_config(stage, clip=0.0), optimizer=_sgd(mlp))
         alloc = RankAllocator(mlp, 4, 2, 3, 6, 2, 0.85, 0.85, total_step=STEPS, order="paper")
         history = []
@@ -244,6 +236,18 @@ def _zero_worker(rank, world, out_dir):
         results[f"trainer-zero{stage}"] = (patterns, resumed_patterns, _allocator_state(trainer), resumed_state)
         if stage == 3:
             results["save-zero3"] = _save_under_zero3(trainer, rank, os.path.join(out_dir, "adapter-zero3"))
+    # Optimizer offload: the patched model's first training forward, which makes the allocator, says it is not
+    # supported.
+    model = adalora_llama()
+    config = _config(3)
+    config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    engine, *_ = deepspeed.initialize(model=model, config={**config, "zero_force_ds_cpu_optimizer": False},
+                                      optimizer=_sgd(model))  # fmt: skip
+    with pytest.raises(NotImplementedError, match="offload_optimizer") as error:
+        ids = token_batch(0)[rank::world]
+        engine(input_ids=ids, labels=ids, use_cache=False)
+    results["offload-error"] = str(error.value)
+
     # The Trainer's DDP (use_cpu: Accelerate's multi-CPU setup, each rank its share of every batch). It averages
     # tokens across the ranks, multiplying each rank's loss by 2: the patched forward keeps the penalty's weight.
     trainer, patterns = _train_with_trainer(os.path.join(out_dir, "trainer-ddp"), per_device_batch=2, save=False)
@@ -270,7 +274,7 @@ def _one_process_peft():
 def _one_process_paper():
     from adalora_fast import RankAllocator, compute_orth_regu
 
-    mlp = _fast_mlp()
+    mlp = fast_mlp()
     opt = _sgd(mlp)
     alloc = RankAllocator(mlp, 4, 2, 3, 6, 2, 0.85, 0.85, total_step=STEPS, order="paper")
     history = []
@@ -295,7 +299,7 @@ def zero_runs(tmp_path_factory):
 def test_zero2_and_zero3_ranks_agree_with_each_other_and_with_one_process(zero_runs):
     _, runs = zero_runs
     single = {"peft": _one_process_peft(), "paper": _one_process_paper()}
-    for name in ("peft-zero2", "peft-zero3", "paper-zero2", "paper-zero3"):
+    for name in ("peft-zero1", "peft-zero2", "peft-zero3", "paper-zero2", "paper-zero3"):
         (history, norms), (other, _) = runs[0][name], runs[1][name]
         reference = single[name.split("-")[0]]
         for step, ((p0, l0), (p1, l1), (ps, ls)) in enumerate(zip(history, other, reference, strict=True)):
@@ -305,7 +309,7 @@ def test_zero2_and_zero3_ranks_agree_with_each_other_and_with_one_process(zero_r
                 torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6, msg=f"{name}, step {step}")
         if norms is not None:
             assert max(norms) > CLIP, (name, norms)  # the clip was active: the scores saw the clipped gradient
-    for stage in STAGES:  # the allocator's collectives: one all-reduce per step, whatever the number of adapters
+    for stage in (1, *STAGES):  # the allocator's collectives: one all-reduce per step, whatever the number of adapters
         assert runs[0][f"collectives-zero{stage}"] == [1] * STEPS, runs[0][f"collectives-zero{stage}"]
     for name, reference in single.items():
         final = reference[-1][0]
@@ -358,3 +362,9 @@ def test_trainer_ddp_keeps_the_penalty_weight_of_one_process(zero_runs, tmp_path
         assert patterns == single, rank
         for name, w in weights.items():
             torch.testing.assert_close(rank_weights[name], w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_optimizer_offload_is_refused_with_an_error_that_names_it(zero_runs):
+    _, runs = zero_runs
+    for rank in range(2):
+        assert "does not support DeepSpeed's offload_optimizer" in runs[rank]["offload-error"]

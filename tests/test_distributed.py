@@ -12,23 +12,12 @@ import os
 
 import torch
 import torch.nn as nn
-from helpers import peft_llama, token_batch
+from helpers import fast_mlp, peft_llama, token_batch
 from tooling.ranks import run_ranks
 
 from adalora_fast.integrations.peft import sync_rank_pattern
 
 STEPS, GLOBAL_BATCH = 40, 16
-
-
-def _model():
-    from adalora_fast import FastSVDLinear
-
-    torch.manual_seed(0)
-    model = nn.Sequential(FastSVDLinear(12, 16, r=4, lora_alpha=4), nn.Tanh(), FastSVDLinear(16, 6, r=4, lora_alpha=4))
-    with torch.no_grad():
-        for m in (model[0], model[2]):
-            m.lora_E.normal_(std=0.5)
-    return model
 
 
 def _run(model, rank=0, world=1, sharded=False, order="reference"):
@@ -64,11 +53,11 @@ def _worker(rank, world, out_dir):
     histories = {}
     for mode, (engine, order) in MODES.items():  # (all in one run: a run's start costs more than its steps)
         if engine == "ddp":
-            histories[mode] = _run(nn.parallel.DistributedDataParallel(_model()), rank, world, order=order)
+            histories[mode] = _run(nn.parallel.DistributedDataParallel(fast_mlp()), rank, world, order=order)
         else:
             from torch.distributed.fsdp import fully_shard
 
-            model = _model()
+            model = fast_mlp()
             for layer in (model[0], model[2]):
                 fully_shard(layer)
             fully_shard(model)
@@ -79,7 +68,7 @@ def _worker(rank, world, out_dir):
 def test_ranks_agree_with_each_other_and_with_one_process(tmp_path):
     run_ranks(_worker, 2, tmp_path, args=(str(tmp_path),), deadline_s=180)
     runs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    singles = {order: _run(_model(), order=order) for order in ("reference", "paper")}
+    singles = {order: _run(fast_mlp(), order=order) for order in ("reference", "paper")}
     for mode, (_, order) in MODES.items():
         single = singles[order]
         for step, ((p0, l0), (p1, l1), (ps, ls)) in enumerate(zip(runs[0][mode], runs[1][mode], single)):
