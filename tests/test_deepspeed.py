@@ -13,6 +13,7 @@ more than the runs), shared by the tests through a module fixture.
 import copy
 import json
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is a test requirement (requir
 pytestmark = pytest.mark.xdist_group("deepspeed")  # (one worker runs the module's fixture, once)
 
 STEPS, CLIP, LR = 22, 0.04, 0.5
+RESUME_AT = 11  # the ZeRO-3 run through deepspeed.initialize also resumes from a checkpoint after 11 steps
 TRAINER_STEPS = 10  # warm-up 0-1, budgeting 2-6 (a mask every step), the final phase 7-9; a checkpoint at 5
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 STAGES = (2, 3)  # every run; ZeRO-1 (the same fragments as ZeRO-2) runs the PEFT model's
@@ -166,10 +168,18 @@ class CountCollectives:
             setattr(dist, name, fn)
 
 
-def _peft_history(model, step_fn, stage=None, collectives=None):
-    """After each step: (rank pattern, Λ); ``collectives``: a list to append each allocator call's count to."""
+def _peft_history(model, step_fn, stage=None, collectives=None, checkpoint=None, start=0):
+    """After each step from ``start``: (rank pattern, Λ). ``collectives``: a list to append each allocator call's
+    count to; ``checkpoint``: a folder for the engine's checkpoint and the allocator's state after RESUME_AT steps."""
     history = []
-    for step in range(STEPS):
+    for step in range(start, STEPS):
+        if checkpoint is not None and step == RESUME_AT:
+            import torch.distributed as dist
+            from adalora_fast.integrations.peft import fast_allocator
+
+            step_fn.keywords["engine"].save_checkpoint(checkpoint)
+            torch.save(fast_allocator(model.base_model).state_dict(),
+                       os.path.join(checkpoint, f"allocator-rank{dist.get_rank()}.pt"))  # fmt: skip
         step_fn(step)
         with CountCollectives() as counted:
             model.base_model.update_and_allocate(step)
@@ -194,17 +204,29 @@ def _zero_worker(rank, world, out_dir):
         engine, *_ = deepspeed.initialize(model=model, config=_config(stage), optimizer=_sgd(model))
         norms = []
 
-        def step(i, engine=engine, norms=norms):
+        def step(i, engine, norms):
             ids = token_batch(i)[rank::world]  # an equal share of the global batch
             engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)  # the penalty included
             engine.step()
             norms.append(float(engine.get_global_grad_norm()))
 
-        collectives = []
-        results[f"peft-zero{stage}"] = (_peft_history(model, step, stage, collectives), norms)
+        step = partial(step, engine=engine, norms=norms)
+
+        collectives, checkpoint = [], os.path.join(out_dir, f"engine-zero{stage}")
+        results[f"peft-zero{stage}"] = (_peft_history(model, step, stage, collectives, checkpoint), norms)
         results[f"collectives-zero{stage}"] = collectives
         if stage not in STAGES:
             continue
+        if stage == 3:  # resumed from the engine's checkpoint at RESUME_AT and the allocator's state
+            from adalora_fast.integrations.peft import fast_allocator
+
+            model = adalora_llama()
+            engine, *_ = deepspeed.initialize(model=model, config=_config(stage), optimizer=_sgd(model))
+            engine.load_checkpoint(checkpoint)
+            state = torch.load(os.path.join(checkpoint, f"allocator-rank{rank}.pt"), weights_only=False)
+            fast_allocator(model.base_model, create=True).load_state_dict(state)
+            resumed = _peft_history(model, partial(step, engine=engine, norms=[]), stage, start=RESUME_AT)
+            results["peft-zero3-resumed"] = resumed
 
         # Paper order on FastSVDLinear layers with the allocator itself: θ_t·∇θ_t of the reduced gradient
         # (unclipped, as one process's layers emit it in their backward).
@@ -309,6 +331,12 @@ def test_zero2_and_zero3_ranks_agree_with_each_other_and_with_one_process(zero_r
                 torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6, msg=f"{name}, step {step}")
         if norms is not None:
             assert max(norms) > CLIP, (name, norms)  # the clip was active: the scores saw the clipped gradient
+    for rank in range(2):  # resumed from the engine's checkpoint and the allocator's state: the same steps
+        resumed, whole = runs[rank]["peft-zero3-resumed"], runs[rank]["peft-zero3"][0][RESUME_AT:]
+        for step, ((p_resumed, l_resumed), (p_whole, l_whole)) in enumerate(zip(resumed, whole, strict=True)):
+            assert p_resumed == p_whole, (rank, RESUME_AT + step)
+            for a, b in zip(l_resumed, l_whole, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=0, msg=f"rank {rank}, step {RESUME_AT + step}")
     for stage in (1, *STAGES):  # the allocator's collectives: one all-reduce per step, whatever the number of adapters
         assert runs[0][f"collectives-zero{stage}"] == [1] * STEPS, runs[0][f"collectives-zero{stage}"]
     for name, reference in single.items():

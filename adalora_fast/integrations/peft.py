@@ -197,9 +197,12 @@ def fast_state(model, create: bool = False) -> FastState | None:
     return state
 
 
-def fast_allocator(model) -> RankAllocator | None:
+def fast_allocator(model, create: bool = False) -> RankAllocator | None:
     """The adalora-fast allocator of an AdaLoraModel (``peft_model.base_model``); None before its first
-    ``update_and_allocate``."""
+    ``update_and_allocate`` (or, under ZeRO, its first training forward), unless ``create`` makes it now
+    (after the model is on its device and under its engine: e.g. to ``load_state_dict`` when resuming)."""
+    if create:
+        return _allocator(model)
     state = fast_state(model)
     return state.allocator if state is not None else None
 

@@ -63,9 +63,9 @@ class AdaLoraCallback(TrainerCallback):
             return control
         path = _checkpoint_file(args, state)
         if os.path.exists(path):  # resuming from a checkpoint this callback saved
-            from .peft import _allocator
+            from .peft import fast_allocator
 
-            _allocator(self._tuner(model)).load_state_dict(torch.load(path, weights_only=False))
+            fast_allocator(self._tuner(model), create=True).load_state_dict(torch.load(path, weights_only=False))
         return control
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
