@@ -121,6 +121,30 @@ def _adapter_weights(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
 
 
+def _one_step_per_backend(deepspeed, rank, world) -> dict:
+    """One ZeRO-3 step of the PEFT model on each adapter backend (the kernels: Triton's interpreter on a CPU):
+    {backend: (loss, the adapters after the step, the calls that ran)}. The kernels read the parameters
+    ZeRO-3 gathers for the layer's forward and backward."""
+    from adalora_fast import dispatch
+
+    out = {}
+    for backend in ("reference", "triton"):
+        os.environ[dispatch.BACKEND_ENV] = backend
+        dispatch.reset_backend_calls()
+        model = adalora_llama()
+        engine, *_ = deepspeed.initialize(model=model, config=_config(3), optimizer=_sgd(model))
+        ids = token_batch(0)[rank::world]
+        loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
+        engine.backward(loss)
+        engine.step()
+        adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+        with deepspeed.zero.GatheredParameters(adapters):
+            after = [p.detach().clone() for p in adapters]
+        out[backend] = (loss.detach(), after, dispatch.backend_calls()["svd_adapter"])
+    del os.environ[dispatch.BACKEND_ENV]
+    return out
+
+
 def _save_under_zero3(trainer, rank, out_dir) -> str:
     """save_pretrained on the partitioned adapters raises an error that says how to save; then saving as the
     Trainer does under ZeRO-3 on GPUs: a state dict gathered on every rank, written by rank 0. Returns the
@@ -227,6 +251,7 @@ def _zero_worker(rank, world, out_dir):
             fast_allocator(model.base_model, create=True).load_state_dict(state)
             resumed = _peft_history(model, partial(step, engine=engine, norms=[]), stage, start=RESUME_AT)
             results["peft-zero3-resumed"] = resumed
+            results["kernels-zero3"] = _one_step_per_backend(deepspeed, rank, world)
 
         # Paper order on FastSVDLinear layers with the allocator itself: θ_t·∇θ_t of the reduced gradient
         # (unclipped, as one process's layers emit it in their backward).
@@ -337,6 +362,13 @@ def test_zero2_and_zero3_ranks_agree_with_each_other_and_with_one_process(zero_r
             assert p_resumed == p_whole, (rank, RESUME_AT + step)
             for a, b in zip(l_resumed, l_whole, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=0, msg=f"rank {rank}, step {RESUME_AT + step}")
+    for rank in range(2):  # the fused kernels under ZeRO-3, against the reference path
+        runs_by_backend = runs[rank]["kernels-zero3"]
+        (loss_ref, after_ref, calls_ref), (loss_k, after_k, calls_k) = runs_by_backend["reference"], runs_by_backend["triton"]
+        assert calls_k == {"triton": 2 * len(TARGETS)} and "triton" not in calls_ref, (calls_k, calls_ref)
+        torch.testing.assert_close(loss_k, loss_ref, rtol=1e-5, atol=0)
+        for a, b in zip(after_k, after_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     for stage in (1, *STAGES):  # the allocator's collectives: one all-reduce per step, whatever the number of adapters
         assert runs[0][f"collectives-zero{stage}"] == [1] * STEPS, runs[0][f"collectives-zero{stage}"]
     for name, reference in single.items():
