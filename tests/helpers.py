@@ -189,3 +189,48 @@ def triton_svd_linear(x, weight, bias, lora_A, lora_E, lora_B, triplet_mask, sca
     adapter = SVDAdapter(lora_A, lora_E, lora_B, triplet_mask, float(scaling), ranknum, fan_in_fan_out,
                          dropout_p if training else 0.0)  # fmt: skip
     return svd_linear_triton(x, weight, bias, adapter, seed=seed, emission=emission)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """``steps × 4`` rows of 16 token ids (each its own seed), as the Trainer reads a causal-LM dataset."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __len__(self):
+        return self.steps * 4
+
+    def __getitem__(self, i):
+        ids = token_batch(1000 + i, batch=1)[0]
+        return {"input_ids": ids, "labels": ids}
+
+
+def train_with_trainer(model, out_dir, *, steps, lr, deepspeed=None, resume=None, per_device_batch=4, save=True):
+    """A Trainer run (SGD) of a patched PEFT model with AdaLoraCallback (with ``save``, a checkpoint every
+    ``steps // 2`` steps); (trainer, the rank pattern after each step it ran)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from adalora_fast.integrations.peft import sync_rank_pattern
+    from adalora_fast.integrations.trainer import AdaLoraCallback
+
+    patterns = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            sync_rank_pattern(model.base_model)
+            patterns.append(copy.deepcopy(model.peft_config["default"].rank_pattern))
+
+    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=per_device_batch, max_steps=steps,
+                             learning_rate=lr, optim="sgd", deepspeed=deepspeed, use_cpu=deepspeed is None, seed=0,
+                             report_to=[], save_strategy="steps" if save else "no", save_steps=steps // 2,
+                             logging_strategy="no", disable_tqdm=True)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(steps), callbacks=[AdaLoraCallback(), Record()])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, patterns
+
+
+def allocator_flat_state(trainer):
+    """The fast allocator's flat state (its EMAs, scores, keep) after a Trainer run."""
+    from adalora_fast.integrations.peft import fast_allocator
+
+    return fast_allocator(trainer.model.base_model).state_dict()["flat"]

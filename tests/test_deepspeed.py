@@ -10,7 +10,6 @@ it is unscaled and clipped; the runs clip (and the test checks that the clip was
 more than the runs), shared by the tests through a module fixture.
 """
 
-import copy
 import json
 import os
 from functools import partial
@@ -18,7 +17,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn as nn
-from helpers import fast_mlp, peft_llama, token_batch
+from helpers import allocator_flat_state, fast_mlp, peft_llama, token_batch, train_with_trainer
 from tooling.ranks import run_ranks
 
 from adalora_fast.integrations.peft import sync_rank_pattern
@@ -83,38 +82,10 @@ def _trainer_config(stage):
     return config
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __len__(self):
-        return TRAINER_STEPS * 4
-
-    def __getitem__(self, i):
-        ids = token_batch(1000 + i, batch=1)[0]
-        return {"input_ids": ids, "labels": ids}
-
-
 def _train_with_trainer(out_dir, deepspeed=None, resume=None, per_device_batch=4, save=True):
-    """A Trainer run of the patched Llama with AdaLoraCallback (with ``save``, a checkpoint every 5 steps);
-    (trainer, the rank pattern after each step it ran)."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from adalora_fast.integrations.trainer import AdaLoraCallback
-
-    patterns = []
-
-    class Record(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            sync_rank_pattern(model.base_model)
-            patterns.append(copy.deepcopy(model.peft_config["default"].rank_pattern))
-
-    model = adalora_llama(TRAINER_STEPS)
-    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=per_device_batch, max_steps=TRAINER_STEPS,
-                             learning_rate=LR, optim="sgd", deepspeed=deepspeed, use_cpu=deepspeed is None, seed=0,
-                             report_to=[],
-                             save_strategy="steps" if save else "no", save_steps=TRAINER_STEPS // 2, logging_strategy="no",
-                             disable_tqdm=True)  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[AdaLoraCallback(), Record()])
-    trainer.train(resume_from_checkpoint=resume)
-    return trainer, patterns
+    """helpers.train_with_trainer on this module's Llama (10 steps, SGD)."""
+    return train_with_trainer(adalora_llama(TRAINER_STEPS), out_dir, steps=TRAINER_STEPS, lr=LR, deepspeed=deepspeed,
+                              resume=resume, per_device_batch=per_device_batch, save=save)  # fmt: skip
 
 
 def _adapter_weights(trainer):
@@ -156,12 +127,6 @@ def _save_under_zero3(trainer, rank, out_dir) -> str:
     if rank == 0:
         model.save_pretrained(out_dir, state_dict=state_dict)
     return str(error.value)
-
-
-def _allocator_state(trainer):
-    from adalora_fast.integrations.peft import fast_allocator
-
-    return fast_allocator(trainer.model.base_model).state_dict()["flat"]
 
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier")
@@ -279,8 +244,8 @@ def _zero_worker(rank, world, out_dir):
         if stage == 2:
             resumed, resumed_patterns = _train_with_trainer(run_dir, _trainer_config(stage), per_device_batch=2,
                                                             resume=os.path.join(run_dir, f"checkpoint-{TRAINER_STEPS // 2}"))  # fmt: skip
-            resumed_state = _allocator_state(resumed)
-        results[f"trainer-zero{stage}"] = (patterns, resumed_patterns, _allocator_state(trainer), resumed_state)
+            resumed_state = allocator_flat_state(resumed)
+        results[f"trainer-zero{stage}"] = (patterns, resumed_patterns, allocator_flat_state(trainer), resumed_state)
         if stage == 3:
             results["save-zero3"] = _save_under_zero3(trainer, rank, os.path.join(out_dir, "adapter-zero3"))
     # Optimizer offload: the patched model's first training forward, which makes the allocator, says it is not

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from helpers import LLAMA_TARGETS, peft_llama, saved_activation_bytes, tiny_llama, token_batch
+from helpers import (LLAMA_TARGETS, allocator_flat_state, peft_llama, saved_activation_bytes, tiny_llama, token_batch,
+                     train_with_trainer)
 from tooling.device import DEVICE, ON_GPU
 
 import adalora_fast
@@ -238,6 +239,30 @@ def test_trainer_callback_allocates_once_per_optimizer_step(tmp_path):
     Trainer(model=model, args=args, train_dataset=Ids(), callbacks=[AdaLoraCallback()]).train()
     assert calls == list(range(8))
     assert model.peft_config["default"].rank_pattern is not None  # the final pattern was written at T − tfinal
+
+
+def test_trainer_resumed_from_a_checkpoint_continues_the_allocator_exactly(tmp_path):
+    """AdaLoraCallback saves the allocator's state in each checkpoint and restores it on resume: the resumed
+    run's masks and EMAs are the uninterrupted run's; a checkpoint without this rank's state is refused."""
+    import os
+    import shutil
+
+    def model():  # warm-up 0-1, budgeting 2-6 (a mask every step), the final phase 7-9
+        return adalora_fast.patch_peft(peft_llama(total_step=10, tinit=2, tfinal=3, deltaT=1))
+
+    whole, patterns = train_with_trainer(model(), tmp_path, steps=10, lr=0.5)
+    resumed, resumed_patterns = train_with_trainer(model(), tmp_path, steps=10, lr=0.5,
+                                                   resume=str(tmp_path / "checkpoint-5"))  # fmt: skip
+    assert resumed_patterns == patterns[5:] and patterns[5] is not None
+    for key, value in allocator_flat_state(whole).items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(allocator_flat_state(resumed)[key], value), key
+    # A checkpoint that holds another rank's state only: this rank would start afresh, apart from the others.
+    shutil.copytree(tmp_path / "checkpoint-5", tmp_path / "other" / "checkpoint-5")
+    os.rename(tmp_path / "other" / "checkpoint-5" / "adalora_fast_allocator-rank0.pt",
+              tmp_path / "other" / "checkpoint-5" / "adalora_fast_allocator-rank1.pt")  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="not adalora_fast_allocator-rank0.pt"):
+        train_with_trainer(model(), tmp_path / "other", steps=10, lr=0.5, resume=str(tmp_path / "other" / "checkpoint-5"))
 
 
 def test_dropout_and_bf16_models_match_stock():

@@ -187,6 +187,9 @@ class FastState:
     # What the Trainer multiplies the loss by when it averages tokens across ranks (set by AdaLoraCallback):
     # the penalty, added inside the forward, is divided by it to keep its weight (see fast_forward).
     trainer_loss_scale: int = 1
+    # A Trainer checkpoint is being saved (set by AdaLoraCallback): the adapter is saved at full rank, with no
+    # rank pattern, so that the Trainer can load it back into the full-rank model it resumes.
+    saving_checkpoint: bool = False
 
 
 def fast_state(model, create: bool = False) -> FastState | None:
@@ -343,8 +346,12 @@ def _check_whole(model, state_dict, adapter_name) -> None:
 
 
 def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-    sync_rank_pattern(model)  # the lazily kept pattern is what the saved, resized adapter must carry
-    _check_whole(model, state_dict, adapter_name)
+    fast = fast_state(model)
+    if fast is not None and fast.saving_checkpoint:
+        config.rank_pattern = None  # (not resized: the masks are in Λ, and the allocator's state beside it)
+    else:
+        sync_rank_pattern(model)  # the lazily kept pattern is what the saved, resized adapter must carry
+        _check_whole(model, state_dict, adapter_name)
     return _ORIGINALS["AdaLoraModel._get_adapter_state_dict"].__func__(
         cls, model, config, adapter_name, state_dict, unwanted_adapter_names
     )

@@ -3,7 +3,8 @@
 It also keeps the allocator's state (EMAs, scores, masks) in the ``Trainer``'s checkpoints, one file per
 rank (``adalora_fast_allocator-rank<k>.pt``: under ZeRO and FSDP2 each rank holds the EMAs of its own
 partition), and restores it when training resumes from one, so a resumed run continues the schedule and
-the EMAs exactly.
+the EMAs exactly. A checkpoint's adapter is saved at full rank (the masks are in Λ), which the Trainer can
+load back into the model it resumes; ``save_model`` at the end saves it resized by the rank pattern.
 """
 
 from __future__ import annotations
@@ -62,7 +63,14 @@ class AdaLoraCallback(TrainerCallback):
         if state.global_step == 0:
             return control
         path = _checkpoint_file(args, state)
-        if os.path.exists(path):  # resuming from a checkpoint this callback saved
+        folder = os.path.dirname(path)
+        saved = os.path.isdir(folder) and any(f.startswith("adalora_fast_allocator-") for f in os.listdir(folder))
+        if saved and not os.path.exists(path):  # (a rank that started afresh would score apart from the others)
+            raise FileNotFoundError(
+                f"resuming from {folder}: it holds the allocator's state of other ranks but not {os.path.basename(path)}; "
+                "resume with the ranks that saved it"
+            )
+        if saved:  # resuming from a checkpoint this callback saved
             from .peft import fast_allocator
 
             fast_allocator(self._tuner(model), create=True).load_state_dict(torch.load(path, weights_only=False))
@@ -72,10 +80,22 @@ class AdaLoraCallback(TrainerCallback):
         self._tuner(model).update_and_allocate(state.global_step)
         return control
 
-    def on_save(self, args, state, control, model=None, **kwargs):
-        from .peft import fast_allocator
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # A checkpoint follows: PEFT would save the adapter resized by the rank pattern, which the Trainer cannot
+        # load back into the full-rank model it resumes (stock PEFT's resume fails there with a size mismatch).
+        if control.should_save:
+            from .peft import fast_state
 
-        alloc = fast_allocator(self._tuner(model))
+            fast_state(self._tuner(model), create=True).saving_checkpoint = True
+        return control
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        from .peft import fast_allocator, fast_state, sync_rank_pattern
+
+        tuner = self._tuner(model)
+        fast_state(tuner, create=True).saving_checkpoint = False
+        sync_rank_pattern(tuner)  # (the checkpoint's save left it unset)
+        alloc = fast_allocator(tuner)
         if alloc is not None:
             path = _checkpoint_file(args, state)
             os.makedirs(os.path.dirname(path), exist_ok=True)
