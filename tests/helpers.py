@@ -205,9 +205,10 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
-def train_with_trainer(model, out_dir, *, steps, lr, deepspeed=None, resume=None, per_device_batch=4, save=True):
+def train_with_trainer(model, out_dir, *, steps, lr, deepspeed=None, resume=None, per_device_batch=4, save=True,
+                       accumulate=1):  # fmt: skip
     """A Trainer run (SGD) of a patched PEFT model with AdaLoraCallback (with ``save``, a checkpoint every
-    ``steps // 2`` steps); (trainer, the rank pattern after each step it ran)."""
+    ``steps // 2`` steps; ``accumulate`` micro-batches per step); (trainer, the rank pattern after each step)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from adalora_fast.integrations.peft import sync_rank_pattern
@@ -221,6 +222,7 @@ def train_with_trainer(model, out_dir, *, steps, lr, deepspeed=None, resume=None
             patterns.append(copy.deepcopy(model.peft_config["default"].rank_pattern))
 
     args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=per_device_batch, max_steps=steps,
+                             gradient_accumulation_steps=accumulate,
                              learning_rate=lr, optim="sgd", deepspeed=deepspeed, use_cpu=deepspeed is None, seed=0,
                              report_to=[], save_strategy="steps" if save else "no", save_steps=steps // 2,
                              logging_strategy="no", disable_tqdm=True)  # fmt: skip

@@ -82,10 +82,10 @@ def _trainer_config(stage):
     return config
 
 
-def _train_with_trainer(out_dir, deepspeed=None, resume=None, per_device_batch=4, save=True):
+def _train_with_trainer(out_dir, deepspeed=None, resume=None, per_device_batch=4, save=True, accumulate=1):
     """helpers.train_with_trainer on this module's Llama (10 steps, SGD)."""
     return train_with_trainer(adalora_llama(TRAINER_STEPS), out_dir, steps=TRAINER_STEPS, lr=LR, deepspeed=deepspeed,
-                              resume=resume, per_device_batch=per_device_batch, save=save)  # fmt: skip
+                              resume=resume, per_device_batch=per_device_batch, save=save, accumulate=accumulate)  # fmt: skip
 
 
 def _adapter_weights(trainer):
@@ -239,7 +239,9 @@ def _zero_worker(rank, world, out_dir):
         # each would save a ZeRO-3 checkpoint's model as rank 0: ZeRO-3 saving is tested as the Trainer does it
         # on GPUs, below.)
         run_dir = os.path.join(out_dir, f"trainer-zero{stage}")
-        trainer, patterns = _train_with_trainer(run_dir, _trainer_config(stage), per_device_batch=2, save=stage == 2)
+        # (ZeRO-3 accumulates two micro-batches of 1 per step: the same mean gradient)
+        trainer, patterns = _train_with_trainer(run_dir, _trainer_config(stage), per_device_batch=2 if stage == 2 else 1,
+                                                save=stage == 2, accumulate=1 if stage == 2 else 2)  # fmt: skip
         resumed_patterns = resumed_state = None
         if stage == 2:
             resumed, resumed_patterns = _train_with_trainer(run_dir, _trainer_config(stage), per_device_batch=2,

@@ -184,8 +184,8 @@ class FastState:
     import_pending: bool = False  # a model converted in place: PEFT's scores and masks go into the allocator
     counter_set: bool = False  # capturable: the device step counter has taken the caller's first step
     layers: list | None = None  # the adapted modules, for the penalty
-    # What the Trainer multiplies the loss by when it averages tokens across ranks (set by AdaLoraCallback):
-    # the penalty, added inside the forward, is divided by it to keep its weight (see fast_forward).
+    # How many times the Trainer counts a term added to a step's loss normalised over the step's tokens
+    # (accumulation steps × ranks; set by AdaLoraCallback): the penalty is divided by it (see fast_forward).
     trainer_loss_scale: int = 1
     # A Trainer checkpoint is being saved (set by AdaLoraCallback): the adapter is saved at full rank, with no
     # rank pattern, so that the Trainer can load it back into the full-rank model it resumes.
@@ -305,8 +305,9 @@ def fast_forward(self, *args, **kwargs):
         if weight > 0:  # (the adapted modules are not walked when the penalty is off)
             factors, right = _orth_factors(self)
             if factors:
-                # The Trainer, averaging tokens across N ranks, multiplies the loss by N (the model's loss is a
-                # sum over the global token count); a term added here would weigh N times: divide it back.
+                # Given num_items_in_batch, the model's loss is a sum over the step's tokens divided by their
+                # count: the Trainer sums it over the accumulated micro-batches and multiplies it by the number
+                # of ranks; a term added here would weigh that many times: divide it back.
                 fast = fast_state(self)
                 if kwargs.get("num_items_in_batch") is not None and fast is not None and fast.trainer_loss_scale != 1:
                     weight = weight / fast.trainer_loss_scale

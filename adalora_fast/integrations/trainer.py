@@ -56,10 +56,12 @@ class AdaLoraCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from .peft import fast_state
 
-        # With average_tokens_across_devices the Trainer multiplies every loss by the number of ranks; the
-        # patched forward divides the penalty it adds by the same factor (stock PEFT weighs it N times).
-        scale = args.world_size if getattr(args, "average_tokens_across_devices", False) else 1
-        fast_state(self._tuner(model), create=True).trainer_loss_scale = scale
+        # A model that takes num_items_in_batch returns a loss already normalised over the whole step: the
+        # Trainer then sums it over the accumulated micro-batches (no division) and, averaging tokens across
+        # ranks, multiplies it by the number of ranks. The penalty the patched forward adds is divided by the
+        # same factor (stock PEFT weighs it accumulation steps × ranks times).
+        ranks = args.world_size if getattr(args, "average_tokens_across_devices", False) else 1
+        fast_state(self._tuner(model), create=True).trainer_loss_scale = ranks * args.gradient_accumulation_steps
         if state.global_step == 0:
             return control
         path = _checkpoint_file(args, state)
