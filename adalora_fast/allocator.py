@@ -206,7 +206,9 @@ class RankAllocator:
 
         In paper order set it before the backward that emits (e.g. ``scaler.get_scale()``, or the
         scaler's scale tensor to avoid a sync); in reference order it is the default of
-        ``update_and_mask(grad_scale=...)``.
+        ``update_and_mask(grad_scale=...)``. On several ranks in paper order, and under ZeRO, the gradient
+        is taken inside the optimizer's step, after GradScaler or DeepSpeed has unscaled it: the scale is
+        not applied there.
         """
         self.grad_scale = scale
         for s in self.importance_states or []:

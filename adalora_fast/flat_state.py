@@ -291,8 +291,10 @@ class FlatAdapterState:
         prev_ipt, prev_unc = self._previous
         self._sensitivity_into_unc()
         ipt = self.exp_avg_unc.abs_()
-        if grad_scale is not None:
-            ipt.div_(grad_scale)  # scores from unscaled gradients under AMP loss scaling
+        # Scores from unscaled gradients under AMP loss scaling. (A gradient captured in the optimizer's step is
+        # the one it applies: GradScaler and DeepSpeed unscale before the step.)
+        if grad_scale is not None and self.capture is None:
+            ipt.div_(grad_scale)
         finite = torch.isfinite(ipt).all()
         # The references' expressions, term for term (bitwise equal in fp32):
         # Ī ← β1·Ī + (1−β1)·I;  Ū ← β2·Ū + (1−β2)·|I − Ī|
