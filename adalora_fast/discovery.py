@@ -49,6 +49,12 @@ def full_shape(p: torch.Tensor) -> torch.Size:
 def require_grad(name: str, p: torch.Tensor) -> torch.Tensor:
     """``p.grad``, or a clear error naming the parameter when the allocator runs without one."""
     if p.grad is None:
+        if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):  # (DeepSpeed ZeRO took the parameter over later)
+            raise RuntimeError(
+                f"rank allocator: {name} has no gradient: DeepSpeed ZeRO keeps it in its own buffers, and this "
+                "allocator was made before deepspeed.initialize. Make it after deepspeed.initialize, before the "
+                "first step (a patched PEFT model makes its own at its first training forward)."
+            )
         raise RuntimeError(
             f"rank allocator: {name} has no gradient. Call it after backward() and before zero_grad(), "
             "on parameters with requires_grad=True."

@@ -250,6 +250,19 @@ def _zero_worker(rank, world, out_dir):
         results[f"trainer-zero{stage}"] = (patterns, resumed_patterns, allocator_flat_state(trainer), resumed_state)
         if stage == 3:
             results["save-zero3"] = _save_under_zero3(trainer, rank, os.path.join(out_dir, "adapter-zero3"))
+    # An allocator made before deepspeed.initialize finds no gradient, and says why.
+    from adalora_fast import RankAllocator
+
+    mlp = fast_mlp()
+    early = RankAllocator(mlp, 4, 2, 3, 6, 2, 0.85, 0.85, total_step=STEPS)
+    engine, *_ = deepspeed.initialize(model=mlp, config=_config(2), optimizer=_sgd(mlp))
+    x, y = _mlp_batch(0, rank, world)
+    engine.backward(nn.functional.mse_loss(engine(x), y))
+    engine.step()
+    with pytest.raises(RuntimeError, match="before deepspeed.initialize") as error:
+        early.update_and_mask(mlp, 0)
+    results["early-error"] = str(error.value)
+
     # Optimizer offload: the patched model's first training forward, which makes the allocator, says it is not
     # supported.
     model = adalora_llama()
@@ -391,7 +404,8 @@ def test_trainer_ddp_keeps_the_penalty_weight_of_one_process(zero_runs, tmp_path
             torch.testing.assert_close(rank_weights[name], w, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_optimizer_offload_is_refused_with_an_error_that_names_it(zero_runs):
+def test_optimizer_offload_and_an_allocator_made_too_early_are_refused_with_errors_that_say_why(zero_runs):
     _, runs = zero_runs
     for rank in range(2):
         assert "does not support DeepSpeed's offload_optimizer" in runs[rank]["offload-error"]
+        assert "Make it after deepspeed.initialize" in runs[rank]["early-error"]
