@@ -179,6 +179,15 @@ def _peft_history(model, step_fn, stage=None, collectives=None, checkpoint=None,
     return history
 
 
+def _engine_step(i, engine, rank, world, norms=None):
+    """One step of the PEFT model through the engine on this rank's equal share of the global batch i."""
+    ids = token_batch(i)[rank::world]
+    engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)  # the penalty included
+    engine.step()
+    if norms is not None:
+        norms.append(float(engine.get_global_grad_norm()))
+
+
 def _zero_worker(rank, world, out_dir):
     import deepspeed
     import deepspeed.ops
@@ -192,14 +201,7 @@ def _zero_worker(rank, world, out_dir):
         model = adalora_llama()
         engine, *_ = deepspeed.initialize(model=model, config=_config(stage), optimizer=_sgd(model))
         norms = []
-
-        def step(i, engine, norms):
-            ids = token_batch(i)[rank::world]  # an equal share of the global batch
-            engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)  # the penalty included
-            engine.step()
-            norms.append(float(engine.get_global_grad_norm()))
-
-        step = partial(step, engine=engine, norms=norms)
+        step = partial(_engine_step, engine=engine, rank=rank, world=world, norms=norms)
 
         collectives, checkpoint = [], os.path.join(out_dir, f"engine-zero{stage}")
         results[f"peft-zero{stage}"] = (_peft_history(model, step, stage, collectives, checkpoint), norms)
@@ -214,7 +216,8 @@ def _zero_worker(rank, world, out_dir):
             engine.load_checkpoint(checkpoint)
             state = torch.load(os.path.join(checkpoint, f"allocator-rank{rank}.pt"), weights_only=False)
             fast_allocator(model.base_model, create=True).load_state_dict(state)
-            resumed = _peft_history(model, partial(step, engine=engine, norms=[]), stage, start=RESUME_AT)
+            resumed = _peft_history(model, partial(_engine_step, engine=engine, rank=rank, world=world), stage,
+                                    start=RESUME_AT)  # fmt: skip
             results["peft-zero3-resumed"] = resumed
             results["kernels-zero3"] = _one_step_per_backend(deepspeed, rank, world)
 
@@ -250,6 +253,15 @@ def _zero_worker(rank, world, out_dir):
         results[f"trainer-zero{stage}"] = (patterns, resumed_patterns, allocator_flat_state(trainer), resumed_state)
         if stage == 3:
             results["save-zero3"] = _save_under_zero3(trainer, rank, os.path.join(out_dir, "adapter-zero3"))
+    # bf16 (DeepSpeed's bf16: the model in bf16, fp32 master copies): the allocator's state in bf16, the
+    # gradient taken from the fp32 partitions, λ masked in both.
+    model = adalora_llama()
+    engine, *_ = deepspeed.initialize(model=model, config={**_config(3), "bf16": {"enabled": True}}, optimizer=_sgd(model))
+    from adalora_fast.integrations.peft import fast_allocator
+
+    bf16 = _peft_history(model, partial(_engine_step, engine=engine, rank=rank, world=world), 3)
+    results["bf16-zero3"] = (bf16, fast_allocator(model.base_model).state.dtype)
+
     # An allocator made before deepspeed.initialize finds no gradient, and says why.
     from adalora_fast import RankAllocator
 
@@ -349,6 +361,11 @@ def test_zero2_and_zero3_ranks_agree_with_each_other_and_with_one_process(zero_r
         torch.testing.assert_close(loss_k, loss_ref, rtol=1e-5, atol=0)
         for a, b in zip(after_k, after_ref, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    (bf16_0, dtype), (bf16_1, _) = runs[0]["bf16-zero3"], runs[1]["bf16-zero3"]
+    assert dtype == torch.bfloat16
+    for step, ((p0, l0), (p1, l1)) in enumerate(zip(bf16_0, bf16_1, strict=True)):  # bf16: the ranks agree
+        assert p0 == p1 and all(torch.equal(a, b) for a, b in zip(l0, l1)), ("bf16", step)
+    assert sum(map(sum, bf16_0[-1][0].values())) == 3 * len(TARGETS) * 2  # target_r in every adapted module
     for stage in (1, *STAGES):  # the allocator's collectives: one all-reduce per step, whatever the number of adapters
         assert runs[0][f"collectives-zero{stage}"] == [1] * STEPS, runs[0][f"collectives-zero{stage}"]
     for name, reference in single.items():
