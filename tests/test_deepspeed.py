@@ -1,7 +1,8 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 on 2 gloo processes (DeepSpeed's CPU accelerator), through ``deepspeed.initialize``
+"""DeepSpeed ZeRO-1/2/3 on 2 gloo processes (DeepSpeed's CPU accelerator), through ``deepspeed.initialize``
 and through the ``Trainer`` with :class:`AdaLoraCallback`: every rank ends each step with the same masks and Λ,
-equal to one process trained on the same global batches; a ``Trainer`` run resumed from its checkpoint ends
-as the run that was not interrupted; ``save_model`` under ZeRO-3 writes the adapter one process writes.
+equal to one process trained on the same global batches, in both orders; runs resumed from a checkpoint end
+as the runs that were not interrupted; ``save_model`` under ZeRO-3 writes the adapter one process writes; the
+Trainer's DDP keeps the penalty's weight; bf16, one step on the kernels, and the errors for what is refused.
 
 The adapters are partitioned like every other parameter (ZeRO-3 with no persistence threshold: every
 adapter is split between the ranks). The allocator takes each step's gradient inside DeepSpeed's step, where
