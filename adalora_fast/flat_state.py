@@ -276,9 +276,8 @@ class FlatAdapterState:
         self._captured_step = False
         if self.capture == "sensitivity":
             self.exp_avg_unc.copy_(self.captured)
-        else:
-            params = [self._local(p) for _, p in self.flat_params]  # θ after the step
-            torch._foreach_copy_(self.unc_views, params)
+        else:  # θ after the step: this rank's elements, as viewed at construction (the engines keep them in place)
+            torch._foreach_copy_(self.unc_views, self.param_list)
             self.exp_avg_unc.mul_(self.captured)
 
     def _update_emas(self, grad_scale) -> torch.Tensor:
@@ -430,6 +429,7 @@ class PartitionedAdapterState(FlatAdapterState):
         self._dist = dist
         super().__init__(triplets, beta1, beta2, capture)
         self._pending_finite: torch.Tensor | None = None  # this rank's, until compute_scores settles the step
+        self._lambda_mul: tuple[list, list] | None = None  # _lambda_targets(), found at the first mask
 
     # -- what a subclass says about a parameter -----------------------------------------------------
     def _span(self, p) -> tuple[int, int]:
@@ -526,7 +526,9 @@ class PartitionedAdapterState(FlatAdapterState):
         self.scores.copy_(new_scores)
 
     def _multiply_lambdas(self) -> None:
-        tensors, factors = self._lambda_targets()
+        if self._lambda_mul is None:  # (views that stay valid: the engines update their tensors in place)
+            self._lambda_mul = self._lambda_targets()
+        tensors, factors = self._lambda_mul
         if tensors:
             torch._foreach_mul_(tensors, factors)
 
@@ -564,7 +566,6 @@ class ShardedAdapterState(PartitionedAdapterState):
 
     def _lambda_targets(self):
         return self._lambdas_local, [self._factor_span(i).view(-1, 1) for i in range(len(self.triplets))]
-
 
 
 _CAPTURING: "weakref.WeakSet[FlatAdapterState]" = weakref.WeakSet()

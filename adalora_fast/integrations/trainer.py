@@ -14,7 +14,8 @@ import os
 import torch
 from transformers import TrainerCallback
 
-ALLOCATOR_FILE = "adalora_fast_allocator-rank{rank}.pt"
+ALLOCATOR_PREFIX = "adalora_fast_allocator-"
+ALLOCATOR_FILE = ALLOCATOR_PREFIX + "rank{rank}.pt"
 
 
 def _adalora_tuner(model):
@@ -66,7 +67,7 @@ class AdaLoraCallback(TrainerCallback):
             return control
         path = _checkpoint_file(args, state)
         folder = os.path.dirname(path)
-        saved = os.path.isdir(folder) and any(f.startswith("adalora_fast_allocator-") for f in os.listdir(folder))
+        saved = os.path.isdir(folder) and any(f.startswith(ALLOCATOR_PREFIX) for f in os.listdir(folder))
         if saved and not os.path.exists(path):  # (a rank that started afresh would score apart from the others)
             raise FileNotFoundError(
                 f"resuming from {folder}: it holds the allocator's state of other ranks but not {os.path.basename(path)}; "
