@@ -180,8 +180,10 @@ def test_empty_batch():
     assert x.grad.shape == (0, 40) and torch.count_nonzero(params[3].grad) == 0
 
 
-@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_gradcheck_float64_through_the_kernels(kernels, dropout_p):
+# Dropout 0: every Jacobian entry (full mode). Dropout 0.2, the same kernels with the mask applied: random
+# projections of the Jacobian (fast mode), a fraction of the interpreter's evaluations.
+@pytest.mark.parametrize("dropout_p,fast_mode", [(0.0, False), (0.2, True)])
+def test_gradcheck_float64_through_the_kernels(kernels, dropout_p, fast_mode):
     W, b, A, E, B, mask, ranknum = _layer_tensors(21, 13, 5, torch.float64)
     x = torch.randn(6, 21, device=DEVICE, dtype=torch.float64, requires_grad=True)
     def f(x, A, E, B, b):
@@ -189,7 +191,7 @@ def test_gradcheck_float64_through_the_kernels(kernels, dropout_p):
         return SVDLinearFunction.apply(x, W, b, A, E, B, adapter, 77, None)
 
     b = b.requires_grad_()
-    assert torch.autograd.gradcheck(f, (x, A, E, B, b), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(f, (x, A, E, B, b), eps=1e-6, atol=1e-5, fast_mode=fast_mode)
 
 
 def test_two_runs_are_bitwise_identical(kernels):
