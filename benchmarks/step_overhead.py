@@ -26,6 +26,12 @@ All providers are interleaved in one run: ``--repeats`` rounds, each running a b
 of every provider. The whole step is the best block (its per-step mean); each phase is the best of its
 ``steps × repeats`` single steps. Ratios are meaningful only between providers of the same run.
 
+Beside them, the floor: the same model without adapters, every weight frozen but the token embeddings (so
+that the backward still runs through every layer, as it must to reach the adapters), timed in its forward
+and backward only. Each adapter provider's cost per adapted module is its phase's time above the floor's,
+divided by the modules: what the layers, the penalty and their autograd nodes add to the model's own work,
+and what bounds any target on the whole step.
+
 A table of one adapted layer at the model's shapes follows (the frozen base, PEFT's layers, the patched PEFT
 layer and ``FastSVDLinear``, timed as ``host_overhead.py`` times them), then the targets: adalora-fast's whole step,
 forward and allocator against PEFT LoRA's, the patched PEFT layer against ``FastSVDLinear``.
@@ -44,15 +50,17 @@ import time
 import host_overhead
 from host_overhead import _md, _prepare_process
 
-PROVIDERS = ("peft_lora", "peft_adalora", "adalora_fast")
+PROVIDERS = ("frozen_model", "peft_lora", "peft_adalora", "adalora_fast")
+ADAPTERS = PROVIDERS[1:]  # the providers that train adapters (the frozen model is the floor they are measured above)
 LABELS = {
+    "frozen_model": "the frozen model, no adapters (the floor; forward + backward only)",
     "peft_lora": "PEFT LoRA (r 8)",
     "peft_adalora": "stock PEFT AdaLoRA (r 12)",
     "adalora_fast": "adalora-fast (patched PEFT, r 12)",
     "peft_lora_graph": "PEFT LoRA, CUDA graph",
     "adalora_fast_graph": "adalora-fast, CUDA graph",
 }
-SHORT = {"peft_lora": "PEFT LoRA", "peft_adalora": "stock AdaLoRA", "adalora_fast": "adalora-fast"}
+SHORT = {"frozen_model": "frozen model", "peft_lora": "PEFT LoRA", "peft_adalora": "stock AdaLoRA", "adalora_fast": "adalora-fast"}
 PHASES = ("forward", "backward", "optimizer", "allocator", "zero_grad")
 PHASE_LABELS = {"forward": "forward + loss + penalty"}
 
@@ -198,19 +206,25 @@ def penalty_op_ms(model, number: int, repeats: int) -> tuple[float, float]:
 
 
 def build(provider: str, args, device, dtype):
-    """(the model, its TrainingStep or None for a graph provider, a run() of one whole step)."""
+    """(the model, its TrainingStep (a FrozenModelStep for the floor) or None for a graph provider, a run() of
+    one whole step)."""
     import torch
 
     from bench_common import TrainingStep, llama_training_model, training_step_runner
 
-    model = llama_training_model(provider, llama_shape(args), dropout=args.dropout, seq=args.seq, device=device,
-                                 dtype=dtype)  # fmt: skip
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device,
                         generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+    if provider == "frozen_model":
+        model = frozen_llama(args, device, dtype)
+        step = FrozenModelStep(model, ids)
+    else:
+        model = llama_training_model(provider, llama_shape(args), dropout=args.dropout, seq=args.seq, device=device,
+                                     dtype=dtype)  # fmt: skip
     if provider.endswith("_graph"):
         run, _ = training_step_runner(model, provider, ids)
         return model, None, run
-    step = TrainingStep(model, provider, ids, foreach=True)
+    if provider != "frozen_model":
+        step = TrainingStep(model, provider, ids, foreach=True)
     phases = step.phases()
 
     def run():
@@ -221,6 +235,39 @@ def build(provider: str, args, device, dtype):
     for _ in range(3):  # compile, autotune, the optimizer's and allocator's state
         run()
     return model, step, run
+
+
+def frozen_llama(args, device, dtype):
+    """The benchmark's Llama without adapters, every parameter frozen but the token embeddings (the first
+    layer's input), so that its backward runs through every layer as an adapted model's does."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**llama_shape(args), max_position_embeddings=args.seq)).to(dtype)
+    model.requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    return model
+
+
+class FrozenModelStep:
+    """The floor's phases: the forward with its loss and the backward (its gradients are dropped each step:
+    there is no optimizer to give them to)."""
+
+    def __init__(self, model, ids):
+        self.model, self.ids, self.loss = model, ids, None
+        self.embedding = model.get_input_embeddings().weight
+
+    def forward(self) -> None:
+        self.loss = self.model(input_ids=self.ids, labels=self.ids, use_cache=False).loss
+
+    def backward(self) -> None:
+        self.loss.backward()
+        self.embedding.grad = None
+
+    def phases(self) -> dict:
+        return {"forward": self.forward, "backward": self.backward}
 
 
 def measure_steps(args, device, dtype, providers) -> dict:
@@ -244,7 +291,7 @@ def measure_steps(args, device, dtype, providers) -> dict:
             best[p]["counts"] = count_phases(step.phases())
         if GPU:
             best[p]["device"] = device_ms(run, args.steps)
-        elif p == "adalora_fast":
+        if p == "adalora_fast" and not GPU:
             best[p]["penalty_op"] = penalty_op_ms(model, args.steps, args.repeats)
     return best
 
@@ -297,6 +344,29 @@ def phase_table(results: dict) -> str:
             counts.append(f"{ops}" + (f" (+{launches})" if launches else ""))
         rows.append([PHASE_LABELS.get(phase, phase)] + times + counts)
     return _md(headers, rows)
+
+
+def module_cost_table(results: dict, modules: int) -> tuple[str, str]:
+    """(the table of each adapter provider's forward and backward above the frozen model's, per adapted module,
+    and a line on what the whole-step target leaves adalora-fast per module). All from best phase times."""
+    floor = results["frozen_model"]["phases"]
+    rows = []
+    for p in ADAPTERS:
+        ph = results[p]["phases"]
+        fwd, bwd = (1e3 * (ph[n] - floor[n]) / modules for n in ("forward", "backward"))
+        rest = sum(t for n, t in ph.items() if n not in ("forward", "backward"))
+        rows.append([LABELS[p], f"{fwd:.1f}", f"{bwd:.1f}", f"{fwd + bwd:.1f}", f"{rest:.2f}"])
+    table = _md(("provider", "forward µs / module", "backward µs / module", "forward + backward µs / module",
+                 "optimizer + allocator + zero_grad ms"), rows)  # fmt: skip
+    lora, fast = results["peft_lora"]["phases"], results["adalora_fast"]["phases"]
+    fast_rest = sum(t for n, t in fast.items() if n not in ("forward", "backward"))
+    budget = 0.85 * sum(lora.values()) - floor["forward"] - floor["backward"] - fast_rest
+    now = 1e3 * (fast["forward"] + fast["backward"] - floor["forward"] - floor["backward"]) / modules
+    line = (f"A whole step at 0.85× PEFT LoRA's (sum of best phases: {0.85 * sum(lora.values()):.2f} ms), with "
+            f"adalora-fast's other phases as measured ({fast_rest:.2f} ms) and the frozen model's forward and "
+            f"backward ({floor['forward'] + floor['backward']:.2f} ms), leaves its adapted modules and penalty "
+            f"{1e3 * budget / modules:.1f} µs per module for forward + backward; they take {now:.1f}.")  # fmt: skip
+    return table, line
 
 
 def _linear_subclass():
@@ -480,6 +550,12 @@ def main(argv=None) -> None:
     print(step_table(results))
     print("\n## Per phase (ms; ops that reach the dispatcher, + Triton launches)\n")
     print(phase_table(results))
+    modules = len(LLAMA_TARGETS) * args.layers
+    table, bound = module_cost_table(results, modules)
+    print(f"\n## Per adapted module, above the frozen model (the layers and, for AdaLoRA, the penalty; {modules} "
+          "modules; best phases)\n")
+    print(table)
+    print(f"\n{bound}")
     if "penalty_op" in results["adalora_fast"]:
         fwd, bwd = results["adalora_fast"]["penalty_op"]
         print(f"\nOf adalora-fast's forward and backward, the penalty op's own CPU loops (device work on a GPU): "

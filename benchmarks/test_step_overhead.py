@@ -21,6 +21,14 @@ def test_step_overhead_quick_mode_prints_its_tables():
                 "FastPeftSVDLinear (the patched PEFT layer)", "FastSVDLinear", "## Targets",
                 "Where adalora-fast (patched PEFT, r 12)'s host time goes"):  # fmt: skip
         assert row in text, row
+    # the floor: the model without adapters runs fewer ops than any adapted model, and no kernels
+    rows = {}  # the first table's rows (the per-step table), by provider
+    for line in text.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split(" |")[0][2:], line.split("|")[2:-1])
+    floor, lora = rows["the frozen model, no adapters (the floor; forward + backward only)"], rows["PEFT LoRA (r 8)"]
+    assert int(floor[3]) < int(lora[3]) and floor[4].strip() == "0", (floor, lora)
+    assert "leaves its adapted modules and penalty" in text
     # adalora-fast's step ran the kernels (14 adapted modules: 2 launches forward, 3 backward) and the extension op
     fast_row = next(line for line in text.splitlines() if line.startswith("| adalora-fast (patched PEFT, r 12) |"))
     assert fast_row.rstrip(" |").endswith("| 70"), fast_row

@@ -276,11 +276,14 @@ def _orth_factors(self) -> tuple[list[torch.Tensor], list[bool]]:
     name = self.trainable_adapter_name
     fast = fast_state(self, create=True)
     modules = fast.layers
-    if modules is None or any(name not in m.lora_A for m in modules):
+    # (read from the layers' dicts: ``m.lora_A`` is an nn.Module attribute lookup and ``name in`` a
+    # ParameterDict a Python call, each, on ~150 layers per step)
+    try:
+        factors = [p for m in modules for p in (m._modules["lora_A"]._parameters[name],
+                                                m._modules["lora_B"]._parameters[name])]  # fmt: skip
+    except (KeyError, TypeError):  # not found yet, or a layer lost the adapter: walk the model again
         modules = fast.layers = [m for m in self.model.modules() if isinstance(m, AdaLoraLayer) and name in m.lora_A]
-    # (read from the layers' dicts: a ParameterDict item is an nn.Module attribute lookup, a Python call each)
-    factors = [p for m in modules
-               for p in (m._modules["lora_A"]._parameters[name], m._modules["lora_B"]._parameters[name])]  # fmt: skip
+        factors = [p for m in modules for p in (m.lora_A[name], m.lora_B[name])]
     return factors, [True, False] * len(modules)
 
 
