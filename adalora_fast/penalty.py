@@ -85,6 +85,18 @@ class _EagerOrthPenalty(torch.autograd.Function):
 _OP_REGISTERED = _register_op_python_parts()
 
 
+def _groups_by_device_and_dtype(factors: Sequence[torch.Tensor]) -> list[list[int] | None]:
+    """The factors' indices grouped by (device, dtype), in order of first appearance; ``[None]`` when every
+    factor shares the first's (one group, without building index lists)."""
+    device, dtype = factors[0].device, factors[0].dtype
+    if all(f.dtype == dtype for f in factors) and all(f.device == device for f in factors):
+        return [None]
+    groups: dict[tuple, list[int]] = {}
+    for k, f in enumerate(factors):
+        groups.setdefault((f.device, f.dtype), []).append(k)
+    return list(groups.values())
+
+
 def orth_penalty(
     factors: Sequence[torch.Tensor], is_right: Sequence[bool], mode: str = "fro", backend: str | None = None
 ) -> torch.Tensor:
@@ -101,25 +113,27 @@ def orth_penalty(
         raise ValueError(f"{len(factors)} factors but {len(is_right)} is_right flags")
     # Sharded factors (FSDP2 DTensors, partitioned ZeRO-3 parameters) are gathered, differentiably: every
     # rank computes the whole penalty.
-    factors = [f.full_tensor() if is_sharded(f) else f for f in factors]
+    # (plain parameters and tensors, the common case, skip the per-factor check: a DTensor is neither)
+    if not all(type(f) is nn.Parameter or type(f) is torch.Tensor for f in factors):
+        factors = [f.full_tensor() if is_sharded(f) else f for f in factors]
     if hasattr(factors[0], "ds_id"):
         from .integrations.deepspeed import gather_partitioned, is_partitioned_now
 
         if any(is_partitioned_now(f) for f in factors):
             factors = gather_partitioned(factors)
-    groups: dict[tuple, list[int]] = {}
-    for k, f in enumerate(factors):
-        groups.setdefault((f.device, f.dtype), []).append(k)
     total = None
-    for idx in groups.values():
-        fs, rights = [factors[k] for k in idx], [bool(is_right[k]) for k in idx]
+    for idx in _groups_by_device_and_dtype(factors):
+        if idx is None:  # one group: every factor
+            fs, rights = list(factors), [bool(r) for r in is_right]
+        else:
+            fs, rights = [factors[k] for k in idx], [bool(is_right[k]) for k in idx]
         if dispatch.penalty_backend(fs[0], backend) == "extension":
             flags = [int(r) for r in rights]
             if torch.compiler.is_compiling():
                 loss = torch.ops.adalora_fast.orth_penalty_forward(fs, flags, mode)[0]
             else:
                 loss = _EagerOrthPenalty.apply(flags, mode, *fs)
-            part = loss * len(idx)
+            part = loss * len(fs)
         else:
             part = orth_penalty_sum(list(zip(fs, rights)), mode)
         total = part if total is None else total + part
