@@ -23,7 +23,6 @@ adapter op it also routes the call there (:func:`svd_adapter_linear`).
 
 from __future__ import annotations
 
-import operator
 import os
 import warnings
 from collections import Counter
@@ -128,31 +127,11 @@ def _decide_adapter_backend(x: torch.Tensor, params, forced: str | None) -> tupl
 _DECISIONS: dict[tuple, tuple[str, str | None, str | None]] = {}
 
 
-# The environment variable as a key, read in one C call where the platform's os.environ keeps its encoded
-# items in a dict (CPython's _data, updated by every os.environ write): ``os.environ.get`` costs several Python
-# calls, on every adapter call. The value is only compared, never interpreted, here.
-_ENV_ITEMS = getattr(os.environ, "_data", None)
-try:
-    _ENV_KEY = os.environ.encodekey(BACKEND_ENV)
-except AttributeError:  # pragma: no cover - another os.environ
-    _ENV_ITEMS = None
-
-
-def _backend_env_key():
-    """A value that changes whenever the value of ``$ADALORA_FAST_BACKEND`` does."""
-    if isinstance(_ENV_ITEMS, dict):
-        return _ENV_ITEMS.get(_ENV_KEY)
-    return os.environ.get(BACKEND_ENV)  # pragma: no cover
-
-
-_DTYPE = operator.attrgetter("dtype")
-
-
 def _choose_adapter_backend(x: torch.Tensor, params) -> tuple[str, str | None]:
-    env = _backend_env_key()
+    env = os.environ.get(BACKEND_ENV)
     device_type = "cuda" if x.is_cuda else x.device.type  # (x.device.type builds a device object)
     autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
-    key = (env, _ADAPTER_KERNELS[0] is None, device_type, x.dtype, autocast, *map(_DTYPE, params))
+    key = (env, _ADAPTER_KERNELS[0] is None, device_type, x.dtype, autocast, *[p.dtype for p in params])
     decision = _DECISIONS.get(key)
     if decision is None:
         decision = _DECISIONS[key] = _decide_adapter_backend(x, params, requested_backend())
