@@ -85,15 +85,17 @@ class _EagerOrthPenalty(torch.autograd.Function):
 _OP_REGISTERED = _register_op_python_parts()
 
 
-def _groups_by_device_and_dtype(factors: Sequence[torch.Tensor]) -> list[list[int] | None]:
-    """The factors' indices grouped by (device, dtype), in order of first appearance; ``[None]`` when every
-    factor shares the first's (one group, without building index lists)."""
+def _groups_by_device_and_dtype(factors: Sequence[torch.Tensor], is_right: Sequence[bool]) -> list[tuple[list, list]]:
+    """(factors, is_right flags) per (device, dtype), in order of first appearance (the common case, one
+    device and dtype, without a per-factor key)."""
     device, dtype = factors[0].device, factors[0].dtype
     if all(f.dtype == dtype for f in factors) and all(f.device == device for f in factors):
-        return [None]
-    groups: dict[tuple, list[int]] = {}
-    for k, f in enumerate(factors):
-        groups.setdefault((f.device, f.dtype), []).append(k)
+        return [(list(factors), [bool(r) for r in is_right])]
+    groups: dict[tuple, tuple[list, list]] = {}
+    for f, right in zip(factors, is_right):
+        fs, rights = groups.setdefault((f.device, f.dtype), ([], []))
+        fs.append(f)
+        rights.append(bool(right))
     return list(groups.values())
 
 
@@ -122,11 +124,7 @@ def orth_penalty(
         if any(is_partitioned_now(f) for f in factors):
             factors = gather_partitioned(factors)
     total = None
-    for idx in _groups_by_device_and_dtype(factors):
-        if idx is None:  # one group: every factor
-            fs, rights = list(factors), [bool(r) for r in is_right]
-        else:
-            fs, rights = [factors[k] for k in idx], [bool(is_right[k]) for k in idx]
+    for fs, rights in _groups_by_device_and_dtype(factors, is_right):
         if dispatch.penalty_backend(fs[0], backend) == "extension":
             flags = [int(r) for r in rights]
             if torch.compiler.is_compiling():

@@ -61,19 +61,26 @@ TRAINING_PROVIDERS = ("peft_lora", "peft_adalora", "adalora_fast")
 GRAPH_PROVIDERS = ("peft_lora_graph", "adalora_fast_graph")  # the same steps captured as one CUDA graph
 
 
+def llama_base_model(shape: str | dict, *, seq: int, device, dtype):
+    """A random Llama of ``LLAMA_SHAPES[shape]`` (or of the ``LlamaConfig`` fields ``shape``), without adapters
+    (seeded: every provider's base is the same model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: a ~1B model's random init on a CPU takes long
+        fields = LLAMA_SHAPES[shape] if isinstance(shape, str) else shape
+        return LlamaForCausalLM(LlamaConfig(**fields, max_position_embeddings=seq)).to(dtype)
+
+
 def llama_training_model(provider: str, shape: str | dict, *, dropout: float, seq: int, device, dtype):
     """A random Llama of ``LLAMA_SHAPES[shape]`` (or of the ``LlamaConfig`` fields ``shape``) with the provider's
     adapters on q,k,v,o,gate,up,down: LoRA r 8, or AdaLoRA init_r 12 → target_r 8 (penalty on, allocation
     every step)."""
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from adalora_fast.integrations.peft import patch_peft
 
-    torch.manual_seed(0)
-    with torch.device(device):  # initialised where it runs: a ~1B model's random init on a CPU takes long
-        fields = LLAMA_SHAPES[shape] if isinstance(shape, str) else shape
-        base = LlamaForCausalLM(LlamaConfig(**fields, max_position_embeddings=seq)).to(dtype)
+    base = llama_base_model(shape, seq=seq, device=device, dtype=dtype)
     if provider.startswith("peft_lora"):
         return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, lora_dropout=dropout,
                                                task_type="CAUSAL_LM"))  # fmt: skip

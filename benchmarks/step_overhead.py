@@ -60,7 +60,8 @@ LABELS = {
     "peft_lora_graph": "PEFT LoRA, CUDA graph",
     "adalora_fast_graph": "adalora-fast, CUDA graph",
 }
-SHORT = {"frozen_model": "frozen model", "peft_lora": "PEFT LoRA", "peft_adalora": "stock AdaLoRA", "adalora_fast": "adalora-fast"}
+SHORT = {"frozen_model": "frozen model", "peft_lora": "PEFT LoRA", "peft_adalora": "stock AdaLoRA",
+         "adalora_fast": "adalora-fast"}
 PHASES = ("forward", "backward", "optimizer", "allocator", "zero_grad")
 PHASE_LABELS = {"forward": "forward + loss + penalty"}
 
@@ -220,10 +221,9 @@ def build(provider: str, args, device, dtype):
     else:
         model = llama_training_model(provider, llama_shape(args), dropout=args.dropout, seq=args.seq, device=device,
                                      dtype=dtype)  # fmt: skip
-    if provider.endswith("_graph"):
-        run, _ = training_step_runner(model, provider, ids)
-        return model, None, run
-    if provider != "frozen_model":
+        if provider.endswith("_graph"):
+            run, _ = training_step_runner(model, provider, ids)
+            return model, None, run
         step = TrainingStep(model, provider, ids, foreach=True)
     phases = step.phases()
 
@@ -240,27 +240,27 @@ def build(provider: str, args, device, dtype):
 def frozen_llama(args, device, dtype):
     """The benchmark's Llama without adapters, every parameter frozen but the token embeddings (the first
     layer's input), so that its backward runs through every layer as an adapted model's does."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from bench_common import llama_base_model
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(**llama_shape(args), max_position_embeddings=args.seq)).to(dtype)
+    model = llama_base_model(llama_shape(args), seq=args.seq, device=device, dtype=dtype)
     model.requires_grad_(False)
     model.get_input_embeddings().weight.requires_grad_(True)
     return model
 
 
 class FrozenModelStep:
-    """The floor's phases: the forward with its loss and the backward (its gradients are dropped each step:
-    there is no optimizer to give them to)."""
+    """The floor's phases: ``TrainingStep``'s forward with its loss, and the backward (its gradients are
+    dropped each step: there is no optimizer to give them to)."""
 
     def __init__(self, model, ids):
+        from bench_common import TrainingStep
+
         self.model, self.ids, self.loss = model, ids, None
         self.embedding = model.get_input_embeddings().weight
+        self._forward = TrainingStep.forward
 
     def forward(self) -> None:
-        self.loss = self.model(input_ids=self.ids, labels=self.ids, use_cache=False).loss
+        self._forward(self)
 
     def backward(self) -> None:
         self.loss.backward()
@@ -291,7 +291,7 @@ def measure_steps(args, device, dtype, providers) -> dict:
             best[p]["counts"] = count_phases(step.phases())
         if GPU:
             best[p]["device"] = device_ms(run, args.steps)
-        if p == "adalora_fast" and not GPU:
+        elif p == "adalora_fast":
             best[p]["penalty_op"] = penalty_op_ms(model, args.steps, args.repeats)
     return best
 

@@ -276,15 +276,21 @@ def _orth_factors(self) -> tuple[list[torch.Tensor], list[bool]]:
     name = self.trainable_adapter_name
     fast = fast_state(self, create=True)
     modules = fast.layers
-    # (read from the layers' dicts: ``m.lora_A`` is an nn.Module attribute lookup and ``name in`` a
-    # ParameterDict a Python call, each, on ~150 layers per step)
-    try:
-        factors = [p for m in modules for p in (m._modules["lora_A"]._parameters[name],
-                                                m._modules["lora_B"]._parameters[name])]  # fmt: skip
-    except (KeyError, TypeError):  # not found yet, or a layer lost the adapter: walk the model again
-        modules = fast.layers = [m for m in self.model.modules() if isinstance(m, AdaLoraLayer) and name in m.lora_A]
-        factors = [p for m in modules for p in (m.lora_A[name], m.lora_B[name])]
-    return factors, [True, False] * len(modules)
+    if modules is not None:
+        try:
+            return _factors_of(modules, name), [True, False] * len(modules)
+        except KeyError:  # a layer lost the adapter: walk the model again
+            pass
+    modules = fast.layers = [m for m in self.model.modules() if isinstance(m, AdaLoraLayer) and name in m.lora_A]
+    return _factors_of(modules, name), [True, False] * len(modules)
+
+
+def _factors_of(modules, name: str) -> list[torch.Tensor]:
+    """lora_A, lora_B of adapter ``name`` per module (KeyError where one lacks it), read from the layers' dicts:
+    ``m.lora_A`` is an nn.Module attribute lookup and ``name in`` a ParameterDict a Python call, each, on ~150
+    layers per step."""
+    return [p for m in modules
+            for p in (m._modules["lora_A"]._parameters[name], m._modules["lora_B"]._parameters[name])]  # fmt: skip
 
 
 def _under_zero(self) -> bool:
