@@ -157,18 +157,26 @@ def _seed_backend_and_guards(monkeypatch, request):
         pytest.fail(f"{request.node.nodeid}: " + "; ".join(problems), pytrace=False)
 
 
-# Tests that take a minute or more on a small machine (a compiler, a child Python, a whole fine-tune) start
-# first: under pytest-xdist a long test that starts last sets the wall time of the run.
+# Tests that take long on a small machine (a compiler, a child Python, a whole fine-tune, the interpreter on a
+# model), longest first, start first: under pytest-xdist a long test that starts last sets the wall time of the
+# run. Each entry is a test file's name or the start of a test function's
+# (tests/test_suite_guards.py checks that each still names one).
 LONG_RUNNING = (
-    "test_every_kernel_compiles_for_sm90_and_sm80",
-    "test_cuda_sources_compile_for_sm90_and_sm80",
-    "test_the_check_writes_a_summary",
-    "test_offline_install",
-    "test_without_pyproject",
     "test_deepspeed.py",
-    "test_distributed.py",
-    "test_ranks.py",
+    "test_the_check_goes_on_past_a_failed_extension_build",
+    "test_peft_dtype_setups.py",
+    "test_cuda_sources_compile_for_sm90_and_sm80",
     "test_pretrained_minilm.py",
+    "test_gradcheck_float64_through_the_kernels",
+    "test_distributed.py",
+    "test_offline_install",
+    "test_patched_llama_on_the_kernel_path_matches_stock_peft",
+    "test_without_pyproject",
+    "test_step_overhead.py",
+    "test_bench_rank_allocation.py",
+    "test_host_overhead.py",
+    "test_ranks.py",
+    "test_every_kernel_compiles_for_sm90_and_sm80",
     "test_demo.py",
 )
 

@@ -5,7 +5,10 @@ be red on a GPU for a reason a CPU hides (a forced backend on CPU tensors, an ex
 the automatic choice's reference) fails here too, with the guard's message.
 """
 
+import ast
+import glob
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -119,3 +122,17 @@ def test_the_guards_fail_exactly_the_tests_they_exist_for(tmp_path):
             assert outcomes[name] is None, f"{name} should pass: {outcomes[name]}"
         else:
             assert outcomes[name] is not None and words in outcomes[name], f"{name}: {outcomes[name]}"
+
+
+def test_every_long_running_entry_still_names_a_test():
+    """tests/conftest.py starts the long tests first; an entry whose test was renamed matches nothing, and that
+    test starts wherever collection puts it (last, it sets the run's wall time)."""
+    tree = ast.parse(open(os.path.join(TESTS, "conftest.py")).read())
+    (entries,) = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                  and any(getattr(t, "id", None) == "LONG_RUNNING" for t in node.targets)]  # fmt: skip
+    sources = {path: open(path).read() for folder in ("tests", "benchmarks")
+               for path in glob.glob(os.path.join(ROOT, folder, "test_*.py"))}  # fmt: skip
+    for entry in entries:
+        named = [path for path, text in sources.items()
+                 if os.path.basename(path) == entry or re.search(rf"^def {re.escape(entry)}", text, re.M)]  # fmt: skip
+        assert named, f"LONG_RUNNING names {entry!r}, which is no test file or test function here"
