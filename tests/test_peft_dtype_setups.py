@@ -14,6 +14,7 @@ import adalora_fast
 from adalora_fast import dispatch
 
 STEPS = 3
+TOKEN_BATCH = 2  # sequences per step: 32 tokens, two row blocks of the interpreter's tiles
 
 
 def _train_side_by_side(stock, fast, autocast=None, steps=STEPS, sync=True):
@@ -31,7 +32,7 @@ def _train_side_by_side(stock, fast, autocast=None, steps=STEPS, sync=True):
     models = {"stock": stock, "fast": fast}
     opts = {k: torch.optim.AdamW(lora_params(m), lr=1e-2) for k, m in models.items()}
     for step in range(steps):
-        ids = token_batch(step).to(DEVICE)
+        ids = token_batch(step, batch=TOKEN_BATCH).to(DEVICE)
         if sync:
             with torch.no_grad():
                 for p_fast, p_stock in zip(lora_params(fast), lora_params(stock), strict=True):
