@@ -6,7 +6,8 @@ A Llama-style model of tiny width with many adapted modules (q,k,v,o,gate,up,dow
 the default 8 layers), so that the step's cost is the host's: PEFT LoRA r 8, stock PEFT AdaLoRA init_r 12 →
 target_r 8 and the patched PEFT model (``patch_peft``, the same AdaLoRA config), built as
 ``bench_common.llama_training_model`` builds them. One step is split into its phases: ``forward`` (the loss
-and, for AdaLoRA, the orthogonality penalty), ``backward``, ``optimizer`` (AdamW, foreach),
+and, for AdaLoRA, the orthogonality penalty), ``backward``, ``optimizer`` (AdamW: foreach, or with
+``--optimizer fused`` the fused one, the ``Trainer``'s default),
 ``allocator`` (``update_and_allocate``; none for LoRA) and ``zero_grad``. For each phase: the host time,
 the ops that reach the dispatcher (aten and custom ops, counted by a ``TorchDispatchMode``) and the Triton
 launches (``adalora_fast.kernels.launch.launch_counts()``).
@@ -215,6 +216,7 @@ def build(provider: str, args, device, dtype):
 
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device,
                         generator=torch.Generator(device).manual_seed(0))  # fmt: skip
+    fused = args.optimizer == "fused"
     if provider == "frozen_model":
         model = frozen_llama(args, device, dtype)
         step = FrozenModelStep(model, ids)
@@ -222,9 +224,9 @@ def build(provider: str, args, device, dtype):
         model = llama_training_model(provider, llama_shape(args), dropout=args.dropout, seq=args.seq, device=device,
                                      dtype=dtype)  # fmt: skip
         if provider.endswith("_graph"):
-            run, _ = training_step_runner(model, provider, ids)
+            run, _ = training_step_runner(model, provider, ids, fused=fused or None)
             return model, None, run
-        step = TrainingStep(model, provider, ids, foreach=True)
+        step = TrainingStep(model, provider, ids, foreach=not fused, fused=fused or None)
     phases = step.phases()
 
     def run():
@@ -503,6 +505,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per timed block (default 5)")
     parser.add_argument("--repeats", type=int, default=None, help="timed blocks per provider (default 7)")
     parser.add_argument("--layer-number", type=int, default=None, help="calls per timed block of the layer table")
+    parser.add_argument("--optimizer", choices=("foreach", "fused"), default="foreach",
+                        help="AdamW's implementation (fused: the Trainer's default, adamw_torch_fused)")
     parser.add_argument("--profile", action="store_true", help="cProfile each phase (PEFT LoRA and adalora-fast)")
     parser.add_argument("--profile-top", type=int, default=18)
     parser.add_argument("--cpu", action="store_true", help="the fake-driver measurement even where a GPU is present")
@@ -541,7 +545,8 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, triton {triton.__version__}, peft {peft.__version__}, transformers "
           f"{transformers.__version__}; Llama {args.layers} layers × {len(LLAMA_TARGETS)} adapted modules = "
           f"{len(LLAMA_TARGETS) * args.layers}, hidden {args.hidden}, intermediate {shape['intermediate_size']}, "
-          f"vocab {args.vocab}, {args.batch}×{args.seq} tokens, {str(dtype)[6:]}, dropout {args.dropout}; "
+          f"vocab {args.vocab}, {args.batch}×{args.seq} tokens, {str(dtype)[6:]}, dropout {args.dropout}, "
+          f"AdamW {args.optimizer}; "
           f"whole step: best of {args.repeats} blocks of {args.steps} steps; phases: best of "
           f"{args.repeats * args.steps} steps\n")  # fmt: skip
     dispatch.reset_backend_calls()
