@@ -12,10 +12,9 @@ import json
 
 import pytest
 import torch
-import triton
 from helpers import saved_activation_bytes
 from helpers import triton_svd_linear as svd_linear_triton
-from tooling.device import BF16, DEVICE, F16, F32, F64, KERNEL_DTYPES, ON_GPU, TOL, assert_close_to_scale
+from tooling.device import BF16, DEVICE, F32, KERNEL_DTYPES, ON_GPU, TOL, assert_close_to_scale
 
 from adalora_fast import FastSVDLinear, dispatch
 from adalora_fast.adapter import SVDAdapter

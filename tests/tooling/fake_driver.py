@@ -225,8 +225,6 @@ _STUB = None
 def _stub_dir() -> str:
     import hashlib
 
-    import triton
-
     tag = hashlib.sha256((_STUB_SOURCE + triton.__version__).encode()).hexdigest()[:16]
     return os.path.join(os.path.expanduser("~"), ".cache", "adalora_fast", f"stub-libcuda-{tag}")
 
