@@ -98,8 +98,8 @@ class TrainingStep:
     (``update_and_allocate``, AdaLoRA only) and ``zero_grad``. Calling it runs the step up to the allocator
     and returns the detached loss (``zero_grad`` is left to the caller, as a CUDA-graph capture needs)."""
 
-    def __init__(self, model, provider: str, ids: torch.Tensor, *, capturable: bool = False, foreach=None,
-                 fused=None):  # fmt: skip
+    def __init__(self, model, provider: str, ids: torch.Tensor, *, capturable: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None):  # fmt: skip
         self.model, self.ids = model, ids
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                      capturable=capturable, foreach=foreach, fused=fused)  # fmt: skip
@@ -137,8 +137,8 @@ class TrainingStep:
         return self.loss.detach()
 
 
-def training_step_runner(model, provider: str, ids: torch.Tensor, warmup_steps: int = 3, fused=None,
-                         ) -> tuple[Callable, list]:  # fmt: skip
+def training_step_runner(model, provider: str, ids: torch.Tensor, warmup_steps: int = 3,
+                         fused: bool | None = None) -> tuple[Callable, list]:  # fmt: skip
     """(run, losses): ``run()`` is one training step (forward with the penalty, backward, AdamW, allocator
     for AdaLoRA), synchronised; ``losses`` collects every step's detached loss. ``warmup_steps`` steps run
     first (for ``*_graph`` providers, then one more is captured and every ``run()`` replays it). ``fused``:
