@@ -207,7 +207,8 @@ class RankAllocator:
         In paper order set it before the backward that emits (e.g. ``scaler.get_scale()``, or the
         scaler's scale tensor to avoid a sync); in reference order it is the default of
         ``update_and_mask(grad_scale=...)``. On several ranks in paper order, and under ZeRO, the gradient
-        is taken inside the optimizer's step, after GradScaler or DeepSpeed has unscaled it: the scale is
+        is taken inside the optimizer's step, unscaled (after GradScaler or DeepSpeed has unscaled it, or,
+        for a fused optimizer that GradScaler hands the scale instead, divided by that scale): this scale is
         not applied there.
         """
         self.grad_scale = scale

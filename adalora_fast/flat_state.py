@@ -249,13 +249,18 @@ class FlatAdapterState:
         if optimizer not in self._holds:
             self._holds[optimizer] = any(p is first for g in optimizer.param_groups for p in g["params"])
         if self._holds[optimizer]:
-            self.capture_before_step()
+            # GradScaler leaves the gradients scaled for an optimizer that unscales inside its step (fused
+            # AdamW, fused SGD): it sets the scale they carry on the optimizer for that step (None if unscaled)
+            self.capture_before_step(getattr(optimizer, "grad_scale", None))
 
     @torch.no_grad()
-    def capture_before_step(self) -> None:
-        """Just before the optimizer step: this rank's elements of the reduced gradient (or of θ·∇θ)."""
+    def capture_before_step(self, grad_scale: torch.Tensor | float | None = None) -> None:
+        """Just before the optimizer step: this rank's elements of the reduced gradient (or of θ·∇θ), with
+        ``grad_scale``, the loss scale the gradients still carry, divided out."""
         params, grads = self._gradient_lists()
         torch._foreach_copy_(self.captured_views, grads)
+        if grad_scale is not None:
+            self.captured.div_(grad_scale)
         if self.capture == "sensitivity":
             torch._foreach_mul_(self.captured_views, params)
         self._captured_step = True

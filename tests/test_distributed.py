@@ -4,7 +4,8 @@ to a single-process run over the same global batch.
 DDP: the gradients are already all-reduced, so the ranks score identically with no extra communication.
 FSDP2 (``fully_shard``): the adapters are sharded DTensors; the allocator scores the local shards and
 combines the triplet scores with one all-reduce per step, and the penalty runs on the sharded P and Q. In
-paper order it scores θ_t·∇θ_t of the reduced gradient, taken in the optimizer's step pre-hook.
+paper order it scores θ_t·∇θ_t of the reduced gradient, taken in the optimizer's step pre-hook; under
+GradScaler too, with SGD (unscaled before its step) and with the fused SGD (handed the scale instead).
 The ranks run under a deadline (:mod:`tooling.ranks`): a hang fails the test with every rank's stack.
 """
 
@@ -20,14 +21,15 @@ from adalora_fast.integrations.peft import sync_rank_pattern
 STEPS, GLOBAL_BATCH = 40, 16
 
 
-def _run(model, rank=0, world=1, sharded=False, order="reference", scaler=None):
+def _run(model, rank=0, world=1, sharded=False, order="reference", scaler=None, fused=False):
     """``scaler``: a GradScaler (the loss scaled by 2^10, the scale passed to the allocator as for paper order
-    on one process, where the backward emits from the scaled gradients)."""
+    on one process, where the backward emits from the scaled gradients). ``fused``: the fused SGD, which
+    GradScaler does not unscale for: it hands the optimizer the scale, and the step divides it out itself."""
     from adalora_fast import RankAllocator, compute_orth_regu
 
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     alloc = RankAllocator(inner, 4, 2, 4, 10, 2, 0.85, 0.85, total_step=STEPS, order=order)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=fused or None)
     history = []
     for step in range(STEPS):
         g = torch.Generator().manual_seed(step)
@@ -41,7 +43,7 @@ def _run(model, rank=0, world=1, sharded=False, order="reference", scaler=None):
         else:
             scale = scaler.get_scale()
             scaler.scale(loss).backward()
-            scaler.step(opt)  # (unscales the gradients before the step, where the allocator takes them)
+            scaler.step(opt)  # (unscales the gradients before the step, or, fused, has the step divide them)
             scaler.update()
             alloc.update_and_mask(inner, step, grad_scale=scale)
         lambdas = [m.lora_E.detach() for m in (inner[0], inner[2])]
@@ -55,7 +57,8 @@ def _run(model, rank=0, world=1, sharded=False, order="reference", scaler=None):
 # mode: (the engine, the allocator's order). Paper order on FSDP2 scores θ_t·∇θ_t of the reduced gradient,
 # taken in the optimizer's step pre-hook; one process scores the same in its layers' backward.
 MODES = {"ddp": ("ddp", "reference"), "ddp-paper": ("ddp", "paper"), "ddp-paper-scaled": ("ddp", "paper"),
-         "fsdp2": ("fsdp2", "reference"), "fsdp2-paper": ("fsdp2", "paper")}  # fmt: skip
+         "ddp-paper-scaled-fused": ("ddp", "paper"), "fsdp2": ("fsdp2", "reference"),
+         "fsdp2-paper": ("fsdp2", "paper")}  # fmt: skip
 
 
 def _worker(rank, world, out_dir):
@@ -63,8 +66,10 @@ def _worker(rank, world, out_dir):
     for mode, (engine, order) in MODES.items():  # (all in one run: a run's start costs more than its steps)
         if engine == "ddp":
             # (the scale doubles every step: a scale divided out twice would weigh the steps apart)
-            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1) if mode.endswith("scaled") else None
-            histories[mode] = _run(nn.parallel.DistributedDataParallel(fast_mlp()), rank, world, order=order, scaler=scaler)
+            scaled = "scaled" in mode
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1) if scaled else None
+            histories[mode] = _run(nn.parallel.DistributedDataParallel(fast_mlp()), rank, world, order=order, scaler=scaler,
+                                   fused=mode.endswith("fused"))  # fmt: skip
         else:
             from torch.distributed.fsdp import fully_shard
 
