@@ -259,10 +259,8 @@ class FlatAdapterState:
         ``grad_scale``, the loss scale the gradients still carry, divided out."""
         params, grads = self._gradient_lists()
         torch._foreach_copy_(self.captured_views, grads)
-        if isinstance(grad_scale, torch.Tensor):  # (GradScaler's lives on the device of the first gradients)
-            grad_scale = grad_scale.to(self.captured.device)
-        if grad_scale is not None:
-            self.captured.div_(grad_scale)
+        if grad_scale is not None:  # (GradScaler's tensor lives on the device of the first gradients it saw)
+            self.captured.div_(grad_scale.to(self.captured.device) if torch.is_tensor(grad_scale) else grad_scale)
         if self.capture == "sensitivity":
             torch._foreach_mul_(self.captured_views, params)
         self._captured_step = True

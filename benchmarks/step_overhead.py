@@ -224,9 +224,9 @@ def build(provider: str, args, device, dtype):
         model = llama_training_model(provider, llama_shape(args), dropout=args.dropout, seq=args.seq, device=device,
                                      dtype=dtype)  # fmt: skip
         if provider.endswith("_graph"):
-            run, _ = training_step_runner(model, provider, ids, fused=fused or None)
+            run, _ = training_step_runner(model, provider, ids, fused=fused)
             return model, None, run
-        step = TrainingStep(model, provider, ids, foreach=not fused, fused=fused or None)
+        step = TrainingStep(model, provider, ids, foreach=not fused, fused=fused)
     phases = step.phases()
 
     def run():
@@ -352,21 +352,26 @@ def module_cost_table(results: dict, modules: int) -> tuple[str, str]:
     """(the table of each adapter provider's forward and backward above the frozen model's, per adapted module,
     and a line on what the whole-step target leaves adalora-fast per module). All from best phase times."""
     floor = results["frozen_model"]["phases"]
+    floor_ms = floor["forward"] + floor["backward"]
+
+    def split(phases):  # (forward + backward above the floor, µs per module; the other phases, ms)
+        above = 1e3 * (phases["forward"] + phases["backward"] - floor_ms) / modules
+        return above, sum(t for n, t in phases.items() if n not in ("forward", "backward"))
+
     rows = []
     for p in ADAPTERS:
         ph = results[p]["phases"]
         fwd, bwd = (1e3 * (ph[n] - floor[n]) / modules for n in ("forward", "backward"))
-        rest = sum(t for n, t in ph.items() if n not in ("forward", "backward"))
-        rows.append([LABELS[p], f"{fwd:.1f}", f"{bwd:.1f}", f"{fwd + bwd:.1f}", f"{rest:.2f}"])
+        above, rest = split(ph)
+        rows.append([LABELS[p], f"{fwd:.1f}", f"{bwd:.1f}", f"{above:.1f}", f"{rest:.2f}"])
     table = _md(("provider", "forward µs / module", "backward µs / module", "forward + backward µs / module",
                  "optimizer + allocator + zero_grad ms"), rows)  # fmt: skip
-    lora, fast = results["peft_lora"]["phases"], results["adalora_fast"]["phases"]
-    fast_rest = sum(t for n, t in fast.items() if n not in ("forward", "backward"))
-    budget = 0.85 * sum(lora.values()) - floor["forward"] - floor["backward"] - fast_rest
-    now = 1e3 * (fast["forward"] + fast["backward"] - floor["forward"] - floor["backward"]) / modules
+    lora = results["peft_lora"]["phases"]
+    now, fast_rest = split(results["adalora_fast"]["phases"])
+    budget = 0.85 * sum(lora.values()) - floor_ms - fast_rest
     line = (f"A whole step at 0.85× PEFT LoRA's (sum of best phases: {0.85 * sum(lora.values()):.2f} ms), with "
             f"adalora-fast's other phases as measured ({fast_rest:.2f} ms) and the frozen model's forward and "
-            f"backward ({floor['forward'] + floor['backward']:.2f} ms), leaves its adapted modules and penalty "
+            f"backward ({floor_ms:.2f} ms), leaves its adapted modules and penalty "
             f"{1e3 * budget / modules:.1f} µs per module for forward + backward; they take {now:.1f}.")  # fmt: skip
     return table, line
 
