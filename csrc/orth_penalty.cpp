@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "orth_penalty_plan.h"
 
@@ -122,17 +123,47 @@ BackwardSetup prepare_backward(const at::Tensor& grad_loss, at::TensorList facto
 
 namespace {
 
+// The CPU loops read a chunk of X once into a row-major acc_t buffer (rows of r), then form every entry's sum
+// in the order gram_chunk_entry and write_gradient_entry do (the same sums, bit for bit), a row of r
+// independent sums at a time, which the compiler vectorizes.
+template <typename scalar_t, typename acc_t>
+void load_chunk(const FactorView& f, int64_t begin, int64_t end, acc_t* __restrict buf) {
+  const scalar_t* x = reinterpret_cast<const scalar_t*>(f.data);
+  const int64_t r = f.rank;
+  for (int64_t l = begin; l < end; ++l) {
+    const scalar_t* row = x + l * f.stride_l;
+    acc_t* out = buf + (l - begin) * r;
+    for (int64_t i = 0; i < r; ++i) out[i] = static_cast<acc_t>(row[i * f.stride_i]);
+  }
+}
+
+// out (r×r) = Σ_l X(l,·)ᵀ·X(l,·) over the chunk's rows, in row order.
+template <typename acc_t>
+void chunk_gram(const acc_t* __restrict buf, int64_t rows, int64_t r, acc_t* __restrict out) {
+  std::fill(out, out + r * r, acc_t(0));
+  for (int64_t l = 0; l < rows; ++l) {
+    const acc_t* row = buf + l * r;
+    for (int64_t i = 0; i < r; ++i) {
+      const acc_t xi = row[i];
+      acc_t* o = out + i * r;
+      for (int64_t j = 0; j < r; ++j) o[j] += xi * row[j];
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_cpu_impl(const PenaltyPlan& plan, int mode, acc_t* partials, acc_t* dev, acc_t* sq_norms, acc_t* loss) {
   const auto& fs = plan.factors;
   // Pass 1: one partial Gram per (factor, chunk) item.
   at::parallel_for(0, static_cast<int64_t>(plan.items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf;
     for (int64_t w = begin; w < end; ++w) {
       const WorkItem item = plan.items[w];
       const FactorView& f = fs[item.factor];
-      acc_t* out = partials + f.partial_offset + item.chunk * f.rank * f.rank;
-      for (int64_t i = 0; i < f.rank; ++i)
-        for (int64_t j = 0; j < f.rank; ++j) out[i * f.rank + j] = gram_chunk_entry<scalar_t, acc_t>(f, item.chunk, i, j);
+      const int64_t first = chunk_begin(item.chunk), stop = chunk_end(f, item.chunk);
+      buf.resize(static_cast<size_t>((stop - first) * f.rank));
+      load_chunk<scalar_t, acc_t>(f, first, stop, buf.data());
+      chunk_gram<acc_t>(buf.data(), stop - first, f.rank, partials + f.partial_offset + item.chunk * f.rank * f.rank);
     }
   });
   // Pass 2: D = Σ partials − I and ‖D‖², per factor, in a fixed order.
@@ -159,13 +190,30 @@ void backward_cpu_impl(const PenaltyPlan& plan, int mode, acc_t grad_loss, const
   const auto& fs = plan.factors;
   const int64_t n = static_cast<int64_t>(fs.size());
   at::parallel_for(0, static_cast<int64_t>(plan.items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf, sums;
     for (int64_t w = begin; w < end; ++w) {
       const WorkItem item = plan.items[w];
       const FactorView& f = fs[item.factor];
+      const int64_t r = f.rank;
       const acc_t coef = gradient_coefficient<acc_t>(mode, sq_norms[item.factor], grad_loss, n);
-      const int64_t stop = chunk_end(f, item.chunk);
-      for (int64_t l = chunk_begin(item.chunk); l < stop; ++l)
-        for (int64_t i = 0; i < f.rank; ++i) write_gradient_entry<scalar_t, acc_t>(f, dev, coef, l, i);
+      const int64_t first = chunk_begin(item.chunk), stop = chunk_end(f, item.chunk);
+      buf.resize(static_cast<size_t>((stop - first) * r));
+      sums.resize(static_cast<size_t>(r));
+      load_chunk<scalar_t, acc_t>(f, first, stop, buf.data());
+      const acc_t* d = dev + f.dev_offset;
+      scalar_t* g = reinterpret_cast<scalar_t*>(f.grad);
+      for (int64_t l = first; l < stop; ++l) {
+        // gradient (l,i) = c · Σ_j X(l,j)·D(j,i), j in order
+        const acc_t* row = buf.data() + (l - first) * r;
+        acc_t* __restrict s = sums.data();
+        std::fill(s, s + r, acc_t(0));
+        for (int64_t j = 0; j < r; ++j) {
+          const acc_t xj = row[j];
+          const acc_t* dj = d + j * r;
+          for (int64_t i = 0; i < r; ++i) s[i] += xj * dj[i];
+        }
+        for (int64_t i = 0; i < r; ++i) g[l * f.grad_stride_l + i * f.grad_stride_i] = static_cast<scalar_t>(coef * s[i]);
+      }
     }
   });
 }
