@@ -253,16 +253,28 @@ class FlatAdapterState:
             # AdamW, fused SGD): it sets the scale they carry on the optimizer for that step (None if unscaled)
             self.capture_before_step(getattr(optimizer, "grad_scale", None))
 
-    @torch.no_grad()
     def capture_before_step(self, grad_scale: torch.Tensor | float | None = None) -> None:
         """Just before the optimizer step: this rank's elements of the reduced gradient (or of θ·∇θ), with
         ``grad_scale``, the loss scale the gradients still carry, divided out."""
         params, grads = self._gradient_lists()
-        torch._foreach_copy_(self.captured_views, grads)
+        self._capture(self.captured_views, grads, params, grad_scale, whole=True)
+
+    @torch.no_grad()
+    def _capture(self, views: list[torch.Tensor], grads: list[torch.Tensor], thetas: list[torch.Tensor],
+                 grad_scale: torch.Tensor | float | None, whole: bool = False) -> None:  # fmt: skip
+        """The capture itself: ``grads`` into their ``views`` of the captured buffer, ``grad_scale`` divided
+        out, times θ (``thetas``) for a sensitivity capture. ``whole``: the views cover the buffer (one
+        division for all)."""
+        torch._foreach_copy_(views, grads)
         if grad_scale is not None:  # (GradScaler's tensor lives on the device of the first gradients it saw)
-            self.captured.div_(grad_scale.to(self.captured.device) if torch.is_tensor(grad_scale) else grad_scale)
+            if torch.is_tensor(grad_scale):
+                grad_scale = grad_scale.to(self.captured.device)
+            if whole:
+                self.captured.div_(grad_scale)
+            else:
+                torch._foreach_div_(views, grad_scale)
         if self.capture == "sensitivity":
-            torch._foreach_mul_(self.captured_views, params)
+            torch._foreach_mul_(views, thetas)
         self._captured_step = True
 
     def _sensitivity_into_unc(self) -> None:

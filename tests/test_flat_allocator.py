@@ -11,6 +11,7 @@ from tooling.device import DEVICE, ON_GPU
 
 from adalora_fast import FastSVDLinear, RankAllocator
 from adalora_fast.discovery import find_adapter_triplets
+from adalora_fast.flat_state import FlatAdapterState
 from adalora_fast.reference import BudgetSchedule, ReferenceRankAllocator
 
 CUDA = ON_GPU
@@ -145,6 +146,24 @@ def test_masks_do_not_depend_on_the_loss_scale():
     scaled = run(lambda step: 2.0 ** (10 + step % 3))  # a scale that moves, as GradScaler's does
     _same(unscaled, scaled)
     assert any(p is not None for p, _ in unscaled)
+
+
+@pytest.mark.parametrize("scale", [torch.tensor(1024.0), 512.0])
+def test_a_capture_of_some_parameters_divides_the_loss_scale_out_of_those_alone(scale):
+    # ZeRO captures one parameter group at a time, over some of the captured buffer's views: a scale the
+    # gradients still carry is divided out of those, and the other views keep what they hold.
+    model = _stack(2)
+    nn.functional.mse_loss(model(_data(0)[0]), _data(0)[1]).backward()
+    state = FlatAdapterState(find_adapter_triplets(model), 0.85, 0.85, capture="sensitivity")
+    state.captured.fill_(-7.0)
+    picked = [0, 2, 3]
+    params = [state.flat_params[k][1] for k in picked]
+    state._capture([state.captured_views[k] for k in picked], [p.grad * scale for p in params], params, scale)
+    for k, view in enumerate(state.captured_views):
+        p = state.flat_params[k][1]
+        expected = (p.grad * p).reshape(view.shape) if k in picked else torch.full_like(view, -7.0)
+        torch.testing.assert_close(view, expected, rtol=1e-6, atol=0)
+    assert state._captured_step
 
 
 def test_gradient_accumulation_gives_the_masks_of_one_big_batch():

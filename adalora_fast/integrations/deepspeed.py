@@ -137,12 +137,8 @@ class ZeroAdapterState(PartitionedAdapterState):
             views.append(self.captured_views[k])
             grads.append(flat.grad.view(-1).narrow(0, offset, master.numel()))
             thetas.append(master)
-        if not views:
-            return
-        torch._foreach_copy_(views, grads)
-        if self.capture == "sensitivity":
-            torch._foreach_mul_(views, thetas)
-        self._captured_step = True
+        if views:  # (a scale left on the gradients for the optimizer's own step is divided out, as one process does)
+            self._capture(views, grads, thetas, getattr(optimizer, "grad_scale", None))
 
     def _sensitivity_into_unc(self) -> None:
         if self.exp_avg_unc.numel() == 0:  # (this rank holds none of the adapters: nothing was captured)
