@@ -5,7 +5,8 @@ DDP: the gradients are already all-reduced, so the ranks score identically with 
 FSDP2 (``fully_shard``): the adapters are sharded DTensors; the allocator scores the local shards and
 combines the triplet scores with one all-reduce per step, and the penalty runs on the sharded P and Q. In
 paper order it scores θ_t·∇θ_t of the reduced gradient, taken in the optimizer's step pre-hook; under
-GradScaler too, with SGD (unscaled before its step) and with the fused SGD (handed the scale instead).
+GradScaler too, with SGD (unscaled before its step) and with the fused SGD and AdamW (handed the scale
+instead).
 The ranks run under a deadline (:mod:`tooling.ranks`): a hang fails the test with every rank's stack.
 """
 
@@ -21,15 +22,18 @@ from adalora_fast.integrations.peft import sync_rank_pattern
 STEPS, GLOBAL_BATCH = 40, 16
 
 
-def _run(model, rank=0, world=1, sharded=False, order="reference", scaler=None, fused=False):
+def _run(model, rank=0, world=1, sharded=False, order="reference", scaler=None, fused=False, adamw=False):
     """``scaler``: a GradScaler (the loss scaled by 2^10, the scale passed to the allocator as for paper order
-    on one process, where the backward emits from the scaled gradients). ``fused``: the fused SGD, which
-    GradScaler does not unscale for: it hands the optimizer the scale, and the step divides it out itself."""
+    on one process, where the backward emits from the scaled gradients). ``fused``: the fused SGD (``adamw``:
+    the fused AdamW), which GradScaler does not unscale for: it hands the optimizer the scale, and the step
+    divides it out itself."""
     from adalora_fast import RankAllocator, compute_orth_regu
 
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     alloc = RankAllocator(inner, 4, 2, 4, 10, 2, 0.85, 0.85, total_step=STEPS, order=order)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=fused or None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.01, fused=True) if adamw else torch.optim.SGD(params, lr=0.05,
+                                                                                       fused=fused or None)  # fmt: skip
     history = []
     for step in range(STEPS):
         g = torch.Generator().manual_seed(step)
@@ -59,25 +63,38 @@ def _run(model, rank=0, world=1, sharded=False, order="reference", scaler=None, 
 MODES = {"ddp": ("ddp", "reference"), "ddp-paper": ("ddp", "paper"), "ddp-paper-scaled": ("ddp", "paper"),
          "ddp-paper-scaled-fused": ("ddp", "paper"), "fsdp2": ("fsdp2", "reference"),
          "fsdp2-paper": ("fsdp2", "paper")}  # fmt: skip
+# FSDP2 with the fused AdamW (the Trainer's default optimizer; the fused SGD cannot step DTensors), in paper
+# order under GradScaler: compared with the same run unscaled (a one-process Adam run would not agree to
+# rounding: Adam's normalised first steps turn a gradient's last bits into whole steps). The scale is a power
+# of two, so dividing it out is exact and the two runs agree to the bit where it is divided out once.
+ADAMW_MODES = {"fsdp2-paper-fused-adamw": None, "fsdp2-paper-scaled-fused-adamw": "fsdp2-paper-fused-adamw"}
+
+
+def _fsdp2_mlp():
+    from torch.distributed.fsdp import fully_shard
+
+    model = fast_mlp()
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _scaler(mode):
+    # (the scale doubles every step: a scale divided out twice would weigh the steps apart)
+    return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1) if "scaled" in mode else None
 
 
 def _worker(rank, world, out_dir):
     histories = {}
     for mode, (engine, order) in MODES.items():  # (all in one run: a run's start costs more than its steps)
         if engine == "ddp":
-            # (the scale doubles every step: a scale divided out twice would weigh the steps apart)
-            scaled = "scaled" in mode
-            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1) if scaled else None
-            histories[mode] = _run(nn.parallel.DistributedDataParallel(fast_mlp()), rank, world, order=order, scaler=scaler,
-                                   fused=mode.endswith("fused"))  # fmt: skip
+            histories[mode] = _run(nn.parallel.DistributedDataParallel(fast_mlp()), rank, world, order=order,
+                                   scaler=_scaler(mode), fused=mode.endswith("fused"))  # fmt: skip
         else:
-            from torch.distributed.fsdp import fully_shard
-
-            model = fast_mlp()
-            for layer in (model[0], model[2]):
-                fully_shard(layer)
-            fully_shard(model)
-            histories[mode] = _run(model, rank, world, sharded=True, order=order)
+            histories[mode] = _run(_fsdp2_mlp(), rank, world, sharded=True, order=order)
+    for mode in ADAMW_MODES:
+        histories[mode] = _run(_fsdp2_mlp(), rank, world, sharded=True, order="paper", scaler=_scaler(mode), adamw=True)
     torch.save(histories, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -94,6 +111,14 @@ def test_ranks_agree_with_each_other_and_with_one_process(tmp_path):
             for a, b in zip(l0, ls):  # Λ, then the triplet scores
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9, msg=f"{mode}, step {step}")
     assert all(any(p is not None for p, _ in single) for single in singles.values())
+    for mode, unscaled in ADAMW_MODES.items():
+        for rank in range(2):
+            assert any(p is not None for p, _ in runs[rank][mode]), mode
+            if unscaled is None:
+                continue
+            for step, ((p, lams), (pu, lams_u)) in enumerate(zip(runs[rank][mode], runs[rank][unscaled])):
+                assert p == pu, (mode, rank, step)
+                assert all(torch.equal(a, b) for a, b in zip(lams, lams_u)), (mode, rank, step)  # Λ, the scores
 
 
 # ---------------------------------------------------------------------------------------------
