@@ -137,7 +137,7 @@ class ZeroAdapterState(PartitionedAdapterState):
             views.append(self.captured_views[k])
             grads.append(flat.grad.view(-1).narrow(0, offset, master.numel()))
             thetas.append(master)
-        if views:  # (a scale left on the gradients for the optimizer's own step is divided out, as one process does)
+        if views:  # (a loss scale left on the gradients for the optimizer to divide out is divided out here too)
             self._capture(views, grads, thetas, getattr(optimizer, "grad_scale", None))
 
     def _sensitivity_into_unc(self) -> None:
