@@ -64,6 +64,17 @@ def cuda_arch_list(torch, nvcc):
     return ";".join(archs) + "+PTX"
 
 
+def _triton_cuda_include() -> list[str]:
+    """Triton's bundled CUDA headers (their cuda.h), found without importing Triton, or nothing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    include = os.path.join(list(spec.submodule_search_locations)[0], "backends", "nvidia", "include")
+    return [include] if os.path.exists(os.path.join(include, "cuda.h")) else []
+
+
 def _extensions():
     """The csrc/ extension, or nothing when there is nothing (or nothing allowed) to build."""
     if os.environ.get("ADALORA_FAST_BUILD_EXT", "1") == "0":
@@ -102,6 +113,9 @@ def _extensions():
             },
         )  # fmt: skip
     else:
+        # csrc/svd_linear_program.cpp takes the CUDA driver's types from cuda.h (the driver itself is found at run
+        # time): here from Triton's copy, when Triton is installed (a CUDA build has the toolkit's)
+        include_dirs += _triton_cuda_include()
         ext = CppExtension("adalora_fast._C", cpp_sources, include_dirs=include_dirs, extra_compile_args=cxx_flags)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -5,7 +5,9 @@
 A Llama-style model of tiny width with many adapted modules (q,k,v,o,gate,up,down in every layer: 56 at
 the default 8 layers), so that the step's cost is the host's: PEFT LoRA r 8, stock PEFT AdaLoRA init_r 12 →
 target_r 8 and the patched PEFT model (``patch_peft``, the same AdaLoRA config), built as
-``bench_common.llama_training_model`` builds them. One step is split into its phases: ``forward`` (the loss
+``bench_common.llama_training_model`` builds them; beside it the same patched model with launch programs off
+(``adalora_fast_python_launches``: each layer call launches its kernels from Python instead of as one C++
+autograd node, ``kernels/launch.py``). One step is split into its phases: ``forward`` (the loss
 and, for AdaLoRA, the orthogonality penalty), ``backward``, ``optimizer`` (AdamW: foreach, or with
 ``--optimizer fused`` the fused one, the ``Trainer``'s default),
 ``allocator`` (``update_and_allocate``; none for LoRA) and ``zero_grad``. For each phase: the host time,
@@ -43,6 +45,7 @@ adalora-fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -51,18 +54,19 @@ import time
 import host_overhead
 from host_overhead import _md, _prepare_process
 
-PROVIDERS = ("frozen_model", "peft_lora", "peft_adalora", "adalora_fast")
+PROVIDERS = ("frozen_model", "peft_lora", "peft_adalora", "adalora_fast", "adalora_fast_python_launches")
 ADAPTERS = PROVIDERS[1:]  # the providers that train adapters (the frozen model is the floor they are measured above)
 LABELS = {
     "frozen_model": "the frozen model, no adapters (the floor; forward + backward only)",
     "peft_lora": "PEFT LoRA (r 8)",
     "peft_adalora": "stock PEFT AdaLoRA (r 12)",
     "adalora_fast": "adalora-fast (patched PEFT, r 12)",
+    "adalora_fast_python_launches": "adalora-fast, launch programs off (each layer launches from Python)",
     "peft_lora_graph": "PEFT LoRA, CUDA graph",
     "adalora_fast_graph": "adalora-fast, CUDA graph",
 }
 SHORT = {"frozen_model": "frozen model", "peft_lora": "PEFT LoRA", "peft_adalora": "stock AdaLoRA",
-         "adalora_fast": "adalora-fast"}
+         "adalora_fast": "adalora-fast", "adalora_fast_python_launches": "adalora-fast (programs off)"}
 PHASES = ("forward", "backward", "optimizer", "allocator", "zero_grad")
 PHASE_LABELS = {"forward": "forward + loss + penalty"}
 
@@ -70,6 +74,19 @@ GPU = False  # decided in main(), before adalora_fast is imported
 
 
 _clock = time.thread_time_ns  # the host's time: this thread's CPU time (on a GPU too: no sync inside a phase)
+
+
+@contextlib.contextmanager
+def provider_settings(provider: str):
+    """The process-wide settings a provider runs under: launch programs off for ``adalora_fast_python_launches``
+    (the same model as ``adalora_fast``: what the fused layer's C++ node saves, in the same run)."""
+    from adalora_fast.kernels import launch
+
+    launch.set_launch_programs(provider != "adalora_fast_python_launches")
+    try:
+        yield
+    finally:
+        launch.set_launch_programs(True)
 
 
 def _sync():
@@ -234,8 +251,9 @@ def build(provider: str, args, device, dtype):
             fn()
         _sync()
 
-    for _ in range(3):  # compile, autotune, the optimizer's and allocator's state
-        run()
+    with provider_settings(provider):
+        for _ in range(3):  # compile, autotune, the optimizer's and allocator's state
+            run()
     return model, step, run
 
 
@@ -279,22 +297,24 @@ def measure_steps(args, device, dtype, providers) -> dict:
     for _ in range(args.repeats):
         gc.collect()
         for p, (_, step, run) in built.items():
-            if step is None:
-                host, wall = _graph_block(run, args.steps)
-                per_phase = {}
-            else:
-                host, per_phase, wall = _block(step.phases(), args.steps)
+            with provider_settings(p):
+                if step is None:
+                    host, wall = _graph_block(run, args.steps)
+                    per_phase = {}
+                else:
+                    host, per_phase, wall = _block(step.phases(), args.steps)
             r = best[p]
             r["host"], r["wall"] = min(r["host"], host), min(r["wall"], wall)
             for name, ts in per_phase.items():
                 r["phases"][name] = min(r["phases"].get(name, float("inf")), *ts)
     for p, (model, step, run) in built.items():
-        if step is not None:
-            best[p]["counts"] = count_phases(step.phases())
-        if GPU:
-            best[p]["device"] = device_ms(run, args.steps)
-        elif p == "adalora_fast":
-            best[p]["penalty_op"] = penalty_op_ms(model, args.steps, args.repeats)
+        with provider_settings(p):
+            if step is not None:
+                best[p]["counts"] = count_phases(step.phases())
+            if GPU:
+                best[p]["device"] = device_ms(run, args.steps)
+            elif p == "adalora_fast":
+                best[p]["penalty_op"] = penalty_op_ms(model, args.steps, args.repeats)
     return best
 
 
@@ -579,7 +599,9 @@ def main(argv=None) -> None:
     calls = dispatch.backend_calls()
     print(f"\nadapter and penalty backends in this run: {calls}")
     if fake is not None:
-        print(f"fake driver: {fake.launch_count()} launches; CachedLauncher calls: {_launches()}")
+        from adalora_fast.kernels.launch import launch_counts
+
+        print(f"fake driver: {fake.launch_count()} launches; counted by path: {launch_counts()}")
     if calls["svd_adapter"].get("reference") or calls["orth_penalty"].get("reference"):
         raise SystemExit("adalora-fast ran an op on its reference: the step measured is not the kernels' step")
     if args.profile:

@@ -2,6 +2,7 @@
 (without a GPU: the fake-driver measurement, in a subprocess, since the suite's conftest turns the Triton
 interpreter on in-process)."""
 
+import ast
 import os
 import re
 import subprocess
@@ -33,9 +34,19 @@ def test_step_overhead_quick_mode_prints_its_tables():
     assert int(floor[3]) < int(lora[3]) and floor[4].strip() == "0", (floor, lora)
     assert "leaves its adapted modules and penalty" in text
     # fused AdamW: the same ops for 28 tensors as for 42 (foreach's loop over tensors costs more ops with more)
-    optimizer = next(line for line in text.splitlines() if line.startswith("| optimizer |")).split("|")[-4:-1]
+    optimizer = next(line for line in text.splitlines() if line.startswith("| optimizer |")).split("|")[-5:-1]
     assert len(set(optimizer)) == 1 and int(optimizer[0]) > 0, optimizer
     # adalora-fast's step ran the kernels (14 adapted modules: 2 launches forward, 3 backward) and the extension op
-    fast_row = next(line for line in text.splitlines() if line.startswith("| adalora-fast (patched PEFT, r 12) |"))
-    assert fast_row.rstrip(" |").endswith("| 70"), fast_row
+    # adalora-fast's step ran the kernels (14 adapted modules: 2 launches forward, 3 backward), as one C++ node per
+    # layer call (launch programs) and, with programs off, from Python: the same launches in each phase
+    for label in ("adalora-fast (patched PEFT, r 12)", "adalora-fast, launch programs off (each layer launches "
+                  "from Python)"):  # fmt: skip
+        assert rows[label][-1].strip() == "70", rows[label]
+    for phase, launches in (("forward + loss + penalty", 28), ("backward", 42)):
+        cells = next(line for line in text.splitlines() if line.startswith(f"| {phase} |")).split("|")[-3:-1]
+        assert all(cell.strip().endswith(f"(+{launches})") for cell in cells), (phase, cells)
+    counted = re.search(r"fake driver: (\d+) launches; counted by path: (\{.*\})", text)
+    assert counted, text[-600:]
+    by_path = ast.literal_eval(counted.group(2))
+    assert by_path["program"] > 0 and sum(by_path.values()) == int(counted.group(1)), counted.group(0)
     assert re.search(r"'orth_penalty': \{'extension': \d+\}", text), text[-600:]

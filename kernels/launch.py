@@ -52,6 +52,12 @@ launch path has been checked (3.6 to 3.9). Otherwise, under ``TRITON_INTERPRET=1
 ``ADALORA_FAST_DIRECT_LAUNCH=0`` in the environment when this module is imported (or after
 ``set_direct_launch(False)``), every call is the plain ``kernel[grid](...)``.
 
+Launch programs (:func:`make_program`) go one step further for the fused layer: its bound launches, written
+as a table a C++ autograd node replays (``csrc/svd_linear_program.cpp``), so that a steady-state layer call
+is one op call. They run only where direct launches do, on Triton's own C launcher; with
+``ADALORA_FAST_LAUNCH_PROGRAMS=0`` in the environment (or after ``set_launch_programs(False)``) none is made
+or run, and the layer launches from Python.
+
 What Triton checks on every call and a cached launch does not: that the module globals a kernel reads have
 not changed since it was compiled (this package's kernels read one, the constexpr ``_RANKNUM_EPS``, which
 never changes), and Triton's debug and instrumentation knobs (decided when the entry is made; call
@@ -65,6 +71,7 @@ records it on the capturing stream.
 from __future__ import annotations
 
 import os
+import struct
 import weakref
 from collections.abc import Mapping
 
@@ -93,6 +100,7 @@ except Exception:  # pragma: no cover
 # metadata, launch metadata, enter hook, exit hook, *args)) this module has been checked against.
 VERIFIED_TRITON = ((3, 6), (3, 9))
 ENV = "ADALORA_FAST_DIRECT_LAUNCH"
+PROGRAMS_ENV = "ADALORA_FAST_LAUNCH_PROGRAMS"
 MAX_ENTRIES = 4096  # per launcher; past this the cache starts over (a bound, not a working size)
 
 
@@ -118,6 +126,16 @@ def direct_launch_enabled() -> bool:
     return _ENABLED
 
 
+_PROGRAMS_ENABLED = os.environ.get(PROGRAMS_ENV, "1") != "0"
+
+
+def set_launch_programs(enabled: bool) -> None:
+    """Turn launch programs on or off (off: the fused layer launches from Python; programs already made are
+    kept for when they are turned on again)."""
+    global _PROGRAMS_ENABLED
+    _PROGRAMS_ENABLED = bool(enabled)
+
+
 _LAUNCHERS: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -139,18 +157,21 @@ def clear_all() -> None:
 
 
 def launch_counts() -> dict[str, int]:
-    """Calls so far over every launcher, by path: ``direct`` (the cached launcher call), ``triton`` (Triton's
-    normal path, filling the cache), ``plain`` (``kernel[grid](...)``: direct launch off or not possible)."""
+    """Launches so far, by path: over every launcher ``direct`` (the cached launcher call), ``triton`` (Triton's
+    normal path, filling the cache) and ``plain`` (``kernel[grid](...)``: direct launch off or not possible);
+    and ``program``, the launches C++ launch programs made (:func:`make_program`)."""
     counts = {"direct": 0, "triton": 0, "plain": 0}
     for launcher in list(_LAUNCHERS):
         for path, n in launcher.counts().items():
             counts[path] += n
+    counts["program"] = _program_launches() - _PROGRAM_LAUNCHES_AT_RESET[0]
     return counts
 
 
 def reset_counts() -> None:
     for launcher in list(_LAUNCHERS):
         launcher.direct = launcher.triton = launcher.plain = 0
+    _PROGRAM_LAUNCHES_AT_RESET[0] = _program_launches()
 
 
 # How a direct launch calls the launcher: through the launcher object (any Triton, any launcher), or, for
@@ -347,6 +368,126 @@ class BoundLaunch:
             return
         _launch(entry, self.g0, self.g1, self.g2, stream, args)
         self.launcher.direct += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch programs: bound launches replayed from C++ (csrc/svd_linear_program.cpp)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Bytes of a constant parameter of each scalar type, as Triton's launcher packs it (ints in their C type, floats
+# in their storage type: fp32 as its 32 bits).
+_INT_BYTES = {"i1": 1, "i8": 1, "u1": 1, "u8": 1, "i16": 2, "u16": 2, "i32": 4, "u32": 4, "i64": 8, "u64": 8}
+_MAX_SHARED_WITHOUT_ATTRIBUTE = 228 * 1024  # above it Triton 3.9 adds a launch attribute a program does not make
+_CONSTANT, _POINTER = 0, 1
+
+
+def _as_int64(value: int) -> int:
+    """An unsigned 64-bit value as the int64 a program's table holds (the same bits)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _constant_param(ty: str, value) -> list[int] | None:
+    if ty in _INT_BYTES:
+        nbytes = _INT_BYTES[ty]
+        return [_CONSTANT, nbytes, _as_int64(int(value) & ((1 << (8 * nbytes)) - 1))]
+    if ty in ("fp32", "f32"):
+        return [_CONSTANT, 4, struct.unpack("<I", struct.pack("<f", float(value)))[0]]
+    if ty == "fp64":
+        return [_CONSTANT, 8, _as_int64(struct.unpack("<Q", struct.pack("<d", float(value)))[0])]
+    return None
+
+
+def program_launch(bound: BoundLaunch, args: tuple, slots: tuple) -> list[int] | None:
+    """``bound`` (made on ``args``) as an entry of a C++ launch program's table: the compiled function, grid,
+    block, shared memory, then each parameter Triton's launcher passes (its arguments in signature order
+    without the constexprs, each tensor named by its index in ``slots``, by identity; then the null scratch
+    pointers). None when the launch is not one a program makes the same way: not a direct launch of Triton's
+    own launcher (:func:`_lowest_call_form`), more than one CTA per cluster, PDL, a cooperative grid, shared
+    memory past what needs a launch attribute, a tensor not in ``slots``, or a parameter type it does not pack."""
+    entry = bound.entry
+    if entry is None or entry.form == _VIA_LAUNCHER or entry.coop or entry.pdl:
+        return None
+    metadata = entry.kernel.metadata
+    if metadata.num_ctas != 1 or metadata.shared > _MAX_SHARED_WITHOUT_ATTRIBUTE:
+        return None
+    types = list(entry.kernel.src.signature.values())
+    if len(types) != len(args) + len(entry.tail) or any(ty != "constexpr" for ty in types[len(args):]):
+        return None
+    params: list[int] = []
+    for value, ty in zip(args, types):
+        if ty == "constexpr":
+            continue
+        if ty.startswith("*"):
+            index = next((i for i, t in enumerate(slots) if t is value), None)
+            if index is None:
+                return None
+            params += [_POINTER, index, 0]
+        else:
+            param = _constant_param(ty, value)
+            if param is None:
+                return None
+            params += param
+    params += [_CONSTANT, 8, 0] * 2  # the global and profile scratch pointers (no scratch: null)
+    return [_as_int64(entry.function), bound.g0, bound.g1, bound.g2, 32 * metadata.num_warps, metadata.shared,
+            len(params) // 3, *params]  # fmt: skip
+
+
+def programs_possible() -> bool:
+    """Whether launches may be replayed from C++ here: programs and direct launches on, and an extension built
+    with them."""
+    return _PROGRAMS_ENABLED and _ENABLED and _DIRECT_POSSIBLE and _program_class() is not None
+
+
+def launch_hooks_empty() -> bool:
+    """Whether no Triton launch hook is set (a program's launches call none)."""
+    return _hooks_empty()
+
+
+_PROGRAM_CLASS = []
+
+
+def _program_class():
+    if not _PROGRAM_CLASS:
+        from adalora_fast.extension import load_extension
+
+        cls = None
+        if load_extension()[0] is not None:
+            try:
+                cls = torch.classes.adalora_fast.LaunchProgram
+            except (AttributeError, RuntimeError):
+                cls = None
+        _PROGRAM_CLASS.append(cls)
+    return _PROGRAM_CLASS[0]
+
+
+_PROGRAM_LAUNCHES_AT_RESET = [0]
+
+
+def _program_launches() -> int:
+    """The launches programs have made in this process (none where no program can exist)."""
+    if not _PROGRAM_CLASS or _PROGRAM_CLASS[0] is None:
+        return 0
+    return torch.ops.adalora_fast.launch_program_launches()
+
+
+def make_program(slots: tuple, launches: list[list[int]], scalars, device_index: int, with_dx: bool):
+    """A C++ launch program over ``slots`` (each tensor's dtype, sizes and strides are what every call's must be)
+    running ``launches`` (:func:`program_launch` entries), registered with the extension; returns its handle
+    (what the op takes). ``scalars``: the float values its constants were made of, checked per call;
+    ``with_dx``: a backward program's, made for calls that need dx."""
+    slot_table = [len(slots)]
+    for t in slots:
+        slot_table += [_SCALAR_TYPE_CODES[t.dtype], t.dim(), *t.shape, *t.stride()]
+    launch_table = [len(launches)]
+    for launch in launches:
+        launch_table += launch
+    return _program_class()(device_index, slot_table, launch_table, [float(v) for v in scalars], with_dx).register()
+
+
+# c10::ScalarType's codes of the dtypes a slot may hold
+_SCALAR_TYPE_CODES = {torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4, torch.float16: 5,
+                      torch.float32: 6, torch.float64: 7, torch.bool: 11, torch.bfloat16: 15}  # fmt: skip
 
 
 class CachedLauncher:

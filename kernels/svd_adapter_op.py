@@ -28,7 +28,18 @@ import torch.nn.functional as F
 from ..adapter import SVDAdapter
 from ..dtypes import accumulate_dtype
 from ..importance import ImportanceEmission
-from .launch import BoundLaunch, CachedLauncher, current_device, current_stream, direct_launch_enabled, on_clear_all
+from .launch import (
+    BoundLaunch,
+    CachedLauncher,
+    current_device,
+    current_stream,
+    direct_launch_enabled,
+    launch_hooks_empty,
+    make_program,
+    on_clear_all,
+    program_launch,
+    programs_possible,
+)
 from .precision import dot_settings
 from .svd_adapter import (
     GRAD_A_MIN_ROWS_PER_SPLIT,
@@ -78,7 +89,12 @@ def svd_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
     if _apply_eagerly is None or torch._C._are_functorch_transforms_active():
         return SVDLinearFunction.apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, emission)
-    return _apply_eagerly(_unwrap_if_dead(x), weight, bias, lora_A, lora_E, lora_B, adapter, seed, emission)
+    x = _unwrap_if_dead(x)
+    if emission is None and _PROGRAM_PLANS and programs_possible() and launch_hooks_empty():
+        y = _program_call(x, weight, bias, adapter, seed)
+        if y is not None:
+            return y
+    return _apply_eagerly(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, emission)
 
 
 def _with_triplet_mask(adapter: SVDAdapter) -> tuple[SVDAdapter, bool]:
@@ -241,6 +257,8 @@ class SVDLinearFunction(torch.autograd.Function):
             seed_t = dropout_seed(adapter.dropout_p, x.device, seed)
             plan = adapter_plan(x2d, adapter, seed_t)
             y, h = _fused_forward(x2d, weight, bias, adapter, seed_t, plan)
+            if plan.program_forward is None and plan.cached and emission is None and programs_possible():
+                _make_forward_program(plan, x2d, adapter, seed_t, y, h)
         # Saved with autograd's checks: the activation, the layer's weights and H (saved-tensor hooks see them,
         # and an in-place change before the backward is an error). The adapter's mask and ranknum and the seed
         # tensor are buffers nothing changes inside a step: kept as they are (each saved tensor costs a pack
@@ -264,7 +282,11 @@ class SVDLinearFunction(torch.autograd.Function):
                 adapter.fan_in_fan_out, adapter.dropout_p, h, ctx.seed, needs_dx,
             )  # fmt: skip
         else:
-            dx, d_a, d_e, d_b = _backward(dy2d, x2d, weight, adapter, h, ctx.seed, needs_dx, ctx.emission, ctx.plan)
+            plan = ctx.plan
+            dx, d_a, d_e, d_b = _backward(dy2d, x2d, weight, adapter, h, ctx.seed, needs_dx, ctx.emission, plan)
+            if (ctx.emission is None and plan.program_forward.__class__ is int
+                    and needs_dx not in plan.programs_backward and programs_possible()):  # fmt: skip
+                _make_backward_program(plan, dy2d, x2d, adapter, h, ctx.seed, dx, ctx.x_shape)
         d_w = d_bias = None
         if needs_w or needs_b:
             d_w, d_bias = _base_param_grads(dy2d, x2d, needs_w, ctx.has_bias and needs_b, adapter.fan_in_fan_out)
@@ -431,29 +453,21 @@ def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, adapter: SVDAdap
     if plan is None:
         plan = adapter_plan(x2d, adapter, seed)
     lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
-    n, k, r, out, r_pad, acc = plan.n, plan.k, plan.r, plan.out, plan.r_pad, plan.acc
+    n, k, r_pad, acc = plan.n, plan.k, plan.r_pad, plan.acc
     if n == 0:
         return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_E), torch.zeros_like(lora_B)
     if not h.is_contiguous():  # the kernels read H as the forward wrote it (N × R_PAD, dense)
         h = h.contiguous()
-    p, keep_scale = _dropout_args(adapter.dropout_p)
     scaling = float(adapter.scaling)
     n_tiles, n_splits = plan.n_tiles, plan.n_splits
     ws = torch.empty(plan.ws_size, device=x2d.device, dtype=acc)
     # dA = Gsᵀ·dropout(x) as dAᵀ partials, and the adapter's dx = dropout'(Gs·A): token splits × input tiles.
     d_a, d_e, d_b = torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
-    # dY's layout, and x's as the backward sees it (a saved-tensor hook may hand back a copy laid out anew)
-    dy_strides, x_strides = dy2d.stride(), x2d.stride()
-    grad_h_args = (dy2d, h, lora_E, adapter.triplet_mask, adapter.ranknum, lora_B, ws, plan.ws_b_offset, n, out, r,
-                   scaling, *dy_strides, plan.e_stride, *plan.b_strides)  # fmt: skip
-    # without HAS_DX the kernel does not touch dx: a one-element dummy (autotuning copies it between trials)
     needs_dx = dx is not None
-    dx_arg, dx_strides = (dx, dx.stride()) if needs_dx else (seed, (0, 0))
-    grad_a_x_args = (x2d, ws, plan.ws_a_offset, lora_A, dx_arg, n, k, r, plan.rows_per_split, seed, p, keep_scale,
-                     *x_strides, *plan.a_strides, *dx_strides)  # fmt: skip
-    reduce_args = _reduce_args(plan, ws, d_a, d_e, d_b, adapter, scaling)
-    accumulate_dx = needs_dx and accumulate_dx
-    variant = (dy_strides, dy2d.dtype, x_strides, x2d.dtype, h.dtype, dx_strides, dx_arg.dtype, accumulate_dx)
+    grad_h_args, grad_a_x_args, reduce_args, dx_arg = _backward_args(plan, dy2d, x2d, adapter, h, seed, dx, ws, d_a,
+                                                                      d_e, d_b)  # fmt: skip
+    variant = _backward_variant(dy2d, x2d, h, dx, dx_arg, needs_dx and accumulate_dx)
+    accumulate_dx = variant[-1]
     aligned = _aligned(dy2d, x2d, h, dx_arg)
     bound = plan.backwards.get(variant) if aligned else None
     if bound is not None:
@@ -481,6 +495,115 @@ def svd_adapter_backward(dy2d: torch.Tensor, x2d: torch.Tensor, adapter: SVDAdap
         scores = _reduce_and_emit(plan, ws, d_a, d_e, d_b, adapter, scaling, emission)
         _write_triplet_scores(emission, *scores, lora_A, lora_E, lora_B)
     return dx, d_a, d_e, d_b
+
+
+def _backward_args(plan: SVDAdapterPlan, dy2d, x2d, adapter: SVDAdapter, h, seed, dx, ws, d_a, d_e, d_b) -> tuple:
+    """(grad_h's, grad_a_x's and the reduction's positional arguments, the dx argument) of a backward."""
+    lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
+    n, k, r, out = plan.n, plan.k, plan.r, plan.out
+    p, keep_scale = _dropout_args(adapter.dropout_p)
+    scaling = float(adapter.scaling)
+    # dY's layout, and x's as the backward sees it (a saved-tensor hook may hand back a copy laid out anew)
+    grad_h_args = (dy2d, h, lora_E, adapter.triplet_mask, adapter.ranknum, lora_B, ws, plan.ws_b_offset, n, out, r,
+                   scaling, *dy2d.stride(), plan.e_stride, *plan.b_strides)  # fmt: skip
+    # without HAS_DX the kernel does not touch dx: a one-element dummy (autotuning copies it between trials)
+    dx_arg, dx_strides = (dx, dx.stride()) if dx is not None else (seed, (0, 0))
+    grad_a_x_args = (x2d, ws, plan.ws_a_offset, lora_A, dx_arg, n, k, r, plan.rows_per_split, seed, p, keep_scale,
+                     *x2d.stride(), *plan.a_strides, *dx_strides)  # fmt: skip
+    return grad_h_args, grad_a_x_args, _reduce_args(plan, ws, d_a, d_e, d_b, adapter, scaling), dx_arg
+
+
+def _backward_variant(dy2d, x2d, h, dx, dx_arg, accumulate_dx: bool) -> tuple:
+    """What a backward's bound launches are specialised on beyond the plan: the layouts and dtypes of dY, x, H
+    and dx, and whether dx is added onto."""
+    dx_strides = dx.stride() if dx is not None else (0, 0)
+    return dy2d.stride(), dy2d.dtype, x2d.stride(), x2d.dtype, h.dtype, dx_strides, dx_arg.dtype, accumulate_dx
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch programs: the fused layer as one C++ autograd node (csrc/svd_linear_program.cpp), its bound launches
+# replayed from C++ with the frozen layer's GEMMs and the allocations: one op call per layer call.
+# ---------------------------------------------------------------------------------------------
+
+# A plan's programs are handles (ints; False where a program cannot be made, None until one is tried).
+_PROGRAM_PLANS: dict = {}  # _program_key -> a plan with programs for such calls (the op checks the rest)
+_svd_linear_program = None  # the op's C++ entry point, looked up with the first program
+
+
+def _program_key(x_shape, x_dtype, adapter: SVDAdapter) -> tuple:
+    lora_A = adapter.lora_A
+    return x_shape, x_dtype, lora_A.shape, lora_A.dtype, adapter.lora_B.shape, adapter.dropout_p > 0
+
+
+def _program_scalars(adapter: SVDAdapter) -> list[float]:
+    """The float values a program's constants are made of (the op checks them on every call)."""
+    return [float(adapter.scaling), float(adapter.dropout_p)]
+
+
+def _program_call(x, weight, bias, adapter: SVDAdapter, seed) -> torch.Tensor | None:
+    """The layer's eager forward as the C++ node, or None where no program applies (the Python path then)."""
+    plan = _PROGRAM_PLANS.get(_program_key(x.shape, x.dtype, adapter))
+    if plan is None:
+        return None
+    backward = plan.programs_backward.get(x.requires_grad)
+    if backward.__class__ is not int:
+        return None
+    out = _svd_linear_program(plan.program_forward, backward, x, weight, bias, adapter.lora_A, adapter.lora_E,
+                              adapter.lora_B, adapter.triplet_mask, adapter.ranknum,
+                              dropout_seed(adapter.dropout_p, x.device, seed), adapter.fan_in_fan_out,
+                              _program_scalars(adapter))  # fmt: skip
+    return out[0] if out else None
+
+
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.is_cuda else 0  # (CPU tensors: the fake driver's device 0, for host-cost runs)
+
+
+def _resolve_program_op() -> None:
+    """The op's C++ entry point (its OpOverload's call is a Python frame around it)."""
+    global _svd_linear_program
+    op = torch.ops.adalora_fast.svd_linear_program.default
+    _svd_linear_program = getattr(op, "_op", op)
+
+
+def _make_forward_program(plan: SVDAdapterPlan, x2d, adapter: SVDAdapter, seed, y, h) -> None:
+    """After a fused forward bound its launches onto a dense y: the program that replays them
+    (plan.program_forward; False where a launch cannot be replayed from C++)."""
+    bound = plan.forwards.get((y.stride(), y.dtype, y.stride(), y.dtype))
+    if bound is None or not y.is_contiguous():
+        return
+    slots = (x2d, adapter.lora_A, adapter.lora_E, adapter.lora_B, adapter.triplet_mask, adapter.ranknum, seed, h, y)
+    args = _forward_args(plan, x2d, adapter, seed, y, y.stride(), h, y, y.stride())
+    launches = [program_launch(b, a, slots) for b, a in zip(bound, args)]
+    if any(launch is None for launch in launches):
+        plan.program_forward = False
+        return
+    _resolve_program_op()
+    plan.program_forward = make_program(slots, launches, _program_scalars(adapter), _device_index(x2d), False)
+
+
+def _make_backward_program(plan: SVDAdapterPlan, dy2d, x2d, adapter: SVDAdapter, h, seed, dx, x_shape) -> None:
+    """After a fused backward (without emission) bound its launches: the program that replays them, for calls
+    with dx or without (plan.programs_backward); then the plan serves calls on an x of ``x_shape`` from C++."""
+    dx_arg = dx if dx is not None else seed
+    bound = plan.backwards.get(_backward_variant(dy2d, x2d, h, dx, dx_arg, dx is not None))
+    needs_dx = dx is not None
+    if bound is None or not (dy2d.is_contiguous() and x2d.is_contiguous() and h.is_contiguous()):
+        return
+    lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
+    ws = torch.empty(plan.ws_size, device=x2d.device, dtype=plan.acc)  # (placeholders, laid out as a call's)
+    d_a, d_e, d_b = torch.empty_like(lora_A), torch.empty_like(lora_E), torch.empty_like(lora_B)
+    slots = (dy2d, x2d, lora_A, lora_E, lora_B, adapter.triplet_mask, adapter.ranknum, h, seed, ws, d_a, d_e, d_b,
+             dx_arg)  # fmt: skip
+    args = _backward_args(plan, dy2d, x2d, adapter, h, seed, dx, ws, d_a, d_e, d_b)[:3]
+    launches = [program_launch(b, a, slots) for b, a in zip(bound, args)]
+    if any(launch is None for launch in launches):
+        plan.programs_backward[needs_dx] = False
+        return
+    _resolve_program_op()
+    plan.programs_backward[needs_dx] = make_program(slots, launches, _program_scalars(adapter), _device_index(x2d),
+                                                    needs_dx)  # fmt: skip
+    _PROGRAM_PLANS[_program_key(x_shape, x2d.dtype, adapter)] = plan
 
 
 class PlannedLaunch(NamedTuple):
@@ -647,7 +770,8 @@ class SVDAdapterPlan:
 
     __slots__ = ("n", "k", "r", "out", "r_pad", "acc", "dots", "has_dropout", "n_tiles", "n_splits",
                  "rows_per_split", "tiles_b", "tiles_a", "ws_a_offset", "ws_b_offset", "ws_size", "x_strides",
-                 "a_strides", "e_stride", "b_strides", "grad_strides", "forwards", "backwards", "cached")  # fmt: skip
+                 "a_strides", "e_stride", "b_strides", "grad_strides", "forwards", "backwards", "cached",
+                 "program_forward", "programs_backward")  # fmt: skip
 
     def __init__(self, x2d: torch.Tensor, adapter: SVDAdapter, cached: bool):
         lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
@@ -674,6 +798,10 @@ class SVDAdapterPlan:
         self.forwards: dict = {}  # (y's strides and dtype) -> (shrink, expand)
         self.backwards: dict = {}  # (dY's, x's, H's and dx's layouts and dtypes) -> (grad_h, grad_a_x, reduce)
         self.cached = cached  # False: an operand is not 16-byte aligned, this plan serves one call
+        # The fused layer's launches replayed from C++ (made once the first calls have bound them; False: they
+        # cannot be): the forward's, and the backward's for calls with dx and without
+        self.program_forward = None
+        self.programs_backward: dict = {}
 
 
 _PLANS: dict = {}
@@ -707,15 +835,18 @@ def adapter_plan(x2d: torch.Tensor, adapter: SVDAdapter, seed: torch.Tensor) -> 
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= MAX_PLANS:
-            _PLANS.clear()
+            clear_plans()
         plan = _PLANS[key] = SVDAdapterPlan(x2d, adapter, cached=True)
     return plan
 
 
 def clear_plans() -> None:
-    """Forget every plan (the next call per layout binds its launches again); also done by
-    :func:`~.launch.clear_all`."""
+    """Forget every plan (the next call per layout binds its launches again) and every launch program; also
+    done by :func:`~.launch.clear_all`."""
     _PLANS.clear()
+    _PROGRAM_PLANS.clear()
+    if _svd_linear_program is not None:  # (a node still in a graph keeps its programs)
+        torch.ops.adalora_fast.clear_launch_programs()
 
 
 on_clear_all(clear_plans)

@@ -9,6 +9,7 @@ tests/test_launch.py runs both; so can anyone, under any installed Triton.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -298,6 +299,135 @@ def check_bound_launch_replays_the_same_launch():
         launch.set_direct_launch(True)
 
 
+def _layer_step(layer, x, grad):
+    layer(x).backward(grad)
+
+
+def _canonical(records, sizes, persistent):
+    """The records with each parameter cut to its size, and each address not in ``persistent`` (the tensors both
+    calls share) replaced by its order of first appearance: a call's fresh allocations, compared by role."""
+    seen: dict = {}
+    out = []
+    for r in records:
+        params = []
+        for value, (size, is_pointer) in zip(r["params"], sizes[r["function"]]):
+            value &= (1 << (8 * size)) - 1
+            if is_pointer and value not in persistent:
+                value = ("fresh", seen.setdefault(value, len(seen)))
+            params.append(value)
+        out.append({**r, "params": params})
+    return out
+
+
+def check_programs_replay_the_same_launches():
+    """The fused layer's C++ node (csrc/svd_linear_program.cpp), on a call laid out as the one its programs were
+    made on, makes the launches the Python path makes through Triton's own C launcher: the same functions,
+    grids, blocks, shared memory, stream and (no) launch attributes, and the same parameters byte for byte
+    (the addresses of each call's fresh allocations compared by their order of appearance). A call the
+    programs were not made for, or one with programs turned off, takes the Python path. Without Triton's C
+    launcher (the Python stand-in) no program is made."""
+    os.environ["ADALORA_FAST_BACKEND"] = "triton"
+    from adalora_fast import FastSVDLinear, dispatch
+    from adalora_fast.kernels import svd_adapter_op as op
+
+    interpreting = dispatch.triton_interpreter_enabled
+    dispatch.triton_interpreter_enabled = lambda: True  # lets dispatch send CPU tensors to the kernels
+    try:
+        torch.manual_seed(0)
+        layer = FastSVDLinear(40, 24, r=12, lora_alpha=12)
+        x, grad = torch.randn(2, 8, 40, requires_grad=True), torch.randn(2, 8, 24)
+        _layer_step(layer, x, grad)  # the Python path: binds the launches, then makes the programs
+        if not NATIVE:
+            assert not op._PROGRAM_PLANS, "a program was made without Triton's own C launcher"
+            return
+        (plan,) = op._PROGRAM_PLANS.values()
+        assert plan.program_forward.__class__ is int and plan.programs_backward[True].__class__ is int  # handles
+        sizes = {}
+        for bound in (*next(iter(plan.forwards.values())), *next(iter(plan.backwards.values()))):
+            kernel = bound.entry.kernel
+            types = [t for t in kernel.src.signature.values() if t != "constexpr"]
+            sizes[bound.entry.function] = [(8, True) if t.startswith("*") else (
+                {"i32": 4, "u32": 4, "fp32": 4, "i64": 8, "u64": 8, "fp64": 8, "i1": 1, "i8": 1, "i16": 2}[t], False)
+                for t in types] + [(8, True), (8, True)]  # fmt: skip
+            fake_driver.stub_declare_params(bound.entry.function, len(sizes[bound.entry.function]))
+        persistent = {t.data_ptr() for t in (x, layer.weight, layer.bias, layer.lora_A, layer.lora_E, layer.lora_B,
+                                             layer.triplet_mask, layer.ranknum, grad)} | {0}  # fmt: skip
+        start = len(fake_driver.stub_records())
+        launch.set_launch_programs(False)
+        try:
+            before = launch.launch_counts()
+            _layer_step(layer, x, grad)  # the Python path, recorded
+            after = launch.launch_counts()
+        finally:
+            launch.set_launch_programs(True)
+        assert after["program"] == before["program"] and after["direct"] - before["direct"] == 5, (before, after)
+        python_path = fake_driver.stub_records(start)
+        before = launch.launch_counts()
+        _layer_step(layer, x, grad)  # the C++ node
+        after = launch.launch_counts()
+        programs = fake_driver.stub_records(start + len(python_path))
+        assert after["program"] - before["program"] == 5 and after["direct"] == before["direct"], (before, after)
+        assert len(python_path) == len(programs) == 5, (len(python_path), len(programs))
+        assert _canonical(programs, sizes, persistent) == _canonical(python_path, sizes, persistent)
+        assert all(r["num_attrs"] == 0 for r in programs)
+        # a call the programs were not made for (another scaling, a constant of their launches): the Python path
+        layer.scaling = layer.scaling / 2
+        before = launch.launch_counts()
+        _layer_step(layer, x, grad)
+        after = launch.launch_counts()
+        assert after["program"] == before["program"] and after["direct"] - before["direct"] == 5, (before, after)
+    finally:
+        dispatch.triton_interpreter_enabled = interpreting
+        del os.environ["ADALORA_FAST_BACKEND"]
+
+
+def check_program_node_computes_the_frozen_layer_as_the_python_path():
+    """The C++ node's own ATen work: the frozen layer's output, dx = dY·W0 and, for a trainable base, dW and
+    db, equal the Python path's to the bit, over fan_in_fan_out, with and without a bias, a frozen and a
+    trainable base, 2-D and 3-D inputs, with and without dx. (On the fake driver the kernels write nothing:
+    what the two paths return is the base layer's part alone.)"""
+    if not NATIVE:
+        return  # no program without Triton's C launcher (check_programs_replay_the_same_launches)
+    os.environ["ADALORA_FAST_BACKEND"] = "triton"
+    from adalora_fast import FastSVDLinear, dispatch
+
+    interpreting = dispatch.triton_interpreter_enabled
+    dispatch.triton_interpreter_enabled = lambda: True  # lets dispatch send CPU tensors to the kernels
+    try:
+        for fan_in_fan_out, bias, trainable, dims, x_grad in itertools.product((False, True), repeat=5):
+            setup = dict(fan_in_fan_out=fan_in_fan_out, bias=bias, trainable=trainable, dims=dims + 2, x_grad=x_grad)
+            torch.manual_seed(0)
+            layer = FastSVDLinear(40, 24, r=12, lora_alpha=12, fan_in_fan_out=fan_in_fan_out, bias=bias)
+            base = [p for p in (layer.weight, layer.bias) if p is not None]
+            for p in base:
+                p.requires_grad_(trainable)
+            shape = (2, 8, 40) if dims else (16, 40)
+            x = torch.randn(shape, requires_grad=x_grad)
+            grad = torch.randn(*shape[:-1], 24)
+            _layer_step(layer, x, grad)  # the Python path: binds the launches, makes the programs
+            runs = {}
+            for programs in (False, True):
+                launch.set_launch_programs(programs)
+                try:
+                    x.grad = None
+                    for p in base:
+                        p.grad = None
+                    before = launch.launch_counts()["program"]
+                    y = layer(x)
+                    y.backward(grad)
+                    launched = launch.launch_counts()["program"] - before
+                finally:
+                    launch.set_launch_programs(True)
+                runs[programs] = (launched, y.detach().clone(), x.grad, *[p.grad for p in base])
+            assert runs[True][0] == 5 and runs[False][0] == 0, (setup, runs[True][0], runs[False][0])
+            for a, b in zip(runs[False][1:], runs[True][1:]):
+                assert (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape
+                                                     and torch.equal(a, b)), setup  # fmt: skip
+    finally:
+        dispatch.triton_interpreter_enabled = interpreting
+        del os.environ["ADALORA_FAST_BACKEND"]
+
+
 CHECKS = [
     check_direct_calls_go_to_the_lowest_launch_call,
     check_jit_same_launch_and_specialization_misses,
@@ -306,6 +436,8 @@ CHECKS = [
     check_autotuned_restore_value_tunes_once_per_key,
     check_switch_off_means_plain_launches,
     check_bound_launch_replays_the_same_launch,
+    check_programs_replay_the_same_launches,
+    check_program_node_computes_the_frozen_layer_as_the_python_path,
 ]
 
 

@@ -33,6 +33,8 @@ CHECK_NAMES = [
     "check_autotuned_restore_value_tunes_once_per_key",
     "check_switch_off_means_plain_launches",
     "check_bound_launch_replays_the_same_launch",
+    "check_programs_replay_the_same_launches",
+    "check_program_node_computes_the_frozen_layer_as_the_python_path",
 ]
 
 
@@ -127,7 +129,9 @@ def test_launch_counts_add_up():
         second((1,), x, x, torch.empty_like(x), 16, 1.0, BLOCK=16)
     assert sum(first.counts().values()) == 1 and sum(second.counts().values()) == 2
     # every launcher's calls by path, and only these two's: the others were reset and have not launched since
-    assert launch.launch_counts() == {path: n + second.counts()[path] for path, n in first.counts().items()}
+    # (nor has a launch program)
+    expected = {path: n + second.counts()[path] for path, n in first.counts().items()}
+    assert launch.launch_counts() == {**expected, "program": 0}
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graph capture needs a GPU")

@@ -5,9 +5,11 @@ run where a GPU is present; the CUDA sources are compiled for sm_90/sm_80 with
 the machine's nvcc wherever one is installed.
 """
 
+import glob
 import os
 import shutil
 import subprocess
+import sysconfig
 import warnings
 
 import pytest
@@ -185,8 +187,8 @@ def test_missing_extension_falls_back_with_one_warning_naming_the_cause(monkeypa
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
 @pytest.mark.skipif(extension.extension_has_cuda(), reason="the installed extension's CUDA build compiled these sources")
 def test_cuda_sources_compile_for_sm90_and_sm80(tmp_path):
-    """The whole build (objects with host code, both targets) when csrc/ changed since it last passed, else each
-    target's device code alone (tooling.compile_matrix)."""
+    """The whole build (objects with host code, both targets, and the C++ sources as the CUDA build compiles
+    them) when csrc/ changed since it last passed, else each target's device code alone (tooling.compile_matrix)."""
     from torch.utils.cpp_extension import include_paths
     from tooling import compile_matrix
 
@@ -197,15 +199,20 @@ def test_cuda_sources_compile_for_sm90_and_sm80(tmp_path):
              *[f"-I{p}" for p in include_paths()], f"-I{os.path.join(ROOT, 'csrc')}"]  # fmt: skip
     if choice.full:  # --threads 0: the two architectures compile in parallel
         builds = [("-c --threads 0 -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=sm_80", ".o")]
+        # The C++ sources with the CUDA build's macro (their CUDA branches: streams, device checks), which a CPU
+        # build never compiles; nvcc hands them to the host compiler with the toolkit's headers.
+        python_include = f"-I{sysconfig.get_paths()['include']}"
+        host = [(src, f"-c -DADALORA_FAST_WITH_CUDA=1 {python_include}", ".o")
+                for src in glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))]  # fmt: skip
     else:
         builds = [(f"-cubin -arch=sm_{sm}", f".sm_{sm}.cubin") for sm in (90, 80)]
+        host = []
     jobs = []  # every build at once, each logging to a file (no pipe to fill while another is waited for)
-    for src in sources:
-        for options, suffix in builds:
-            out = tmp_path / (os.path.basename(src) + suffix)
-            with open(f"{out}.log", "w") as log:
-                cmd = ["nvcc", *options.split(), *flags, src, "-o", str(out)]
-                jobs.append((out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+    for src, options, suffix in [(src, *build) for src in sources for build in builds] + host:
+        out = tmp_path / (os.path.basename(src) + suffix)
+        with open(f"{out}.log", "w") as log:
+            cmd = ["nvcc", *options.split(), *flags, src, "-o", str(out)]
+            jobs.append((out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
     for out, job in jobs:
         assert job.wait() == 0, f"{choice.why}: {open(f'{out}.log').read()[-4000:]}"
         assert out.stat().st_size > 0

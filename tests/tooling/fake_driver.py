@@ -210,11 +210,45 @@ CUresult CUDAAPI cuTensorMapEncodeIm2col(CUtensorMap *m, CUtensorMapDataType t, 
     const cuuint64_t *d, const cuuint64_t *s, const int *lo, const int *hi, cuuint32_t c, cuuint32_t p,
     const cuuint32_t *e, CUtensorMapInterleave i, CUtensorMapSwizzle w, CUtensorMapL2promotion l,
     CUtensorMapFloatOOBfill o) { memset(m, 0, sizeof(*m)); return CUDA_SUCCESS; }
+/* Launch records, for the functions whose parameter count a test has declared: the configuration and the first
+   8 bytes at each parameter (the caller compares the bytes of each parameter's size). */
+#define STUB_MAX_PARAMS 64
+#define STUB_MAX_RECORDS 256
+#define STUB_MAX_FUNCTIONS 64
+typedef struct {
+  unsigned long long function, stream;
+  unsigned grid[3], block[3], shared, num_attrs, num_params;
+  unsigned long long params[STUB_MAX_PARAMS];
+} StubRecord;
+StubRecord adalora_fast_stub_records[STUB_MAX_RECORDS];
+int adalora_fast_stub_record_count = 0;
+static unsigned long long declared_functions[STUB_MAX_FUNCTIONS];
+static unsigned declared_counts[STUB_MAX_FUNCTIONS];
+static int declared = 0;
+int adalora_fast_stub_declare_params(unsigned long long function, unsigned count) {
+  if (declared == STUB_MAX_FUNCTIONS || count > STUB_MAX_PARAMS) return -1;
+  declared_functions[declared] = function;
+  declared_counts[declared++] = count;
+  return 0;
+}
 CUresult CUDAAPI cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {
   adalora_fast_stub_launches++;
   adalora_fast_stub_last_grid[0] = config->gridDimX;
   adalora_fast_stub_last_grid[1] = config->gridDimY;
   adalora_fast_stub_last_grid[2] = config->gridDimZ;
+  for (int d = 0; d < declared; ++d) {
+    if (declared_functions[d] != (unsigned long long)(uintptr_t)f || adalora_fast_stub_record_count == STUB_MAX_RECORDS)
+      continue;
+    StubRecord *r = &adalora_fast_stub_records[adalora_fast_stub_record_count++];
+    r->function = (unsigned long long)(uintptr_t)f;
+    r->stream = (unsigned long long)(uintptr_t)config->hStream;
+    r->grid[0] = config->gridDimX; r->grid[1] = config->gridDimY; r->grid[2] = config->gridDimZ;
+    r->block[0] = config->blockDimX; r->block[1] = config->blockDimY; r->block[2] = config->blockDimZ;
+    r->shared = config->sharedMemBytes;
+    r->num_attrs = config->numAttrs;
+    r->num_params = declared_counts[d];
+    for (unsigned p = 0; p < declared_counts[d]; ++p) memcpy(&r->params[p], params[p], 8);
+  }
   return CUDA_SUCCESS;
 }
 """
@@ -284,6 +318,40 @@ def stub_last_grid() -> tuple[int, int, int] | None:
         return None
     grid = (ctypes.c_uint * 3).in_dll(_STUB, "adalora_fast_stub_last_grid")
     return grid[0], grid[1], grid[2]
+
+
+def _stub_record_type():
+    import ctypes
+
+    class StubRecord(ctypes.Structure):
+        _fields_ = [("function", ctypes.c_ulonglong), ("stream", ctypes.c_ulonglong), ("grid", ctypes.c_uint * 3),
+                    ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint), ("num_attrs", ctypes.c_uint),
+                    ("num_params", ctypes.c_uint), ("params", ctypes.c_ulonglong * 64)]  # fmt: skip
+
+    return StubRecord
+
+
+def stub_declare_params(function: int, count: int) -> None:
+    """Have the stub record every launch of ``function`` (a CUfunction handle) with its ``count`` parameters."""
+    import ctypes
+
+    declare = None if _STUB is None else _STUB.adalora_fast_stub_declare_params
+    if declare is None or declare(ctypes.c_ulonglong(function), ctypes.c_uint(count)) != 0:
+        raise RuntimeError("the stub libcuda records launches in native mode, for up to 64 functions")
+
+
+def stub_records(start: int = 0) -> list[dict]:
+    """The launches the stub recorded (of declared functions), from the ``start``-th: function, stream, grid,
+    block, shared memory, number of launch attributes, and the first 8 bytes at each parameter."""
+    import ctypes
+
+    if _STUB is None:
+        return []
+    count = ctypes.c_int.in_dll(_STUB, "adalora_fast_stub_record_count").value
+    records = (_stub_record_type() * 256).in_dll(_STUB, "adalora_fast_stub_records")
+    return [{"function": r.function, "stream": r.stream, "grid": tuple(r.grid), "block": tuple(r.block),
+             "shared": r.shared, "num_attrs": r.num_attrs, "params": list(r.params[: r.num_params])}
+            for r in records[start:count]]  # fmt: skip
 
 
 class FakeCudaDriver(GPUDriver):
@@ -442,4 +510,5 @@ def active() -> FakeCudaDriver | None:
 
 
 __all__ = ["FakeCudaDriver", "LaunchRecord", "TARGET", "activate", "active", "deactivate", "load_stub_libcuda",
+           "stub_declare_params", "stub_records",
            "stub_launches", "stub_last_grid"]
