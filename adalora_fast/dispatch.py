@@ -129,7 +129,8 @@ _DECISIONS: dict[tuple, tuple[str, str | None, str | None]] = {}
 
 def _choose_adapter_backend(x: torch.Tensor, params) -> tuple[str, str | None]:
     env = os.environ.get(BACKEND_ENV)
-    device_type = "cuda" if x.is_cuda else x.device.type  # (x.device.type builds a device object)
+    # (x.device.type builds a device object: half a microsecond per call)
+    device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type
     autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
     key = (env, _ADAPTER_KERNELS[0] is None, device_type, x.dtype, autocast, *[p.dtype for p in params])
     decision = _DECISIONS.get(key)

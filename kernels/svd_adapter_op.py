@@ -73,7 +73,7 @@ def svd_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     ``torch.autocast`` x, the weight and the bias are cast to autocast's dtype first, as ``F.linear`` is
     there; the adapter's parameters keep theirs (and so do their gradients).
     """
-    if torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type):
+    if torch.is_autocast_enabled("cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type):
         x, weight, bias = _autocast_operands(x, weight, bias)
     adapter, compiling = _with_triplet_mask(adapter)
     lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
@@ -108,7 +108,9 @@ def _with_triplet_mask(adapter: SVDAdapter) -> tuple[SVDAdapter, bool]:
         mask = torch.ones(r, device=lora_A.device, dtype=lora_A.dtype) if compiling else unit_mask(
             r, lora_A.device, lora_A.dtype
         )
-        adapter = adapter._replace(triplet_mask=mask)
+        # (built field by field: NamedTuple._replace costs three times as much, in every PEFT layer's call)
+        adapter = SVDAdapter(lora_A, adapter.lora_E, adapter.lora_B, mask, adapter.scaling, adapter.ranknum,
+                             adapter.fan_in_fan_out, adapter.dropout_p)  # fmt: skip
     return adapter, compiling
 
 
