@@ -10,7 +10,8 @@
 //
 // (the programs by the handles LaunchProgram.register() gave them) is the layer's forward as one autograd node
 // whose forward and backward run the frozen layer's ATen ops, the allocations and one cuLaunchKernelEx per
-// kernel, with no Python between them. It returns [] when the programs do not apply to these tensors (a size,
+// kernel, with no Python between them (a backward handle of -1: the forward alone, for calls with nothing to
+// differentiate). It returns [] when the programs do not apply to these tensors (a size,
 // stride, dtype, device or 16-byte alignment differs from what the launches were specialised on, the float
 // values their constants were made of, `scalars`, differ, or a handle is no longer registered): the caller
 // then takes the Python path, which launches through Triton.
@@ -288,6 +289,34 @@ at::Tensor base_output(const at::Tensor& x, const at::Tensor& weight, const std:
   return at::linear(x, weight, bias);
 }
 
+struct ForwardOutputs {
+  at::Tensor x, y, h;  // x as rows, y (rows × out), H
+};
+
+// The forward's work: the frozen layer's output, then the forward program's launches add the adapter's term.
+ForwardOutputs run_forward(const LaunchProgram& program, const at::Tensor& x_nd, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_E,
+                           const at::Tensor& lora_B, const at::Tensor& mask, const at::Tensor& ranknum,
+                           const at::Tensor& seed, bool fan_in_fan_out) {
+  // (x of any rank: flattened to rows here, where no autograd node records the reshape)
+  ForwardOutputs out;
+  out.x = x_nd.dim() == 2 ? x_nd : x_nd.reshape({-1, x_nd.size(-1)});
+  out.y = base_output(out.x, weight, bias, fan_in_fan_out);
+  TORCH_CHECK(program.matches(kFY, out.y), "adalora_fast: the frozen layer's output is not laid out as the "
+              "forward program's (a program is made for a dense output)");
+  out.h = program.allocate(kFH, out.x.options());
+  program.run({&out.x, &lora_A, &lora_E, &lora_B, &mask, &ranknum, &seed, &out.h, &out.y});
+  return out;
+}
+
+// y in x's leading dimensions.
+at::Tensor unflatten_output(const at::Tensor& y, const at::Tensor& x_nd) {
+  if (x_nd.dim() == 2) return y;
+  std::vector<int64_t> sizes(x_nd.sizes().begin(), x_nd.sizes().end());
+  sizes.back() = y.size(1);
+  return y.view(sizes);
+}
+
 // The fused layer y = x·W0ᵀ + b + s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ as one C++ autograd node: the frozen GEMMs on
 // ATen, the adapter's kernels through the programs. Inputs: x, weight, bias, lora_A, lora_E, lora_B, then what
 // is not differentiated (the mask, ranknum and seed tensors, the two programs, fan_in_fan_out).
@@ -299,14 +328,9 @@ struct SVDLinearProgramFunction : public torch::autograd::Function<SVDLinearProg
                                                 const at::Tensor& ranknum, const at::Tensor& seed,
                                                 const Program& forward_program, const Program& backward_program,
                                                 bool fan_in_fan_out) {
-    // (x of any rank: flattened to rows here, where no autograd node records the reshape)
-    const at::Tensor x = x_nd.dim() == 2 ? x_nd : x_nd.reshape({-1, x_nd.size(-1)});
-    at::Tensor y = base_output(x, weight, bias, fan_in_fan_out);
-    TORCH_CHECK(forward_program->matches(kFY, y), "adalora_fast: the frozen layer's output is not laid out as the "
-                "forward program's (a program is made for a dense output)");
-    at::Tensor h = forward_program->allocate(kFH, x.options());
-    forward_program->run({&x, &lora_A, &lora_E, &lora_B, &mask, &ranknum, &seed, &h, &y});
-    ctx->save_for_backward({x, weight, lora_A, lora_E, lora_B, h});
+    const ForwardOutputs out = run_forward(*forward_program, x_nd, weight, bias, lora_A, lora_E, lora_B, mask,
+                                           ranknum, seed, fan_in_fan_out);
+    ctx->save_for_backward({out.x, weight, lora_A, lora_E, lora_B, out.h});
     ctx->saved_data["mask"] = mask;  // buffers nothing changes inside a step: kept as they are, as in Python
     ctx->saved_data["ranknum"] = ranknum;
     ctx->saved_data["seed"] = seed;
@@ -316,10 +340,7 @@ struct SVDLinearProgramFunction : public torch::autograd::Function<SVDLinearProg
     ctx->saved_data["flags"] = static_cast<int64_t>(x_nd.requires_grad()) | (weight.requires_grad() << 1) |
                                ((bias.has_value() && bias->requires_grad()) << 2) | (fan_in_fan_out << 3);
     ctx->saved_data["x_sizes"] = x_nd.sizes();
-    if (x_nd.dim() == 2) return {y};
-    std::vector<int64_t> sizes(x_nd.sizes().begin(), x_nd.sizes().end());
-    sizes.back() = y.size(1);
-    return {y.view(sizes)};
+    return {unflatten_output(out.y, x_nd)};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -369,24 +390,41 @@ struct SVDLinearProgramFunction : public torch::autograd::Function<SVDLinearProg
 };
 
 // [y] for an x of rank >= 2, or [] when the programs do not apply to these tensors (the caller takes the Python path).
+// A backward handle of -1: a call with nothing to differentiate (no_grad, inference), the forward alone.
 std::vector<at::Tensor> svd_linear_program(int64_t forward_handle, int64_t backward_handle,
                                            const at::Tensor& x, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                            const at::Tensor& lora_E, const at::Tensor& lora_B, const at::Tensor& mask,
                                            const at::Tensor& ranknum, const at::Tensor& seed, bool fan_in_fan_out,
                                            std::vector<double> scalars) {
-  const Program forward_program = registered(forward_handle), backward_program = registered(backward_handle);
-  if (!forward_program || !backward_program) return {};
-  TORCH_CHECK(forward_program->num_slots() == kForwardSlots && backward_program->num_slots() == kBackwardSlots,
+  const Program forward_program = registered(forward_handle);
+  const bool forward_only = backward_handle == -1;
+  const Program backward_program = forward_only ? Program() : registered(backward_handle);
+  if (!forward_program || (!forward_only && !backward_program)) return {};
+  TORCH_CHECK(forward_program->num_slots() == kForwardSlots &&
+                  (forward_only || backward_program->num_slots() == kBackwardSlots),
               "svd_linear_program: not a forward and a backward program");
-  if (x.dim() < 2 || x.requires_grad() != backward_program->with_dx() || !forward_program->scalars_match(scalars) ||
-      !backward_program->scalars_match(scalars) || !forward_program->on_device(weight)) {
+  if (forward_only) {
+    const bool differentiable = x.requires_grad() || weight.requires_grad() ||
+                                (bias.has_value() && bias->requires_grad()) || lora_A.requires_grad() ||
+                                lora_E.requires_grad() || lora_B.requires_grad();
+    TORCH_CHECK(!(at::GradMode::is_enabled() && differentiable), "svd_linear_program: a call without a backward "
+                "program on tensors that need gradients (forward-only calls are for no_grad and inference)");
+  }
+  if (x.dim() < 2 || (!forward_only && x.requires_grad() != backward_program->with_dx()) ||
+      !forward_program->scalars_match(scalars) || (!forward_only && !backward_program->scalars_match(scalars)) ||
+      !forward_program->on_device(weight)) {
     return {};
   }
   const at::Tensor x2d = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});  // (a view: no copy for these layouts)
   if (!all_match(*forward_program, {{kFX, &x2d}, {kFA, &lora_A}, {kFE, &lora_E}, {kFB, &lora_B}, {kFMask, &mask},
                                     {kFRanknum, &ranknum}, {kFSeed, &seed}})) {
     return {};
+  }
+  if (forward_only) {
+    const ForwardOutputs out = run_forward(*forward_program, x, weight, bias, lora_A, lora_E, lora_B, mask, ranknum,
+                                           seed, fan_in_fan_out);
+    return {unflatten_output(out.y, x)};
   }
   return SVDLinearProgramFunction::apply(x, weight, bias, lora_A, lora_E, lora_B, mask, ranknum, seed,
                                          forward_program, backward_program, fan_in_fan_out);

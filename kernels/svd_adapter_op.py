@@ -83,9 +83,17 @@ def svd_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if not (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_E.requires_grad
                                          or lora_B.requires_grad or weight.requires_grad
                                          or (bias is not None and bias.requires_grad))):  # fmt: skip
-        # Nothing to differentiate (evaluation, no_grad): the launchers alone, without autograd's machinery.
+        # Nothing to differentiate (evaluation, no_grad): the forward alone, without autograd's machinery.
+        if _PROGRAM_PLANS and programs_possible() and launch_hooks_empty():
+            y = _program_call(x, weight, bias, adapter, seed, differentiable=False)
+            if y is not None:
+                return y
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y, _ = _fused_forward(x2d, weight, bias, adapter, dropout_seed(adapter.dropout_p, x.device, seed))
+        seed_t = dropout_seed(adapter.dropout_p, x.device, seed)
+        plan = adapter_plan(x2d, adapter, seed_t)
+        y, h = _fused_forward(x2d, weight, bias, adapter, seed_t, plan)
+        if plan.cached and programs_possible():
+            _serve_from_programs(plan, x2d, adapter, seed_t, y, h, x.shape)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
     if _apply_eagerly is None or torch._C._are_functorch_transforms_active():
         return SVDLinearFunction.apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, emission)
@@ -259,8 +267,8 @@ class SVDLinearFunction(torch.autograd.Function):
             seed_t = dropout_seed(adapter.dropout_p, x.device, seed)
             plan = adapter_plan(x2d, adapter, seed_t)
             y, h = _fused_forward(x2d, weight, bias, adapter, seed_t, plan)
-            if plan.program_forward is None and plan.cached and emission is None and programs_possible():
-                _make_forward_program(plan, x2d, adapter, seed_t, y, h)
+            if plan.cached and emission is None and programs_possible():
+                _serve_from_programs(plan, x2d, adapter, seed_t, y, h, x.shape)
         # Saved with autograd's checks: the activation, the layer's weights and H (saved-tensor hooks see them,
         # and an in-place change before the backward is an error). The adapter's mask and ranknum and the seed
         # tensor are buffers nothing changes inside a step: kept as they are (each saved tensor costs a pack
@@ -288,7 +296,7 @@ class SVDLinearFunction(torch.autograd.Function):
             dx, d_a, d_e, d_b = _backward(dy2d, x2d, weight, adapter, h, ctx.seed, needs_dx, ctx.emission, plan)
             if (ctx.emission is None and plan.program_forward.__class__ is int
                     and needs_dx not in plan.programs_backward and programs_possible()):  # fmt: skip
-                _make_backward_program(plan, dy2d, x2d, adapter, h, ctx.seed, dx, ctx.x_shape)
+                _make_backward_program(plan, dy2d, x2d, adapter, h, ctx.seed, dx)
         d_w = d_bias = None
         if needs_w or needs_b:
             d_w, d_bias = _base_param_grads(dy2d, x2d, needs_w, ctx.has_bias and needs_b, adapter.fan_in_fan_out)
@@ -530,6 +538,7 @@ def _backward_variant(dy2d, x2d, h, dx, dx_arg, accumulate_dx: bool) -> tuple:
 # A plan's programs are handles (ints; False where a program cannot be made, None until one is tried).
 _PROGRAM_PLANS: dict = {}  # _program_key -> a plan with programs for such calls (the op checks the rest)
 _svd_linear_program = None  # the op's C++ entry point, looked up with the first program
+_FORWARD_ONLY = -1  # the backward handle of a call the op runs without an autograd node
 
 
 def _program_key(x_shape, x_dtype, adapter: SVDAdapter) -> tuple:
@@ -542,12 +551,13 @@ def _program_scalars(adapter: SVDAdapter) -> list[float]:
     return [float(adapter.scaling), float(adapter.dropout_p)]
 
 
-def _program_call(x, weight, bias, adapter: SVDAdapter, seed) -> torch.Tensor | None:
-    """The layer's eager forward as the C++ node, or None where no program applies (the Python path then)."""
+def _program_call(x, weight, bias, adapter: SVDAdapter, seed, differentiable: bool = True) -> torch.Tensor | None:
+    """The layer's eager forward as the C++ node (``differentiable=False``: the forward alone, for a call with
+    nothing to differentiate), or None where no program applies (the Python path then)."""
     plan = _PROGRAM_PLANS.get(_program_key(x.shape, x.dtype, adapter))
     if plan is None:
         return None
-    backward = plan.programs_backward.get(x.requires_grad)
+    backward = plan.programs_backward.get(x.requires_grad) if differentiable else _FORWARD_ONLY
     if backward.__class__ is not int:
         return None
     out = _svd_linear_program(plan.program_forward, backward, x, weight, bias, adapter.lora_A, adapter.lora_E,
@@ -568,6 +578,17 @@ def _resolve_program_op() -> None:
     _svd_linear_program = getattr(op, "_op", op)
 
 
+def _serve_from_programs(plan: SVDAdapterPlan, x2d, adapter: SVDAdapter, seed, y, h, x_shape) -> None:
+    """After a Python-path forward on a cached plan: its forward program made (once), and calls on an x of
+    ``x_shape`` sent to the plan, which serves those with nothing to differentiate from C++ and the others once
+    it has their backward program. (A plan serves every x flattened to its rows: each shape is sent here by its
+    own first call.)"""
+    if plan.program_forward is None:
+        _make_forward_program(plan, x2d, adapter, seed, y, h)
+    if plan.program_forward.__class__ is int:
+        _PROGRAM_PLANS[_program_key(x_shape, x2d.dtype, adapter)] = plan
+
+
 def _make_forward_program(plan: SVDAdapterPlan, x2d, adapter: SVDAdapter, seed, y, h) -> None:
     """After a fused forward bound its launches onto a dense y: the program that replays them
     (plan.program_forward; False where a launch cannot be replayed from C++)."""
@@ -584,9 +605,9 @@ def _make_forward_program(plan: SVDAdapterPlan, x2d, adapter: SVDAdapter, seed, 
     plan.program_forward = make_program(slots, launches, _program_scalars(adapter), _device_index(x2d), False)
 
 
-def _make_backward_program(plan: SVDAdapterPlan, dy2d, x2d, adapter: SVDAdapter, h, seed, dx, x_shape) -> None:
+def _make_backward_program(plan: SVDAdapterPlan, dy2d, x2d, adapter: SVDAdapter, h, seed, dx) -> None:
     """After a fused backward (without emission) bound its launches: the program that replays them, for calls
-    with dx or without (plan.programs_backward); then the plan serves calls on an x of ``x_shape`` from C++."""
+    with dx or without (plan.programs_backward; the plan serves them from C++ from then on)."""
     dx_arg = dx if dx is not None else seed
     bound = plan.backwards.get(_backward_variant(dy2d, x2d, h, dx, dx_arg, dx is not None))
     needs_dx = dx is not None
@@ -605,7 +626,6 @@ def _make_backward_program(plan: SVDAdapterPlan, dy2d, x2d, adapter: SVDAdapter,
     _resolve_program_op()
     plan.programs_backward[needs_dx] = make_program(slots, launches, _program_scalars(adapter), _device_index(x2d),
                                                     needs_dx)  # fmt: skip
-    _PROGRAM_PLANS[_program_key(x_shape, x2d.dtype, adapter)] = plan
 
 
 class PlannedLaunch(NamedTuple):

@@ -370,6 +370,22 @@ def check_programs_replay_the_same_launches():
         assert len(python_path) == len(programs) == 5, (len(python_path), len(programs))
         assert _canonical(programs, sizes, persistent) == _canonical(python_path, sizes, persistent)
         assert all(r["num_attrs"] == 0 for r in programs)
+        # a call with nothing to differentiate: the forward program alone, the forward's two launches
+        with torch.no_grad():
+            start = len(fake_driver.stub_records())
+            launch.set_launch_programs(False)
+            try:
+                layer(x)  # the Python path, recorded
+            finally:
+                launch.set_launch_programs(True)
+            python_path = fake_driver.stub_records(start)
+            before = launch.launch_counts()
+            y = layer(x)
+            after = launch.launch_counts()
+            programs = fake_driver.stub_records(start + len(python_path))
+        assert after["program"] - before["program"] == 2 and after["direct"] == before["direct"], (before, after)
+        assert y.grad_fn is None and len(python_path) == len(programs) == 2, (len(python_path), len(programs))
+        assert _canonical(programs, sizes, persistent) == _canonical(python_path, sizes, persistent)
         # a call the programs were not made for (another scaling, a constant of their launches): the Python path
         layer.scaling = layer.scaling / 2
         before = launch.launch_counts()
@@ -384,8 +400,9 @@ def check_programs_replay_the_same_launches():
 def check_program_node_computes_the_frozen_layer_as_the_python_path():
     """The C++ node's own ATen work: the frozen layer's output, dx = dY·W0 and, for a trainable base, dW and
     db, equal the Python path's to the bit, over fan_in_fan_out, with and without a bias, a frozen and a
-    trainable base, 2-D and 3-D inputs, with and without dx. (On the fake driver the kernels write nothing:
-    what the two paths return is the base layer's part alone.)"""
+    trainable base, 2-D and 3-D inputs, with and without dx, and under no_grad and inference_mode (the forward
+    alone). (On the fake driver the kernels write nothing: what the two paths return is the base layer's part
+    alone.)"""
     if not NATIVE:
         return  # no program without Triton's C launcher (check_programs_replay_the_same_launches)
     os.environ["ADALORA_FAST_BACKEND"] = "triton"
@@ -419,6 +436,21 @@ def check_program_node_computes_the_frozen_layer_as_the_python_path():
                 finally:
                     launch.set_launch_programs(True)
                 runs[programs] = (launched, y.detach().clone(), x.grad, *[p.grad for p in base])
+            # and with nothing to differentiate: the forward program alone, no autograd node
+            for no_grad in (torch.no_grad, torch.inference_mode):
+                outputs = {}
+                for programs in (False, True):
+                    launch.set_launch_programs(programs)
+                    try:
+                        before = launch.launch_counts()["program"]
+                        with no_grad():
+                            y = layer(x)
+                        outputs[programs] = (launch.launch_counts()["program"] - before, y)
+                    finally:
+                        launch.set_launch_programs(True)
+                (off, y_off), (on, y_on) = outputs[False], outputs[True]
+                assert (off, on) == (0, 2) and y_on.grad_fn is None, (setup, no_grad, off, on)
+                assert y_on.shape == y_off.shape and torch.equal(y_on, y_off), (setup, no_grad)
             assert runs[True][0] == 5 and runs[False][0] == 0, (setup, runs[True][0], runs[False][0])
             for a, b in zip(runs[False][1:], runs[True][1:]):
                 assert (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape
