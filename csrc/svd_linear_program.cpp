@@ -139,9 +139,21 @@ class LaunchProgram : public torch::CustomClassHolder {
 
   bool on_device(const at::Tensor& t) const {
 #ifdef ADALORA_FAST_WITH_CUDA
-    if (t.is_cuda()) return t.get_device() == device_index_ && c10::cuda::current_device() == device_index_;
-#endif
+    return t.is_cuda() && t.get_device() == device_index_ && c10::cuda::current_device() == device_index_;
+#else
     return t.is_cpu() && device_index_ == 0;  // the fake driver's device 0 (host-cost measurement, no GPU)
+#endif
+  }
+
+  // t as slot `s` must be laid out: t itself, or a copy into a fresh tensor of the slot's layout (a tensor a
+  // saved-tensor hook handed back laid out anew, in another dtype or unaligned). Sizes must be the slot's.
+  at::Tensor as_slot(int64_t s, const at::Tensor& t, const at::TensorOptions& options) const {
+    if (on_device(t) && matches(s, t)) return t;
+    TORCH_CHECK(t.defined() && t.sizes().equals(slots_[s].sizes), "adalora_fast: the fused layer's backward got a "
+                "tensor of other sizes than its forward saved (", t.sizes(), " for ", slots_[s].sizes, ")");
+    at::Tensor out = allocate(s, options);
+    out.copy_(t);
+    return out;
   }
 
   // A fresh tensor for an output slot, laid out as the program's.
@@ -168,8 +180,16 @@ std::atomic<int64_t> program_launches{0};
 struct Driver {
   using LaunchKernelEx = CUresult (*)(const CUlaunchConfig*, CUfunction, void**, void**);
   using GetErrorString = CUresult (*)(CUresult, const char**);
+  using CtxGetCurrent = CUresult (*)(CUcontext*);
+  using CtxSetCurrent = CUresult (*)(CUcontext);
+  using DeviceGet = CUresult (*)(CUdevice*, int);
+  using PrimaryCtxRetain = CUresult (*)(CUcontext*, CUdevice);
   LaunchKernelEx launch = nullptr;
   GetErrorString error_string = nullptr;
+  CtxGetCurrent ctx_get_current = nullptr;
+  CtxSetCurrent ctx_set_current = nullptr;
+  DeviceGet device_get = nullptr;
+  PrimaryCtxRetain primary_ctx_retain = nullptr;
 };
 
 // The process's libcuda (Triton's launcher has loaded it by the time a program exists).
@@ -181,6 +201,10 @@ const Driver& driver() {
     if (lib != nullptr) {
       out.launch = reinterpret_cast<Driver::LaunchKernelEx>(dlsym(lib, "cuLaunchKernelEx"));
       out.error_string = reinterpret_cast<Driver::GetErrorString>(dlsym(lib, "cuGetErrorString"));
+      out.ctx_get_current = reinterpret_cast<Driver::CtxGetCurrent>(dlsym(lib, "cuCtxGetCurrent"));
+      out.ctx_set_current = reinterpret_cast<Driver::CtxSetCurrent>(dlsym(lib, "cuCtxSetCurrent"));
+      out.device_get = reinterpret_cast<Driver::DeviceGet>(dlsym(lib, "cuDeviceGet"));
+      out.primary_ctx_retain = reinterpret_cast<Driver::PrimaryCtxRetain>(dlsym(lib, "cuDevicePrimaryCtxRetain"));
     }
     return out;
   }();
@@ -196,9 +220,25 @@ CUstream current_stream(int64_t device_index) {
 #endif
 }
 
+// The device's primary context made current where this thread has none (an autograd worker thread may not), as
+// Triton's launcher does before each launch.
+void ensure_context(const Driver& d, int64_t device_index) {
+  if (d.ctx_get_current == nullptr || d.ctx_set_current == nullptr || d.device_get == nullptr ||
+      d.primary_ctx_retain == nullptr) {
+    return;
+  }
+  CUcontext ctx = nullptr;
+  if (d.ctx_get_current(&ctx) == CUDA_SUCCESS && ctx != nullptr) return;
+  CUdevice device;
+  TORCH_CHECK(d.device_get(&device, static_cast<int>(device_index)) == CUDA_SUCCESS &&
+                  d.primary_ctx_retain(&ctx, device) == CUDA_SUCCESS && d.ctx_set_current(ctx) == CUDA_SUCCESS,
+              "adalora_fast: could not make device ", device_index, "'s CUDA context current");
+}
+
 void LaunchProgram::run(const std::vector<const at::Tensor*>& slot_tensors) const {
   const Driver& d = driver();
   TORCH_CHECK(d.launch != nullptr, "adalora_fast: cuLaunchKernelEx was not found in libcuda.so.1");
+  ensure_context(d, device_index_);
   CUstream stream = current_stream(device_index_);
   constexpr size_t kMaxParams = 64;
   uint64_t storage[kMaxParams];
@@ -294,13 +334,12 @@ struct ForwardOutputs {
 };
 
 // The forward's work: the frozen layer's output, then the forward program's launches add the adapter's term.
-ForwardOutputs run_forward(const LaunchProgram& program, const at::Tensor& x_nd, const at::Tensor& weight,
+ForwardOutputs run_forward(const LaunchProgram& program, const at::Tensor& x2d, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_E,
                            const at::Tensor& lora_B, const at::Tensor& mask, const at::Tensor& ranknum,
                            const at::Tensor& seed, bool fan_in_fan_out) {
-  // (x of any rank: flattened to rows here, where no autograd node records the reshape)
   ForwardOutputs out;
-  out.x = x_nd.dim() == 2 ? x_nd : x_nd.reshape({-1, x_nd.size(-1)});
+  out.x = x2d;
   out.y = base_output(out.x, weight, bias, fan_in_fan_out);
   TORCH_CHECK(program.matches(kFY, out.y), "adalora_fast: the frozen layer's output is not laid out as the "
               "forward program's (a program is made for a dense output)");
@@ -328,7 +367,10 @@ struct SVDLinearProgramFunction : public torch::autograd::Function<SVDLinearProg
                                                 const at::Tensor& ranknum, const at::Tensor& seed,
                                                 const Program& forward_program, const Program& backward_program,
                                                 bool fan_in_fan_out) {
-    const ForwardOutputs out = run_forward(*forward_program, x_nd, weight, bias, lora_A, lora_E, lora_B, mask,
+    // (x of any rank: flattened to rows here, where no autograd node records the reshape; a view for the
+    // layouts a program takes)
+    const at::Tensor x2d = x_nd.dim() == 2 ? x_nd : x_nd.reshape({-1, x_nd.size(-1)});
+    const ForwardOutputs out = run_forward(*forward_program, x2d, weight, bias, lora_A, lora_E, lora_B, mask,
                                            ranknum, seed, fan_in_fan_out);
     ctx->save_for_backward({out.x, weight, lora_A, lora_E, lora_B, out.h});
     ctx->saved_data["mask"] = mask;  // buffers nothing changes inside a step: kept as they are, as in Python
@@ -346,31 +388,28 @@ struct SVDLinearProgramFunction : public torch::autograd::Function<SVDLinearProg
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();  // (checks each for an in-place change since the forward)
-    const at::Tensor &x0 = saved[0], &weight = saved[1], &lora_A = saved[2], &lora_E = saved[3], &lora_B = saved[4];
-    const at::Tensor h0 = saved[5];
-    const at::Tensor mask = ctx->saved_data["mask"].toTensor();
-    const at::Tensor ranknum = ctx->saved_data["ranknum"].toTensor();
-    const at::Tensor seed = ctx->saved_data["seed"].toTensor();
     const auto program = ctx->saved_data["program"].toCustomClass<LaunchProgram>();
     const int64_t flags = ctx->saved_data["flags"].toInt();
     const bool needs_dx = flags & 1, needs_weight = flags & 2, needs_bias = flags & 4, fan_in_fan_out = flags & 8;
-    // dY as the next op hands it, x and H as the saved-tensor hooks hand them back: dense copies where their
-    // layout is not the program's (the program was made for dense ones)
-    at::Tensor dy = grads[0].dim() == 2 ? grads[0] : grads[0].reshape({-1, grads[0].size(-1)});
-    at::Tensor x = x0, h = h0;
-    if (!program->matches(kBDy, dy)) dy = dy.contiguous();
-    if (!program->matches(kBX, x)) x = x.contiguous();
-    if (!program->matches(kBH, h)) h = h.contiguous();
-    TORCH_CHECK(all_match(*program, {{kBDy, &dy}, {kBX, &x}, {kBA, &lora_A}, {kBE, &lora_E}, {kBB, &lora_B},
-                                     {kBMask, &mask}, {kBRanknum, &ranknum}, {kBH, &h}, {kBSeed, &seed}}),
-                "adalora_fast: the fused layer's backward got tensors its program was not made for (their sizes, "
-                "dtypes or device changed between the forward and the backward)");
+    // dY as the next op hands it and the saved tensors as the saved-tensor hooks hand them back, each copied into
+    // the program's layout where it is not laid out so (the layout, alignment, dtype or device a hook chose)
+    const at::Tensor& dy_nd = grads[0];
+    const at::TensorOptions options = dy_nd.options();  // (the device the layer ran on)
+    const at::Tensor dy = program->as_slot(kBDy, dy_nd.dim() == 2 ? dy_nd : dy_nd.reshape({-1, dy_nd.size(-1)}),
+                                           options);
+    const at::Tensor x = program->as_slot(kBX, saved[0], options);
+    const at::Tensor& weight = saved[1];  // (read by ATen alone: any layout)
+    const at::Tensor lora_A = program->as_slot(kBA, saved[2], options);
+    const at::Tensor lora_E = program->as_slot(kBE, saved[3], options);
+    const at::Tensor lora_B = program->as_slot(kBB, saved[4], options);
+    const at::Tensor h = program->as_slot(kBH, saved[5], options);
+    const at::Tensor mask = program->as_slot(kBMask, ctx->saved_data["mask"].toTensor(), options);
+    const at::Tensor ranknum = program->as_slot(kBRanknum, ctx->saved_data["ranknum"].toTensor(), options);
+    const at::Tensor seed = program->as_slot(kBSeed, ctx->saved_data["seed"].toTensor(), options);
     at::Tensor dx = seed;
-    if (needs_dx) {
-      dx = dy.mm(fan_in_fan_out ? weight.t() : weight);  // the frozen layer's dY·W0, onto which the adapter's adds
-      TORCH_CHECK(program->matches(kBDx, dx), "adalora_fast: dx is not laid out as the backward program's");
+    if (needs_dx) {  // the frozen layer's dY·W0, onto which the adapter's dx is added
+      dx = program->as_slot(kBDx, dy.mm(fan_in_fan_out ? weight.t() : weight), options);
     }
-    const at::TensorOptions options = x.options();
     at::Tensor ws = program->allocate(kBWs, options);
     at::Tensor d_a = program->allocate(kBDa, options);
     at::Tensor d_e = program->allocate(kBDe, options);
@@ -422,7 +461,7 @@ std::vector<at::Tensor> svd_linear_program(int64_t forward_handle, int64_t backw
     return {};
   }
   if (forward_only) {
-    const ForwardOutputs out = run_forward(*forward_program, x, weight, bias, lora_A, lora_E, lora_B, mask, ranknum,
+    const ForwardOutputs out = run_forward(*forward_program, x2d, weight, bias, lora_A, lora_E, lora_B, mask, ranknum,
                                            seed, fan_in_fan_out);
     return {unflatten_output(out.y, x)};
   }

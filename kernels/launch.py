@@ -374,6 +374,8 @@ class BoundLaunch:
 # Launch programs: bound launches replayed from C++ (csrc/svd_linear_program.cpp)
 # ---------------------------------------------------------------------------------------------------------------
 
+_PROGRAM_KERNELS: dict = {}  # id -> the CompiledKernel whose function handle a program may hold
+
 # Bytes of a constant parameter of each scalar type, as Triton's launcher packs it (ints in their C type, floats
 # in their storage type: fp32 as its 32 bits).
 _INT_BYTES = {"i1": 1, "i8": 1, "u1": 1, "u8": 1, "i16": 2, "u16": 2, "i32": 4, "u32": 4, "i64": 8, "u64": 8}
@@ -429,6 +431,9 @@ def program_launch(bound: BoundLaunch, args: tuple, slots: tuple) -> list[int] |
                 return None
             params += param
     params += [_CONSTANT, 8, 0] * 2  # the global and profile scratch pointers (no scratch: null)
+    # A program holds the raw function handle: the compiled kernel that owns its module (and unloads it when
+    # collected) is kept for the process, as long as any program or graph node may launch it.
+    _PROGRAM_KERNELS[id(entry.kernel)] = entry.kernel
     return [_as_int64(entry.function), bound.g0, bound.g1, bound.g2, 32 * metadata.num_warps, metadata.shared,
             len(params) // 3, *params]  # fmt: skip
 

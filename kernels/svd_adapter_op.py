@@ -85,7 +85,7 @@ def svd_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                                          or (bias is not None and bias.requires_grad))):  # fmt: skip
         # Nothing to differentiate (evaluation, no_grad): the forward alone, without autograd's machinery.
         if _PROGRAM_PLANS and programs_possible() and launch_hooks_empty():
-            y = _program_call(x, weight, bias, adapter, seed, differentiable=False)
+            y, seed = _program_call(x, weight, bias, adapter, seed, differentiable=False)
             if y is not None:
                 return y
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -99,7 +99,7 @@ def svd_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         return SVDLinearFunction.apply(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, emission)
     x = _unwrap_if_dead(x)
     if emission is None and _PROGRAM_PLANS and programs_possible() and launch_hooks_empty():
-        y = _program_call(x, weight, bias, adapter, seed)
+        y, seed = _program_call(x, weight, bias, adapter, seed)
         if y is not None:
             return y
     return _apply_eagerly(x, weight, bias, lora_A, lora_E, lora_B, adapter, seed, emission)
@@ -551,20 +551,22 @@ def _program_scalars(adapter: SVDAdapter) -> list[float]:
     return [float(adapter.scaling), float(adapter.dropout_p)]
 
 
-def _program_call(x, weight, bias, adapter: SVDAdapter, seed, differentiable: bool = True) -> torch.Tensor | None:
-    """The layer's eager forward as the C++ node (``differentiable=False``: the forward alone, for a call with
-    nothing to differentiate), or None where no program applies (the Python path then)."""
+def _program_call(x, weight, bias, adapter: SVDAdapter, seed, differentiable: bool = True) -> tuple:
+    """(the layer's eager forward as the C++ node, or None where no program applies and the Python path runs;
+    the seed for that path). ``differentiable=False``: the forward alone, for a call with nothing to
+    differentiate. A call the op declines hands on the seed tensor it drew, so that every call draws one
+    dropout seed whichever path runs it (the generator's sequence does not depend on the path)."""
     plan = _PROGRAM_PLANS.get(_program_key(x.shape, x.dtype, adapter))
     if plan is None:
-        return None
+        return None, seed
     backward = plan.programs_backward.get(x.requires_grad) if differentiable else _FORWARD_ONLY
     if backward.__class__ is not int:
-        return None
+        return None, seed
+    seed = dropout_seed(adapter.dropout_p, x.device, seed)
     out = _svd_linear_program(plan.program_forward, backward, x, weight, bias, adapter.lora_A, adapter.lora_E,
-                              adapter.lora_B, adapter.triplet_mask, adapter.ranknum,
-                              dropout_seed(adapter.dropout_p, x.device, seed), adapter.fan_in_fan_out,
+                              adapter.lora_B, adapter.triplet_mask, adapter.ranknum, seed, adapter.fan_in_fan_out,
                               _program_scalars(adapter))  # fmt: skip
-    return out[0] if out else None
+    return (out[0] if out else None), seed
 
 
 def _device_index(t: torch.Tensor) -> int:
@@ -591,7 +593,13 @@ def _serve_from_programs(plan: SVDAdapterPlan, x2d, adapter: SVDAdapter, seed, y
 
 def _make_forward_program(plan: SVDAdapterPlan, x2d, adapter: SVDAdapter, seed, y, h) -> None:
     """After a fused forward bound its launches onto a dense y: the program that replays them
-    (plan.program_forward; False where a launch cannot be replayed from C++)."""
+    (plan.program_forward; False where a launch cannot be replayed from C++, or where the extension's build
+    does not launch on x's device: a CUDA build launches on CUDA tensors, a CPU build on the fake driver's)."""
+    from ..extension import extension_has_cuda
+
+    if x2d.is_cuda != extension_has_cuda():
+        plan.program_forward = False
+        return
     bound = plan.forwards.get((y.stride(), y.dtype, y.stride(), y.dtype))
     if bound is None or not y.is_contiguous():
         return
@@ -893,8 +901,11 @@ def dropout_seed(dropout_p: float, device, seed: int | None = None) -> torch.Ten
 
     ``seed=None`` draws it on the device from torch's generator (reproducible under
     ``torch.manual_seed``; no host sync; inside a CUDA graph each replay draws a fresh one).
-    Without dropout the kernels do not read it: a shared uninitialised placeholder is returned.
+    Without dropout the kernels do not read it: a shared uninitialised placeholder is returned. A seed tensor
+    (one this function returned) is returned as it is.
     """
+    if isinstance(seed, torch.Tensor):
+        return seed
     if dropout_p <= 0:  # one cached placeholder per device (made outside a capture, like the ones mask)
         unused = _UNUSED_SEED.get(device)
         if unused is None:

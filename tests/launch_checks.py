@@ -460,6 +460,69 @@ def check_program_node_computes_the_frozen_layer_as_the_python_path():
         del os.environ["ADALORA_FAST_BACKEND"]
 
 
+def _unaligned_copy(t):
+    """A saved tensor as a hook may hand it back: a dense copy 4 bytes past a 16-byte boundary (which
+    ``.contiguous()`` leaves as it is)."""
+    if t.dim() != 2:
+        return t
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buffer[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def check_program_node_takes_hooked_tensors_and_draws_one_seed():
+    """The C++ node's backward takes saved tensors a saved-tensor hook hands back unaligned (copied into its
+    program's layout), with the Python path's result; and every layer call draws one dropout seed whichever path
+    runs it: a call the op declines (another scaling) leaves torch's generator where the Python path leaves it."""
+    if not NATIVE:
+        return
+    os.environ["ADALORA_FAST_BACKEND"] = "triton"
+    from adalora_fast import FastSVDLinear, dispatch
+
+    interpreting = dispatch.triton_interpreter_enabled
+    dispatch.triton_interpreter_enabled = lambda: True
+    try:
+        torch.manual_seed(0)
+        layer = FastSVDLinear(40, 24, r=12, lora_alpha=12, lora_dropout=0.1)
+        x, grad = torch.randn(2, 8, 40, requires_grad=True), torch.randn(2, 8, 24)
+        _layer_step(layer, x, grad)  # makes the programs
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, _unaligned_copy)
+        runs = {}
+        for programs in (False, True):
+            launch.set_launch_programs(programs)
+            try:
+                x.grad = None
+                before = launch.launch_counts()["program"]
+                torch.manual_seed(1)
+                with hooks:
+                    y = layer(x)
+                y.backward(grad)
+                runs[programs] = (launch.launch_counts()["program"] - before, y.detach().clone(), x.grad.clone(),
+                                  torch.get_rng_state())  # fmt: skip
+            finally:
+                launch.set_launch_programs(True)
+        assert (runs[False][0], runs[True][0]) == (0, 5), (runs[False][0], runs[True][0])
+        assert all(torch.equal(a, b) for a, b in zip(runs[False][1:], runs[True][1:]))  # (the generators too)
+        layer.scaling = layer.scaling / 2  # a constant the programs were not made with: the op declines
+        states = []
+        for programs in (False, True):
+            launch.set_launch_programs(programs)
+            try:
+                torch.manual_seed(2)
+                before = launch.launch_counts()
+                layer(x).backward(grad)
+                after = launch.launch_counts()
+                states.append(torch.get_rng_state())
+            finally:
+                launch.set_launch_programs(True)
+            assert after["program"] == before["program"] and after["direct"] - before["direct"] == 5, (before, after)
+        assert torch.equal(states[0], states[1]), "a declined call drew another seed"
+    finally:
+        dispatch.triton_interpreter_enabled = interpreting
+        del os.environ["ADALORA_FAST_BACKEND"]
+
+
 CHECKS = [
     check_direct_calls_go_to_the_lowest_launch_call,
     check_jit_same_launch_and_specialization_misses,
@@ -470,6 +533,7 @@ CHECKS = [
     check_bound_launch_replays_the_same_launch,
     check_programs_replay_the_same_launches,
     check_program_node_computes_the_frozen_layer_as_the_python_path,
+    check_program_node_takes_hooked_tensors_and_draws_one_seed,
 ]
 
 
