@@ -39,6 +39,7 @@
 #include <atomic>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -136,6 +137,7 @@ class LaunchProgram : public torch::CustomClassHolder {
   }
 
   bool scalars_match(const std::vector<double>& scalars) const { return scalars == scalars_; }
+  at::ScalarType slot_dtype(int64_t s) const { return slots_[s].dtype; }
 
   bool on_device(const at::Tensor& t) const {
 #ifdef ADALORA_FAST_WITH_CUDA
@@ -309,9 +311,10 @@ void clear_programs() {  // (a node still in a graph keeps its programs)
   registry.clear();
 }
 
-// Forward slots: x, lora_A, lora_E, lora_B, triplet_mask, ranknum, seed, H, y (the frozen layer's output, onto
-// which the adapter's term is added in place).
-enum ForwardSlot { kFX, kFA, kFE, kFB, kFMask, kFRanknum, kFSeed, kFH, kFY, kForwardSlots };
+// Forward slots: x, lora_A, lora_E, lora_B, triplet_mask, ranknum, seed, H, y, and the base layer's output the
+// adapter's term is added onto (the fused layer: y itself, its frozen GEMM's output; over any other base layer,
+// that layer's output, read, and y a fresh tensor).
+enum ForwardSlot { kFX, kFA, kFE, kFB, kFMask, kFRanknum, kFSeed, kFH, kFY, kFBase, kForwardSlots };
 // Backward slots: dY, x, lora_A, lora_E, lora_B, triplet_mask, ranknum, H, seed, workspace, dA, dE, dB, dx (the
 // seed's slot when dx is not needed: the kernel does not touch it then).
 enum BackwardSlot { kBDy, kBX, kBA, kBE, kBB, kBMask, kBRanknum, kBH, kBSeed, kBWs, kBDa, kBDe, kBDb, kBDx, kBackwardSlots };
@@ -344,8 +347,66 @@ ForwardOutputs run_forward(const LaunchProgram& program, const at::Tensor& x2d, 
   TORCH_CHECK(program.matches(kFY, out.y), "adalora_fast: the frozen layer's output is not laid out as the "
               "forward program's (a program is made for a dense output)");
   out.h = program.allocate(kFH, out.x.options());
-  program.run({&out.x, &lora_A, &lora_E, &lora_B, &mask, &ranknum, &seed, &out.h, &out.y});
+  program.run({&out.x, &lora_A, &lora_E, &lora_B, &mask, &ranknum, &seed, &out.h, &out.y, &out.y});
   return out;
+}
+
+// Over any other base layer: y = its output + the adapter's term, in a fresh tensor.
+ForwardOutputs run_add_forward(const LaunchProgram& program, const at::Tensor& x2d, const at::Tensor& result2d,
+                               const at::Tensor& lora_A, const at::Tensor& lora_E, const at::Tensor& lora_B,
+                               const at::Tensor& mask, const at::Tensor& ranknum, const at::Tensor& seed) {
+  ForwardOutputs out;
+  out.x = x2d;
+  out.y = program.allocate(kFY, result2d.options());
+  out.h = program.allocate(kFH, x2d.options());
+  program.run({&out.x, &lora_A, &lora_E, &lora_B, &mask, &ranknum, &seed, &out.h, &out.y, &result2d});
+  return out;
+}
+
+// The saved tensors of either node, as the backward program's slots take them: each as the saved-tensor hooks
+// hand it back, copied into the program's layout where it is not laid out so (the layout, alignment, dtype or
+// device a hook chose).
+struct BackwardInputs {
+  at::Tensor dy, x, lora_A, lora_E, lora_B, h, mask, ranknum, seed;
+};
+
+BackwardInputs backward_inputs(const LaunchProgram& program, torch::autograd::AutogradContext* ctx,
+                               const at::Tensor& dy_nd, const torch::autograd::variable_list& saved) {
+  const at::TensorOptions options = dy_nd.options();  // (the device the layer ran on)
+  BackwardInputs in;
+  in.dy = program.as_slot(kBDy, dy_nd.dim() == 2 ? dy_nd : dy_nd.reshape({-1, dy_nd.size(-1)}), options);
+  in.x = program.as_slot(kBX, saved[0], options);
+  in.lora_A = program.as_slot(kBA, saved[1], options);
+  in.lora_E = program.as_slot(kBE, saved[2], options);
+  in.lora_B = program.as_slot(kBB, saved[3], options);
+  in.h = program.as_slot(kBH, saved[4], options);
+  in.mask = program.as_slot(kBMask, ctx->saved_data["mask"].toTensor(), options);
+  in.ranknum = program.as_slot(kBRanknum, ctx->saved_data["ranknum"].toTensor(), options);
+  in.seed = program.as_slot(kBSeed, ctx->saved_data["seed"].toTensor(), options);
+  return in;
+}
+
+struct AdapterGrads {
+  at::Tensor d_a, d_e, d_b;
+};
+
+// The backward program's launches: dA, dE, dB, and the adapter's dx written into (or added onto) dx, the seed's
+// slot when no dx is needed.
+AdapterGrads run_backward(const LaunchProgram& program, const BackwardInputs& in, const at::Tensor& dx) {
+  const at::TensorOptions options = in.dy.options();
+  at::Tensor ws = program.allocate(kBWs, options);
+  AdapterGrads g{program.allocate(kBDa, options), program.allocate(kBDe, options), program.allocate(kBDb, options)};
+  program.run({&in.dy, &in.x, &in.lora_A, &in.lora_E, &in.lora_B, &in.mask, &in.ranknum, &in.h, &in.seed, &ws,
+               &g.d_a, &g.d_e, &g.d_b, &dx});
+  return g;
+}
+
+void save_adapter_state(torch::autograd::AutogradContext* ctx, const at::Tensor& mask, const at::Tensor& ranknum,
+                        const at::Tensor& seed, const c10::intrusive_ptr<LaunchProgram>& backward_program) {
+  ctx->saved_data["mask"] = mask;  // buffers nothing changes inside a step: kept as they are, as in Python
+  ctx->saved_data["ranknum"] = ranknum;
+  ctx->saved_data["seed"] = seed;
+  ctx->saved_data["program"] = backward_program;
 }
 
 // y in x's leading dimensions.
@@ -372,11 +433,8 @@ struct SVDLinearProgramFunction : public torch::autograd::Function<SVDLinearProg
     const at::Tensor x2d = x_nd.dim() == 2 ? x_nd : x_nd.reshape({-1, x_nd.size(-1)});
     const ForwardOutputs out = run_forward(*forward_program, x2d, weight, bias, lora_A, lora_E, lora_B, mask,
                                            ranknum, seed, fan_in_fan_out);
-    ctx->save_for_backward({out.x, weight, lora_A, lora_E, lora_B, out.h});
-    ctx->saved_data["mask"] = mask;  // buffers nothing changes inside a step: kept as they are, as in Python
-    ctx->saved_data["ranknum"] = ranknum;
-    ctx->saved_data["seed"] = seed;
-    ctx->saved_data["program"] = backward_program;
+    ctx->save_for_backward({out.x, lora_A, lora_E, lora_B, out.h, weight});
+    save_adapter_state(ctx, mask, ranknum, seed, backward_program);
     // what the backward needs to know, in one int: dx, dW (a trainable base: unusual for AdaLoRA), db,
     // fan_in_fan_out; and x's sizes (dx takes them)
     ctx->saved_data["flags"] = static_cast<int64_t>(x_nd.requires_grad()) | (weight.requires_grad() << 1) |
@@ -391,42 +449,50 @@ struct SVDLinearProgramFunction : public torch::autograd::Function<SVDLinearProg
     const auto program = ctx->saved_data["program"].toCustomClass<LaunchProgram>();
     const int64_t flags = ctx->saved_data["flags"].toInt();
     const bool needs_dx = flags & 1, needs_weight = flags & 2, needs_bias = flags & 4, fan_in_fan_out = flags & 8;
-    // dY as the next op hands it and the saved tensors as the saved-tensor hooks hand them back, each copied into
-    // the program's layout where it is not laid out so (the layout, alignment, dtype or device a hook chose)
-    const at::Tensor& dy_nd = grads[0];
-    const at::TensorOptions options = dy_nd.options();  // (the device the layer ran on)
-    const at::Tensor dy = program->as_slot(kBDy, dy_nd.dim() == 2 ? dy_nd : dy_nd.reshape({-1, dy_nd.size(-1)}),
-                                           options);
-    const at::Tensor x = program->as_slot(kBX, saved[0], options);
-    const at::Tensor& weight = saved[1];  // (read by ATen alone: any layout)
-    const at::Tensor lora_A = program->as_slot(kBA, saved[2], options);
-    const at::Tensor lora_E = program->as_slot(kBE, saved[3], options);
-    const at::Tensor lora_B = program->as_slot(kBB, saved[4], options);
-    const at::Tensor h = program->as_slot(kBH, saved[5], options);
-    const at::Tensor mask = program->as_slot(kBMask, ctx->saved_data["mask"].toTensor(), options);
-    const at::Tensor ranknum = program->as_slot(kBRanknum, ctx->saved_data["ranknum"].toTensor(), options);
-    const at::Tensor seed = program->as_slot(kBSeed, ctx->saved_data["seed"].toTensor(), options);
-    at::Tensor dx = seed;
+    const BackwardInputs in = backward_inputs(*program, ctx, grads[0], saved);
+    const at::Tensor& weight = saved[5];  // (read by ATen alone: any layout)
+    at::Tensor dx = in.seed;
     if (needs_dx) {  // the frozen layer's dY·W0, onto which the adapter's dx is added
-      dx = program->as_slot(kBDx, dy.mm(fan_in_fan_out ? weight.t() : weight), options);
+      dx = program->as_slot(kBDx, in.dy.mm(fan_in_fan_out ? weight.t() : weight), in.dy.options());
     }
-    at::Tensor ws = program->allocate(kBWs, options);
-    at::Tensor d_a = program->allocate(kBDa, options);
-    at::Tensor d_e = program->allocate(kBDe, options);
-    at::Tensor d_b = program->allocate(kBDb, options);
-    program->run({&dy, &x, &lora_A, &lora_E, &lora_B, &mask, &ranknum, &h, &seed, &ws, &d_a, &d_e, &d_b, &dx});
+    const AdapterGrads g = run_backward(*program, in, dx);
     at::Tensor d_w, d_bias;
     if (needs_weight) {
-      d_w = dy.t().mm(x);
+      d_w = in.dy.t().mm(in.x);
       if (fan_in_fan_out) d_w = d_w.t();
     }
-    if (needs_bias) d_bias = dy.sum(0);
+    if (needs_bias) d_bias = in.dy.sum(0);
     if (needs_dx && grads[0].dim() != 2) dx = dx.view(ctx->saved_data["x_sizes"].toIntVector());
     // one gradient per forward input: x, weight, bias, A, E, B, then the rest (not differentiated)
-    return {needs_dx ? dx : at::Tensor(), d_w, d_bias, d_a, d_e, d_b, at::Tensor(), at::Tensor(), at::Tensor(),
+    return {needs_dx ? dx : at::Tensor(), d_w, d_bias, g.d_a, g.d_e, g.d_b, at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+// The programs a call names by handle (a backward handle of -1: none, the forward alone), or nothing when they do
+// not apply: a handle no longer registered, scalars other than theirs, or x needing dx where the backward program
+// was made without (or the reverse). A forward alone is for calls with nothing to differentiate.
+struct CallPrograms {
+  Program forward, backward;
+  bool forward_only;
+};
+
+std::optional<CallPrograms> call_programs(const char* op, int64_t forward_handle, int64_t backward_handle,
+                                          const std::vector<double>& scalars, bool x_requires_grad,
+                                          bool differentiable) {
+  CallPrograms p{registered(forward_handle), Program(), backward_handle == -1};
+  if (!p.forward_only) p.backward = registered(backward_handle);
+  if (!p.forward || (!p.forward_only && !p.backward)) return std::nullopt;
+  TORCH_CHECK(p.forward->num_slots() == kForwardSlots && (p.forward_only || p.backward->num_slots() == kBackwardSlots),
+              op, ": not a forward and a backward program");
+  TORCH_CHECK(!(p.forward_only && at::GradMode::is_enabled() && differentiable), op, ": a call without a backward "
+              "program on tensors that need gradients (forward-only calls are for no_grad and inference)");
+  if (!p.forward->scalars_match(scalars) ||
+      (!p.forward_only && (x_requires_grad != p.backward->with_dx() || !p.backward->scalars_match(scalars)))) {
+    return std::nullopt;
+  }
+  return p;
+}
 
 // [y] for an x of rank >= 2, or [] when the programs do not apply to these tensors (the caller takes the Python path).
 // A backward handle of -1: a call with nothing to differentiate (no_grad, inference), the forward alone.
@@ -436,25 +502,14 @@ std::vector<at::Tensor> svd_linear_program(int64_t forward_handle, int64_t backw
                                            const at::Tensor& lora_E, const at::Tensor& lora_B, const at::Tensor& mask,
                                            const at::Tensor& ranknum, const at::Tensor& seed, bool fan_in_fan_out,
                                            std::vector<double> scalars) {
-  const Program forward_program = registered(forward_handle);
-  const bool forward_only = backward_handle == -1;
-  const Program backward_program = forward_only ? Program() : registered(backward_handle);
-  if (!forward_program || (!forward_only && !backward_program)) return {};
-  TORCH_CHECK(forward_program->num_slots() == kForwardSlots &&
-                  (forward_only || backward_program->num_slots() == kBackwardSlots),
-              "svd_linear_program: not a forward and a backward program");
-  if (forward_only) {
-    const bool differentiable = x.requires_grad() || weight.requires_grad() ||
-                                (bias.has_value() && bias->requires_grad()) || lora_A.requires_grad() ||
-                                lora_E.requires_grad() || lora_B.requires_grad();
-    TORCH_CHECK(!(at::GradMode::is_enabled() && differentiable), "svd_linear_program: a call without a backward "
-                "program on tensors that need gradients (forward-only calls are for no_grad and inference)");
-  }
-  if (x.dim() < 2 || (!forward_only && x.requires_grad() != backward_program->with_dx()) ||
-      !forward_program->scalars_match(scalars) || (!forward_only && !backward_program->scalars_match(scalars)) ||
-      !forward_program->on_device(weight)) {
-    return {};
-  }
+  const bool differentiable = x.requires_grad() || weight.requires_grad() ||
+                              (bias.has_value() && bias->requires_grad()) || lora_A.requires_grad() ||
+                              lora_E.requires_grad() || lora_B.requires_grad();
+  const auto programs = call_programs("svd_linear_program", forward_handle, backward_handle, scalars,
+                                      x.requires_grad(), differentiable);
+  if (!programs || x.dim() < 2 || !programs->forward->on_device(weight)) return {};
+  const Program& forward_program = programs->forward;
+  const bool forward_only = programs->forward_only;
   const at::Tensor x2d = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});  // (a view: no copy for these layouts)
   if (!all_match(*forward_program, {{kFX, &x2d}, {kFA, &lora_A}, {kFE, &lora_E}, {kFB, &lora_B}, {kFMask, &mask},
                                     {kFRanknum, &ranknum}, {kFSeed, &seed}})) {
@@ -466,7 +521,77 @@ std::vector<at::Tensor> svd_linear_program(int64_t forward_handle, int64_t backw
     return {unflatten_output(out.y, x)};
   }
   return SVDLinearProgramFunction::apply(x, weight, bias, lora_A, lora_E, lora_B, mask, ranknum, seed,
-                                         forward_program, backward_program, fan_in_fan_out);
+                                         forward_program, programs->backward, fan_in_fan_out);
+}
+
+// Over any other base layer (bitsandbytes, GPTQ, an nn.Linear subclass): y = result + s·dropout(x)·Aᵀ·diag(E⊙m)·Bᵀ
+// as one C++ autograd node; the base layer's own autograd gives its part of dx, this node the adapter's (into a
+// fresh tensor), dA, dE and dB, and dresult = dY in result's dtype. Inputs: result, x, lora_A, lora_E, lora_B,
+// then what is not differentiated (mask, ranknum, seed, the two programs).
+struct SVDAdapterAddProgramFunction : public torch::autograd::Function<SVDAdapterAddProgramFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& result,
+                                                const at::Tensor& x_nd, const at::Tensor& lora_A,
+                                                const at::Tensor& lora_E, const at::Tensor& lora_B,
+                                                const at::Tensor& mask, const at::Tensor& ranknum,
+                                                const at::Tensor& seed, const Program& forward_program,
+                                                const Program& backward_program) {
+    const at::Tensor x2d = x_nd.dim() == 2 ? x_nd : x_nd.reshape({-1, x_nd.size(-1)});
+    const at::Tensor result2d = result.reshape({x2d.size(0), result.size(-1)});
+    const ForwardOutputs out =
+        run_add_forward(*forward_program, x2d, result2d, lora_A, lora_E, lora_B, mask, ranknum, seed);
+    ctx->save_for_backward({out.x, lora_A, lora_E, lora_B, out.h});
+    save_adapter_state(ctx, mask, ranknum, seed, backward_program);
+    ctx->saved_data["flags"] = static_cast<int64_t>(result.requires_grad()) | (x_nd.requires_grad() << 1);
+    ctx->saved_data["x_sizes"] = x_nd.sizes();
+    ctx->saved_data["result_dtype"] = static_cast<int64_t>(result.scalar_type());
+    return {out.y.view(result.sizes())};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto program = ctx->saved_data["program"].toCustomClass<LaunchProgram>();
+    const int64_t flags = ctx->saved_data["flags"].toInt();
+    const bool needs_result = flags & 1, needs_dx = flags & 2;
+    const BackwardInputs in = backward_inputs(*program, ctx, grads[0], saved);
+    const at::Tensor dx = needs_dx ? program->allocate(kBDx, in.dy.options()) : in.seed;
+    const AdapterGrads g = run_backward(*program, in, dx);
+    at::Tensor d_result;
+    if (needs_result) d_result = grads[0].to(static_cast<at::ScalarType>(ctx->saved_data["result_dtype"].toInt()));
+    return {d_result, needs_dx ? dx.view(ctx->saved_data["x_sizes"].toIntVector()) : at::Tensor(), g.d_a, g.d_e,
+            g.d_b, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// [result + the adapter's term] as the node (or, with a backward handle of -1, without one), or [] when the
+// programs do not apply (the caller takes the Python path).
+std::vector<at::Tensor> svd_adapter_add_program(int64_t forward_handle, int64_t backward_handle,
+                                                const at::Tensor& result, const at::Tensor& x,
+                                                const at::Tensor& lora_A, const at::Tensor& lora_E,
+                                                const at::Tensor& lora_B, const at::Tensor& mask,
+                                                const at::Tensor& ranknum, const at::Tensor& seed,
+                                                at::ScalarType out_dtype, std::vector<double> scalars) {
+  const bool differentiable = result.requires_grad() || x.requires_grad() || lora_A.requires_grad() ||
+                              lora_E.requires_grad() || lora_B.requires_grad();
+  const auto programs = call_programs("svd_adapter_add_program", forward_handle, backward_handle, scalars,
+                                      x.requires_grad(), differentiable);
+  if (!programs || x.dim() < 2 || result.dim() < 1 || programs->forward->slot_dtype(kFY) != out_dtype) return {};
+  const Program& forward_program = programs->forward;
+  const bool forward_only = programs->forward_only;
+  const at::Tensor x2d = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
+  if (result.numel() != x2d.size(0) * result.size(-1)) return {};  // (the Python path says what is wrong)
+  const at::Tensor result2d = result.reshape({x2d.size(0), result.size(-1)});
+  if (!all_match(*forward_program, {{kFX, &x2d}, {kFBase, &result2d}, {kFA, &lora_A}, {kFE, &lora_E},
+                                    {kFB, &lora_B}, {kFMask, &mask}, {kFRanknum, &ranknum}, {kFSeed, &seed}})) {
+    return {};
+  }
+  if (forward_only) {
+    const ForwardOutputs out =
+        run_add_forward(*forward_program, x2d, result2d, lora_A, lora_E, lora_B, mask, ranknum, seed);
+    return {out.y.view(result.sizes())};
+  }
+  return SVDAdapterAddProgramFunction::apply(result, x, lora_A, lora_E, lora_B, mask, ranknum, seed, forward_program,
+                                             programs->backward);
 }
 
 }  // namespace
@@ -485,6 +610,11 @@ TORCH_LIBRARY_FRAGMENT(adalora_fast, m) {
       "Tensor lora_A, Tensor lora_E, Tensor lora_B, Tensor triplet_mask, Tensor ranknum, Tensor seed, "
       "bool fan_in_fan_out, float[] scalars) -> Tensor[]",
       &svd_linear_program);
+  m.def(
+      "svd_adapter_add_program(int forward_program, int backward_program, Tensor result, Tensor x, Tensor lora_A, "
+      "Tensor lora_E, Tensor lora_B, Tensor triplet_mask, Tensor ranknum, Tensor seed, ScalarType out_dtype, "
+      "float[] scalars) -> Tensor[]",
+      &svd_adapter_add_program);
 }
 
 }  // namespace adalora_fast

@@ -162,11 +162,24 @@ def svd_adapter_add_triton(result: torch.Tensor, x: torch.Tensor, adapter: SVDAd
     if compiling:
         apply = SVDAdapterAddFunction.apply if emission is None else _eager_apply(SVDAdapterAddFunction)
         return apply(result, x, lora_A, lora_E, lora_B, adapter, seed, emission, out_dtype)
+    programs = _ADD_PROGRAM_PLANS and programs_possible() and launch_hooks_empty()
     if not (torch.is_grad_enabled() and (result.requires_grad or x.requires_grad or lora_A.requires_grad
                                          or lora_E.requires_grad or lora_B.requires_grad)):  # fmt: skip
+        if programs:
+            y, seed = _add_program_call(result, x, adapter, out_dtype, seed, differentiable=False)
+            if y is not None:
+                return y
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y, _ = _onto_base(x2d, adapter, dropout_seed(adapter.dropout_p, x.device, seed), result, out_dtype)
+        seed_t = dropout_seed(adapter.dropout_p, x.device, seed)
+        plan = adapter_plan(x2d, adapter, seed_t)
+        y, h = _onto_base(x2d, adapter, seed_t, result, out_dtype, plan)
+        if plan.cached and programs_possible():
+            _serve_add_from_programs(plan, x2d, adapter, seed_t, y, h, result, x.shape)
         return y.view(result.shape)
+    if programs and emission is None and not torch._C._are_functorch_transforms_active():
+        y, seed = _add_program_call(result, x, adapter, out_dtype, seed)
+        if y is not None:
+            return y
     return SVDAdapterAddFunction.apply(result, x, lora_A, lora_E, lora_B, adapter, seed, emission, out_dtype)
 
 
@@ -198,6 +211,8 @@ class SVDAdapterAddFunction(torch.autograd.Function):
             seed_t = dropout_seed(adapter.dropout_p, x.device, seed)
             plan = adapter_plan(x2d, adapter, seed_t)
             y, h = _onto_base(x2d, adapter, seed_t, result, out_dtype, plan)
+            if plan.cached and emission is None and programs_possible():
+                _serve_add_from_programs(plan, x2d, adapter, seed_t, y, h, result, x.shape)
         ctx.save_for_backward(x2d, lora_A, lora_E, lora_B, h)
         ctx.adapter, ctx.seed, ctx.plan, ctx.emission = adapter, seed_t, plan, emission
         ctx.x_shape, ctx.result_dtype = x.shape, result.dtype
@@ -215,7 +230,11 @@ class SVDAdapterAddFunction(torch.autograd.Function):
                 False, adapter.dropout_p, h, ctx.seed, needs_dx,
             )  # fmt: skip
         else:
-            dx, d_a, d_e, d_b = _backward(dy2d, x2d, None, adapter, h, ctx.seed, needs_dx, ctx.emission, ctx.plan)
+            plan = ctx.plan
+            dx, d_a, d_e, d_b = _backward(dy2d, x2d, None, adapter, h, ctx.seed, needs_dx, ctx.emission, plan)
+            if (ctx.emission is None and plan.programs_forward_add and (needs_dx, False) not in plan.programs_backward
+                    and programs_possible()):  # fmt: skip
+                _make_backward_program(plan, dy2d, x2d, adapter, h, ctx.seed, dx, False)
         d_result = dy.to(ctx.result_dtype) if needs_result else None
         return d_result, (dx.view(ctx.x_shape) if needs_dx else None), d_a, d_e, d_b, None, None, None, None
 
@@ -295,8 +314,8 @@ class SVDLinearFunction(torch.autograd.Function):
             plan = ctx.plan
             dx, d_a, d_e, d_b = _backward(dy2d, x2d, weight, adapter, h, ctx.seed, needs_dx, ctx.emission, plan)
             if (ctx.emission is None and plan.program_forward.__class__ is int
-                    and needs_dx not in plan.programs_backward and programs_possible()):  # fmt: skip
-                _make_backward_program(plan, dy2d, x2d, adapter, h, ctx.seed, dx)
+                    and (needs_dx, needs_dx) not in plan.programs_backward and programs_possible()):  # fmt: skip
+                _make_backward_program(plan, dy2d, x2d, adapter, h, ctx.seed, dx, True)
         d_w = d_bias = None
         if needs_w or needs_b:
             d_w, d_bias = _base_param_grads(dy2d, x2d, needs_w, ctx.has_bias and needs_b, adapter.fan_in_fan_out)
@@ -537,7 +556,8 @@ def _backward_variant(dy2d, x2d, h, dx, dx_arg, accumulate_dx: bool) -> tuple:
 
 # A plan's programs are handles (ints; False where a program cannot be made, None until one is tried).
 _PROGRAM_PLANS: dict = {}  # _program_key -> a plan with programs for such calls (the op checks the rest)
-_svd_linear_program = None  # the op's C++ entry point, looked up with the first program
+_ADD_PROGRAM_PLANS: dict = {}  # the same for the adapter over any other base layer (svd_adapter_add_triton)
+_svd_linear_program = _svd_adapter_add_program = None  # the ops' C++ entry points, looked up with the first program
 _FORWARD_ONLY = -1  # the backward handle of a call the op runs without an autograd node
 
 
@@ -559,7 +579,7 @@ def _program_call(x, weight, bias, adapter: SVDAdapter, seed, differentiable: bo
     plan = _PROGRAM_PLANS.get(_program_key(x.shape, x.dtype, adapter))
     if plan is None:
         return None, seed
-    backward = plan.programs_backward.get(x.requires_grad) if differentiable else _FORWARD_ONLY
+    backward = plan.programs_backward.get((x.requires_grad,) * 2) if differentiable else _FORWARD_ONLY
     if backward.__class__ is not int:
         return None, seed
     seed = dropout_seed(adapter.dropout_p, x.device, seed)
@@ -569,56 +589,88 @@ def _program_call(x, weight, bias, adapter: SVDAdapter, seed, differentiable: bo
     return (out[0] if out else None), seed
 
 
+def _add_program_call(result, x, adapter: SVDAdapter, out_dtype, seed, differentiable: bool = True) -> tuple:
+    """:func:`_program_call` for the adapter over any other base layer (its output ``result``)."""
+    plan = _ADD_PROGRAM_PLANS.get(_add_program_key(result, out_dtype, x.shape, x.dtype, adapter))
+    if plan is None:
+        return None, seed
+    backward = plan.programs_backward.get((x.requires_grad, False)) if differentiable else _FORWARD_ONLY
+    if backward.__class__ is not int:
+        return None, seed
+    seed = dropout_seed(adapter.dropout_p, x.device, seed)
+    out = _svd_adapter_add_program(plan.programs_forward_add[(out_dtype, result.dtype)], backward, result, x,
+                                   adapter.lora_A, adapter.lora_E, adapter.lora_B, adapter.triplet_mask,
+                                   adapter.ranknum, seed, out_dtype, _program_scalars(adapter))  # fmt: skip
+    return (out[0] if out else None), seed
+
+
+def _add_program_key(result, out_dtype, x_shape, x_dtype, adapter: SVDAdapter) -> tuple:
+    return result.shape, result.dtype, out_dtype, *_program_key(x_shape, x_dtype, adapter)
+
+
 def _device_index(t: torch.Tensor) -> int:
     return t.device.index if t.is_cuda else 0  # (CPU tensors: the fake driver's device 0, for host-cost runs)
 
 
-def _resolve_program_op() -> None:
-    """The op's C++ entry point (its OpOverload's call is a Python frame around it)."""
-    global _svd_linear_program
-    op = torch.ops.adalora_fast.svd_linear_program.default
-    _svd_linear_program = getattr(op, "_op", op)
+def _resolve_program_ops() -> None:
+    """The ops' C++ entry points (an OpOverload's call is a Python frame around it)."""
+    global _svd_linear_program, _svd_adapter_add_program
+    ops = torch.ops.adalora_fast
+    _svd_linear_program = getattr(ops.svd_linear_program.default, "_op", ops.svd_linear_program.default)
+    _svd_adapter_add_program = getattr(ops.svd_adapter_add_program.default, "_op", ops.svd_adapter_add_program.default)
 
 
 def _serve_from_programs(plan: SVDAdapterPlan, x2d, adapter: SVDAdapter, seed, y, h, x_shape) -> None:
-    """After a Python-path forward on a cached plan: its forward program made (once), and calls on an x of
-    ``x_shape`` sent to the plan, which serves those with nothing to differentiate from C++ and the others once
-    it has their backward program. (A plan serves every x flattened to its rows: each shape is sent here by its
-    own first call.)"""
+    """After a Python-path forward of the fused layer on a cached plan: its forward program made (once), and
+    calls on an x of ``x_shape`` sent to the plan, which serves those with nothing to differentiate from C++ and
+    the others once it has their backward program. (A plan serves every x flattened to its rows: each shape is
+    sent here by its own first call.)"""
     if plan.program_forward is None:
-        _make_forward_program(plan, x2d, adapter, seed, y, h)
+        plan.program_forward = _forward_program(plan, x2d, adapter, seed, y, h, y)
     if plan.program_forward.__class__ is int:
         _PROGRAM_PLANS[_program_key(x_shape, x2d.dtype, adapter)] = plan
 
 
-def _make_forward_program(plan: SVDAdapterPlan, x2d, adapter: SVDAdapter, seed, y, h) -> None:
-    """After a fused forward bound its launches onto a dense y: the program that replays them
-    (plan.program_forward; False where a launch cannot be replayed from C++, or where the extension's build
-    does not launch on x's device: a CUDA build launches on CUDA tensors, a CPU build on the fake driver's)."""
+def _serve_add_from_programs(plan: SVDAdapterPlan, x2d, adapter: SVDAdapter, seed, y, h, result, x_shape) -> None:
+    """:func:`_serve_from_programs` for the adapter over any other base layer: ``result`` its output."""
+    key = (y.dtype, result.dtype)
+    if plan.programs_forward_add.get(key) is None:
+        base = result.reshape(x2d.shape[0], result.shape[-1])
+        plan.programs_forward_add[key] = _forward_program(plan, x2d, adapter, seed, y, h, base)
+    if plan.programs_forward_add[key].__class__ is int:
+        _ADD_PROGRAM_PLANS[_add_program_key(result, y.dtype, x_shape, x2d.dtype, adapter)] = plan
+
+
+def _forward_program(plan: SVDAdapterPlan, x2d, adapter: SVDAdapter, seed, y, h, base):
+    """After a forward bound its launches onto a dense y and ``base`` (y itself for the fused layer): the handle
+    of the program that replays them; False where a launch cannot be replayed from C++, or where the extension's
+    build does not launch on x's device (a CUDA build launches on CUDA tensors, a CPU build on the fake
+    driver's); None where nothing was bound (tried again by the next call)."""
     from ..extension import extension_has_cuda
 
     if x2d.is_cuda != extension_has_cuda():
-        plan.program_forward = False
-        return
-    bound = plan.forwards.get((y.stride(), y.dtype, y.stride(), y.dtype))
+        return False
+    bound = plan.forwards.get((y.stride(), y.dtype, base.stride(), base.dtype))
     if bound is None or not y.is_contiguous():
-        return
-    slots = (x2d, adapter.lora_A, adapter.lora_E, adapter.lora_B, adapter.triplet_mask, adapter.ranknum, seed, h, y)
-    args = _forward_args(plan, x2d, adapter, seed, y, y.stride(), h, y, y.stride())
+        return None
+    slots = (x2d, adapter.lora_A, adapter.lora_E, adapter.lora_B, adapter.triplet_mask, adapter.ranknum, seed, h, y,
+             base)  # fmt: skip
+    args = _forward_args(plan, x2d, adapter, seed, y, y.stride(), h, base, base.stride())
     launches = [program_launch(b, a, slots) for b, a in zip(bound, args)]
     if any(launch is None for launch in launches):
-        plan.program_forward = False
-        return
-    _resolve_program_op()
-    plan.program_forward = make_program(slots, launches, _program_scalars(adapter), _device_index(x2d), False)
+        return False
+    _resolve_program_ops()
+    return make_program(slots, launches, _program_scalars(adapter), _device_index(x2d), False)
 
 
-def _make_backward_program(plan: SVDAdapterPlan, dy2d, x2d, adapter: SVDAdapter, h, seed, dx) -> None:
-    """After a fused backward (without emission) bound its launches: the program that replays them, for calls
-    with dx or without (plan.programs_backward; the plan serves them from C++ from then on)."""
-    dx_arg = dx if dx is not None else seed
-    bound = plan.backwards.get(_backward_variant(dy2d, x2d, h, dx, dx_arg, dx is not None))
+def _make_backward_program(plan: SVDAdapterPlan, dy2d, x2d, adapter: SVDAdapter, h, seed, dx, accumulate_dx) -> None:
+    """After a backward (without emission) bound its launches: the program that replays them, for calls with dx
+    (added onto the frozen layer's: ``accumulate_dx``) or without (plan.programs_backward[(needs dx, adds onto
+    it)]; the plan serves them from C++ from then on)."""
     needs_dx = dx is not None
+    accumulate_dx = needs_dx and accumulate_dx
+    dx_arg = dx if needs_dx else seed
+    bound = plan.backwards.get(_backward_variant(dy2d, x2d, h, dx, dx_arg, accumulate_dx))
     if bound is None or not (dy2d.is_contiguous() and x2d.is_contiguous() and h.is_contiguous()):
         return
     lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
@@ -628,12 +680,13 @@ def _make_backward_program(plan: SVDAdapterPlan, dy2d, x2d, adapter: SVDAdapter,
              dx_arg)  # fmt: skip
     args = _backward_args(plan, dy2d, x2d, adapter, h, seed, dx, ws, d_a, d_e, d_b)[:3]
     launches = [program_launch(b, a, slots) for b, a in zip(bound, args)]
+    key = (needs_dx, accumulate_dx)
     if any(launch is None for launch in launches):
-        plan.programs_backward[needs_dx] = False
+        plan.programs_backward[key] = False
         return
-    _resolve_program_op()
-    plan.programs_backward[needs_dx] = make_program(slots, launches, _program_scalars(adapter), _device_index(x2d),
-                                                    needs_dx)  # fmt: skip
+    _resolve_program_ops()
+    plan.programs_backward[key] = make_program(slots, launches, _program_scalars(adapter), _device_index(x2d),
+                                               needs_dx)  # fmt: skip
 
 
 class PlannedLaunch(NamedTuple):
@@ -801,7 +854,7 @@ class SVDAdapterPlan:
     __slots__ = ("n", "k", "r", "out", "r_pad", "acc", "dots", "has_dropout", "n_tiles", "n_splits",
                  "rows_per_split", "tiles_b", "tiles_a", "ws_a_offset", "ws_b_offset", "ws_size", "x_strides",
                  "a_strides", "e_stride", "b_strides", "grad_strides", "forwards", "backwards", "cached",
-                 "program_forward", "programs_backward")  # fmt: skip
+                 "program_forward", "programs_forward_add", "programs_backward")  # fmt: skip
 
     def __init__(self, x2d: torch.Tensor, adapter: SVDAdapter, cached: bool):
         lora_A, lora_E, lora_B = adapter.lora_A, adapter.lora_E, adapter.lora_B
@@ -828,10 +881,11 @@ class SVDAdapterPlan:
         self.forwards: dict = {}  # (y's strides and dtype) -> (shrink, expand)
         self.backwards: dict = {}  # (dY's, x's, H's and dx's layouts and dtypes) -> (grad_h, grad_a_x, reduce)
         self.cached = cached  # False: an operand is not 16-byte aligned, this plan serves one call
-        # The fused layer's launches replayed from C++ (made once the first calls have bound them; False: they
-        # cannot be): the forward's, and the backward's for calls with dx and without
+        # The launches replayed from C++ (made once the first calls have bound them; False: they cannot be):
+        # the fused layer's forward, the forward over another base layer, and the backwards
         self.program_forward = None
-        self.programs_backward: dict = {}
+        self.programs_forward_add: dict = {}  # (y's dtype, the base output's) -> the forward over another base
+        self.programs_backward: dict = {}  # (needs dx, adds it onto the frozen layer's) -> handle
 
 
 _PLANS: dict = {}
@@ -875,6 +929,7 @@ def clear_plans() -> None:
     done by :func:`~.launch.clear_all`."""
     _PLANS.clear()
     _PROGRAM_PLANS.clear()
+    _ADD_PROGRAM_PLANS.clear()
     if _svd_linear_program is not None:  # (a node still in a graph keeps its programs)
         torch.ops.adalora_fast.clear_launch_programs()
 

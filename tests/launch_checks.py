@@ -9,6 +9,7 @@ tests/test_launch.py runs both; so can anyone, under any installed Triton.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -299,6 +300,22 @@ def check_bound_launch_replays_the_same_launch():
         launch.set_direct_launch(True)
 
 
+@contextlib.contextmanager
+def _kernels_on_cpu_tensors():
+    """The adapter's kernels for CPU tensors, which the fake driver launches (``ADALORA_FAST_BACKEND=triton``,
+    with the dispatcher's interpreter condition met)."""
+    from adalora_fast import dispatch
+
+    os.environ["ADALORA_FAST_BACKEND"] = "triton"
+    interpreting = dispatch.triton_interpreter_enabled
+    dispatch.triton_interpreter_enabled = lambda: True
+    try:
+        yield
+    finally:
+        dispatch.triton_interpreter_enabled = interpreting
+        del os.environ["ADALORA_FAST_BACKEND"]
+
+
 def _layer_step(layer, x, grad):
     layer(x).backward(grad)
 
@@ -319,20 +336,56 @@ def _canonical(records, sizes, persistent):
     return out
 
 
+def _declare_params(plan) -> dict:
+    """{function: [(bytes, is a pointer)] of each parameter} of a plan's bound launches, declared to the stub
+    libcuda (which then records their parameters)."""
+    sizes = {}
+    for bounds in (*plan.forwards.values(), *plan.backwards.values()):
+        for bound in bounds:
+            kernel = bound.entry.kernel
+            types = [t for t in kernel.src.signature.values() if t != "constexpr"]
+            sizes[bound.entry.function] = [(8, True) if t.startswith("*") else (
+                {"i32": 4, "u32": 4, "fp32": 4, "i64": 8, "u64": 8, "fp64": 8, "i1": 1, "i8": 1, "i16": 2}[t], False)
+                for t in types] + [(8, True), (8, True)]  # fmt: skip
+            fake_driver.stub_declare_params(bound.entry.function, len(sizes[bound.entry.function]))
+    return sizes
+
+
+def _both_paths_launch_alike(call, sizes: dict, persistent: set, launches: int) -> None:
+    """``call()`` with programs off (the Python path: ``launches`` direct launches) and on (as many program
+    launches, none direct): the same launches, byte for byte (fresh allocations by order of appearance)."""
+    start = len(fake_driver.stub_records())
+    launch.set_launch_programs(False)
+    try:
+        before = launch.launch_counts()
+        call()
+        after = launch.launch_counts()
+    finally:
+        launch.set_launch_programs(True)
+    assert after["program"] == before["program"] and after["direct"] - before["direct"] == launches, (before, after)
+    python_path = fake_driver.stub_records(start)
+    before = launch.launch_counts()
+    call()
+    after = launch.launch_counts()
+    programs = fake_driver.stub_records(start + len(python_path))
+    assert after["program"] - before["program"] == launches and after["direct"] == before["direct"], (before, after)
+    assert len(python_path) == len(programs) == launches, (len(python_path), len(programs))
+    assert _canonical(programs, sizes, persistent) == _canonical(python_path, sizes, persistent)
+    assert all(r["num_attrs"] == 0 for r in programs)
+
+
 def check_programs_replay_the_same_launches():
     """The fused layer's C++ node (csrc/svd_linear_program.cpp), on a call laid out as the one its programs were
     made on, makes the launches the Python path makes through Triton's own C launcher: the same functions,
     grids, blocks, shared memory, stream and (no) launch attributes, and the same parameters byte for byte
-    (the addresses of each call's fresh allocations compared by their order of appearance). A call the
-    programs were not made for, or one with programs turned off, takes the Python path. Without Triton's C
-    launcher (the Python stand-in) no program is made."""
-    os.environ["ADALORA_FAST_BACKEND"] = "triton"
-    from adalora_fast import FastSVDLinear, dispatch
+    (the addresses of each call's fresh allocations compared by their order of appearance); so does its
+    forward alone, for a call with nothing to differentiate. A call the programs were not made for, or one
+    with programs turned off, takes the Python path. Without Triton's C launcher (the Python stand-in) no
+    program is made."""
+    from adalora_fast import FastSVDLinear
     from adalora_fast.kernels import svd_adapter_op as op
 
-    interpreting = dispatch.triton_interpreter_enabled
-    dispatch.triton_interpreter_enabled = lambda: True  # lets dispatch send CPU tensors to the kernels
-    try:
+    with _kernels_on_cpu_tensors():
         torch.manual_seed(0)
         layer = FastSVDLinear(40, 24, r=12, lora_alpha=12)
         x, grad = torch.randn(2, 8, 40, requires_grad=True), torch.randn(2, 8, 24)
@@ -341,60 +394,62 @@ def check_programs_replay_the_same_launches():
             assert not op._PROGRAM_PLANS, "a program was made without Triton's own C launcher"
             return
         (plan,) = op._PROGRAM_PLANS.values()
-        assert plan.program_forward.__class__ is int and plan.programs_backward[True].__class__ is int  # handles
-        sizes = {}
-        for bound in (*next(iter(plan.forwards.values())), *next(iter(plan.backwards.values()))):
-            kernel = bound.entry.kernel
-            types = [t for t in kernel.src.signature.values() if t != "constexpr"]
-            sizes[bound.entry.function] = [(8, True) if t.startswith("*") else (
-                {"i32": 4, "u32": 4, "fp32": 4, "i64": 8, "u64": 8, "fp64": 8, "i1": 1, "i8": 1, "i16": 2}[t], False)
-                for t in types] + [(8, True), (8, True)]  # fmt: skip
-            fake_driver.stub_declare_params(bound.entry.function, len(sizes[bound.entry.function]))
+        assert plan.program_forward.__class__ is int and plan.programs_backward[True, True].__class__ is int
+        sizes = _declare_params(plan)
         persistent = {t.data_ptr() for t in (x, layer.weight, layer.bias, layer.lora_A, layer.lora_E, layer.lora_B,
                                              layer.triplet_mask, layer.ranknum, grad)} | {0}  # fmt: skip
-        start = len(fake_driver.stub_records())
-        launch.set_launch_programs(False)
-        try:
-            before = launch.launch_counts()
-            _layer_step(layer, x, grad)  # the Python path, recorded
-            after = launch.launch_counts()
-        finally:
-            launch.set_launch_programs(True)
-        assert after["program"] == before["program"] and after["direct"] - before["direct"] == 5, (before, after)
-        python_path = fake_driver.stub_records(start)
-        before = launch.launch_counts()
-        _layer_step(layer, x, grad)  # the C++ node
-        after = launch.launch_counts()
-        programs = fake_driver.stub_records(start + len(python_path))
-        assert after["program"] - before["program"] == 5 and after["direct"] == before["direct"], (before, after)
-        assert len(python_path) == len(programs) == 5, (len(python_path), len(programs))
-        assert _canonical(programs, sizes, persistent) == _canonical(python_path, sizes, persistent)
-        assert all(r["num_attrs"] == 0 for r in programs)
-        # a call with nothing to differentiate: the forward program alone, the forward's two launches
-        with torch.no_grad():
-            start = len(fake_driver.stub_records())
-            launch.set_launch_programs(False)
-            try:
-                layer(x)  # the Python path, recorded
-            finally:
-                launch.set_launch_programs(True)
-            python_path = fake_driver.stub_records(start)
-            before = launch.launch_counts()
-            y = layer(x)
-            after = launch.launch_counts()
-            programs = fake_driver.stub_records(start + len(python_path))
-        assert after["program"] - before["program"] == 2 and after["direct"] == before["direct"], (before, after)
-        assert y.grad_fn is None and len(python_path) == len(programs) == 2, (len(python_path), len(programs))
-        assert _canonical(programs, sizes, persistent) == _canonical(python_path, sizes, persistent)
+        _both_paths_launch_alike(lambda: _layer_step(layer, x, grad), sizes, persistent, 5)
+
+        def no_grad_call():
+            with torch.no_grad():
+                assert layer(x).grad_fn is None
+
+        _both_paths_launch_alike(no_grad_call, sizes, persistent, 2)  # the forward program alone
         # a call the programs were not made for (another scaling, a constant of their launches): the Python path
         layer.scaling = layer.scaling / 2
         before = launch.launch_counts()
         _layer_step(layer, x, grad)
         after = launch.launch_counts()
         assert after["program"] == before["program"] and after["direct"] - before["direct"] == 5, (before, after)
-    finally:
-        dispatch.triton_interpreter_enabled = interpreting
-        del os.environ["ADALORA_FAST_BACKEND"]
+
+
+def check_add_programs_replay_the_same_launches():
+    """The same for the adapter over any other base layer (``svd_adapter_add_triton``, the path of a quantized
+    base: the base's output read, y fresh, the adapter's dx alone): its C++ node's launches, and its forward
+    alone's, equal the Python path's byte for byte; dresult is dY, as there."""
+    if not NATIVE:
+        return
+    from adalora_fast import FastSVDLinear
+    from adalora_fast.adapter import SVDAdapter
+    from adalora_fast.kernels import svd_adapter_op as op
+
+    with _kernels_on_cpu_tensors():
+        torch.manual_seed(0)
+        layer = FastSVDLinear(40, 24, r=12, lora_alpha=12)
+        adapter = SVDAdapter(layer.lora_A, layer.lora_E, layer.lora_B, layer.triplet_mask, float(layer.scaling),
+                             layer.ranknum)  # fmt: skip
+        x, result = torch.randn(2, 8, 40, requires_grad=True), torch.randn(2, 8, 24, requires_grad=True)
+        grad = torch.randn(2, 8, 24)
+
+        def step():
+            result.grad = None
+            op.svd_adapter_add_triton(result, x, adapter, torch.float32).backward(grad)
+            assert torch.equal(result.grad, grad)
+
+        step()  # the Python path: binds the launches, then makes the programs
+        (plan,) = op._ADD_PROGRAM_PLANS.values()
+        assert plan.programs_forward_add[torch.float32, torch.float32].__class__ is int
+        assert plan.programs_backward[True, False].__class__ is int
+        sizes = _declare_params(plan)
+        persistent = {t.data_ptr() for t in (x, result, layer.lora_A, layer.lora_E, layer.lora_B, layer.triplet_mask,
+                                             layer.ranknum, grad)} | {0}  # fmt: skip
+        _both_paths_launch_alike(step, sizes, persistent, 5)
+
+        def no_grad_call():
+            with torch.no_grad():
+                assert op.svd_adapter_add_triton(result, x, adapter, torch.float32).grad_fn is None
+
+        _both_paths_launch_alike(no_grad_call, sizes, persistent, 2)
 
 
 def check_program_node_computes_the_frozen_layer_as_the_python_path():
@@ -405,12 +460,9 @@ def check_program_node_computes_the_frozen_layer_as_the_python_path():
     alone.)"""
     if not NATIVE:
         return  # no program without Triton's C launcher (check_programs_replay_the_same_launches)
-    os.environ["ADALORA_FAST_BACKEND"] = "triton"
-    from adalora_fast import FastSVDLinear, dispatch
+    from adalora_fast import FastSVDLinear
 
-    interpreting = dispatch.triton_interpreter_enabled
-    dispatch.triton_interpreter_enabled = lambda: True  # lets dispatch send CPU tensors to the kernels
-    try:
+    with _kernels_on_cpu_tensors():
         for fan_in_fan_out, bias, trainable, dims, x_grad in itertools.product((False, True), repeat=5):
             setup = dict(fan_in_fan_out=fan_in_fan_out, bias=bias, trainable=trainable, dims=dims + 2, x_grad=x_grad)
             torch.manual_seed(0)
@@ -455,9 +507,6 @@ def check_program_node_computes_the_frozen_layer_as_the_python_path():
             for a, b in zip(runs[False][1:], runs[True][1:]):
                 assert (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape
                                                      and torch.equal(a, b)), setup  # fmt: skip
-    finally:
-        dispatch.triton_interpreter_enabled = interpreting
-        del os.environ["ADALORA_FAST_BACKEND"]
 
 
 def _unaligned_copy(t):
@@ -477,12 +526,9 @@ def check_program_node_takes_hooked_tensors_and_draws_one_seed():
     runs it: a call the op declines (another scaling) leaves torch's generator where the Python path leaves it."""
     if not NATIVE:
         return
-    os.environ["ADALORA_FAST_BACKEND"] = "triton"
-    from adalora_fast import FastSVDLinear, dispatch
+    from adalora_fast import FastSVDLinear
 
-    interpreting = dispatch.triton_interpreter_enabled
-    dispatch.triton_interpreter_enabled = lambda: True
-    try:
+    with _kernels_on_cpu_tensors():
         torch.manual_seed(0)
         layer = FastSVDLinear(40, 24, r=12, lora_alpha=12, lora_dropout=0.1)
         x, grad = torch.randn(2, 8, 40, requires_grad=True), torch.randn(2, 8, 24)
@@ -518,9 +564,6 @@ def check_program_node_takes_hooked_tensors_and_draws_one_seed():
                 launch.set_launch_programs(True)
             assert after["program"] == before["program"] and after["direct"] - before["direct"] == 5, (before, after)
         assert torch.equal(states[0], states[1]), "a declined call drew another seed"
-    finally:
-        dispatch.triton_interpreter_enabled = interpreting
-        del os.environ["ADALORA_FAST_BACKEND"]
 
 
 CHECKS = [
@@ -532,6 +575,7 @@ CHECKS = [
     check_switch_off_means_plain_launches,
     check_bound_launch_replays_the_same_launch,
     check_programs_replay_the_same_launches,
+    check_add_programs_replay_the_same_launches,
     check_program_node_computes_the_frozen_layer_as_the_python_path,
     check_program_node_takes_hooked_tensors_and_draws_one_seed,
 ]

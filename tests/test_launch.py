@@ -34,6 +34,7 @@ CHECK_NAMES = [
     "check_switch_off_means_plain_launches",
     "check_bound_launch_replays_the_same_launch",
     "check_programs_replay_the_same_launches",
+    "check_add_programs_replay_the_same_launches",
     "check_program_node_computes_the_frozen_layer_as_the_python_path",
     "check_program_node_takes_hooked_tensors_and_draws_one_seed",
 ]

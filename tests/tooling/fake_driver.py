@@ -226,7 +226,14 @@ static unsigned long long declared_functions[STUB_MAX_FUNCTIONS];
 static unsigned declared_counts[STUB_MAX_FUNCTIONS];
 static int declared = 0;
 int adalora_fast_stub_declare_params(unsigned long long function, unsigned count) {
-  if (declared == STUB_MAX_FUNCTIONS || count > STUB_MAX_PARAMS) return -1;
+  if (count > STUB_MAX_PARAMS) return -1;
+  for (int d = 0; d < declared; ++d) {  /* declared again: one record per launch all the same */
+    if (declared_functions[d] == function) {
+      declared_counts[d] = count;
+      return 0;
+    }
+  }
+  if (declared == STUB_MAX_FUNCTIONS) return -1;
   declared_functions[declared] = function;
   declared_counts[declared++] = count;
   return 0;
