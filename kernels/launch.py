@@ -52,9 +52,9 @@ launch path has been checked (3.6 to 3.9). Otherwise, under ``TRITON_INTERPRET=1
 ``ADALORA_FAST_DIRECT_LAUNCH=0`` in the environment when this module is imported (or after
 ``set_direct_launch(False)``), every call is the plain ``kernel[grid](...)``.
 
-Launch programs (:func:`make_program`) go one step further for the fused layer: its bound launches, written
-as a table a C++ autograd node replays (``csrc/svd_linear_program.cpp``), so that a steady-state layer call
-is one op call. They run only where direct launches do, on Triton's own C launcher; with
+Launch programs (:func:`make_program`) go one step further for the adapter's layer calls (fused, or over any
+other base layer): their bound launches, written as a table a C++ autograd node replays
+(``csrc/svd_linear_program.cpp``), so that a steady-state layer call is one op call. They run only where direct launches do, on Triton's own C launcher; with
 ``ADALORA_FAST_LAUNCH_PROGRAMS=0`` in the environment (or after ``set_launch_programs(False)``) none is made
 or run, and the layer launches from Python.
 
@@ -130,8 +130,8 @@ _PROGRAMS_ENABLED = os.environ.get(PROGRAMS_ENV, "1") != "0"
 
 
 def set_launch_programs(enabled: bool) -> None:
-    """Turn launch programs on or off (off: the fused layer launches from Python; programs already made are
-    kept for when they are turned on again)."""
+    """Turn launch programs on or off (off: the layer calls launch from Python; programs already made are kept
+    for when they are turned on again)."""
     global _PROGRAMS_ENABLED
     _PROGRAMS_ENABLED = bool(enabled)
 

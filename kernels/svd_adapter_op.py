@@ -232,8 +232,7 @@ class SVDAdapterAddFunction(torch.autograd.Function):
         else:
             plan = ctx.plan
             dx, d_a, d_e, d_b = _backward(dy2d, x2d, None, adapter, h, ctx.seed, needs_dx, ctx.emission, plan)
-            if (ctx.emission is None and plan.programs_forward_add and (needs_dx, False) not in plan.programs_backward
-                    and programs_possible()):  # fmt: skip
+            if ctx.emission is None and plan.programs_forward_add and programs_possible():
                 _make_backward_program(plan, dy2d, x2d, adapter, h, ctx.seed, dx, False)
         d_result = dy.to(ctx.result_dtype) if needs_result else None
         return d_result, (dx.view(ctx.x_shape) if needs_dx else None), d_a, d_e, d_b, None, None, None, None
@@ -313,8 +312,7 @@ class SVDLinearFunction(torch.autograd.Function):
         else:
             plan = ctx.plan
             dx, d_a, d_e, d_b = _backward(dy2d, x2d, weight, adapter, h, ctx.seed, needs_dx, ctx.emission, plan)
-            if (ctx.emission is None and plan.program_forward.__class__ is int
-                    and (needs_dx, needs_dx) not in plan.programs_backward and programs_possible()):  # fmt: skip
+            if ctx.emission is None and plan.program_forward.__class__ is int and programs_possible():
                 _make_backward_program(plan, dy2d, x2d, adapter, h, ctx.seed, dx, True)
         d_w = d_bias = None
         if needs_w or needs_b:
@@ -666,9 +664,12 @@ def _forward_program(plan: SVDAdapterPlan, x2d, adapter: SVDAdapter, seed, y, h,
 def _make_backward_program(plan: SVDAdapterPlan, dy2d, x2d, adapter: SVDAdapter, h, seed, dx, accumulate_dx) -> None:
     """After a backward (without emission) bound its launches: the program that replays them, for calls with dx
     (added onto the frozen layer's: ``accumulate_dx``) or without (plan.programs_backward[(needs dx, adds onto
-    it)]; the plan serves them from C++ from then on)."""
+    it)], made once; the plan serves them from C++ from then on)."""
     needs_dx = dx is not None
     accumulate_dx = needs_dx and accumulate_dx
+    key = (needs_dx, accumulate_dx)
+    if key in plan.programs_backward:
+        return
     dx_arg = dx if needs_dx else seed
     bound = plan.backwards.get(_backward_variant(dy2d, x2d, h, dx, dx_arg, accumulate_dx))
     if bound is None or not (dy2d.is_contiguous() and x2d.is_contiguous() and h.is_contiguous()):
@@ -680,7 +681,6 @@ def _make_backward_program(plan: SVDAdapterPlan, dy2d, x2d, adapter: SVDAdapter,
              dx_arg)  # fmt: skip
     args = _backward_args(plan, dy2d, x2d, adapter, h, seed, dx, ws, d_a, d_e, d_b)[:3]
     launches = [program_launch(b, a, slots) for b, a in zip(bound, args)]
-    key = (needs_dx, accumulate_dx)
     if any(launch is None for launch in launches):
         plan.programs_backward[key] = False
         return
