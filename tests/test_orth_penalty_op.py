@@ -12,6 +12,7 @@ import subprocess
 import sysconfig
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,6 +119,50 @@ def test_cpu_op_is_bitwise_deterministic():
     a_loss, a_grads = _op(factors, is_right, "fro")
     b_loss, b_grads = _op(factors, is_right, "fro")
     assert torch.equal(a_loss, b_loss) and all(torch.equal(a, b) for a, b in zip(a_grads, b_grads))
+
+
+def _ordered_sums(x, chunk=512):
+    """D = XᵀX − I as the op's header defines each entry's sum: over rows in order within a chunk of 512,
+    then over chunks in order (float32, numpy: one rounding per product and per addition)."""
+    rows, r = x.shape
+    g = np.zeros((r, r), np.float32)
+    for c0 in range(0, rows, chunk):
+        partial = np.zeros((r, r), np.float32)
+        for row in x[c0 : c0 + chunk]:
+            partial += np.outer(row, row)
+        g += partial
+    return g - np.eye(r, dtype=np.float32)
+
+
+@requires_ext
+def test_cpu_op_sums_each_entry_in_the_documented_order():
+    """The CPU loops (vectorised tiles) form every sum of the Gram, the deviation's norm and the gradient in the
+    order orth_penalty.h defines, bit for bit: the CUDA build's order."""
+    g = torch.Generator().manual_seed(3)
+    factors = [torch.randn(5, 37, generator=g), torch.randn(530, 13, generator=g) * 0.05,
+               torch.randn(3, 1, generator=g), torch.randn(20, 9, generator=g).T.contiguous().T]  # fmt: skip
+    is_right = [1, 0, 1, 0]
+    loss, dev, sq_norms = torch.ops.adalora_fast.orth_penalty_forward(factors, is_right, "fro")
+    grad_loss = torch.tensor(1.5)
+    grads = torch.ops.adalora_fast.orth_penalty_backward(grad_loss, factors, is_right, dev, sq_norms, "fro")
+    offset, total = 0, np.float32(0)
+    for f, right, grad, sq_norm in zip(factors, is_right, grads, sq_norms):
+        x = (f.T if right else f).numpy()
+        d = _ordered_sums(x)
+        r = d.shape[0]
+        assert np.array_equal(dev[offset : offset + r * r].numpy().reshape(r, r), d)
+        offset += r * r
+        sq = np.float32(0)
+        for e in d.ravel():
+            sq = np.float32(sq + e * e)
+        assert sq_norm.item() == sq
+        total = np.float32(total + np.sqrt(sq))
+        coef = np.float32(2) * (np.float32(1.5) / np.float32(len(factors))) / np.sqrt(sq)
+        sums = np.zeros_like(x)
+        for j in range(r):
+            sums += x[:, j : j + 1] * d[j : j + 1, :]
+        assert np.array_equal((grad.T if right else grad).numpy(), coef * sums)
+    assert loss.item() == total / np.float32(len(factors))
 
 
 @requires_ext
