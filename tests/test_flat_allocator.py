@@ -223,6 +223,53 @@ def test_adapters_of_different_dtypes_are_a_clear_error():
         _alloc(model, r=2)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The one-pass CPU update (csrc/importance_update.cpp) against the ATen ops it replaces
+
+
+@pytest.mark.parametrize("scale", [None, 3.0, "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_the_one_pass_cpu_update_equals_the_aten_ops_bitwise(dtype, scale):
+    """Ī, Ū, the non-finite count and the step flags of the C++ pass equal those of _update_emas + _settle,
+    bit for bit, over steps that score, steps that do not, a non-finite gradient and a strided gradient."""
+    model = svd_stack(3, d=10, r=5, dtype=dtype)
+    triplets = find_adapter_triplets(model)
+    one_pass, aten = FlatAdapterState(triplets, 0.85, 0.8), FlatAdapterState(triplets, 0.85, 0.8)
+    assert one_pass._one_pass
+    aten._one_pass = False
+    params = [p for _, p in one_pass.flat_params]
+    g = torch.Generator().manual_seed(0)
+    grad_scale = torch.tensor(1024.0) if scale == "tensor" else scale
+    for step in range(8):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=g).to(dtype) * 0.1)
+                grad = torch.randn(p.shape[::-1], generator=g).to(dtype).T  # (a strided gradient)
+                p.grad = grad if p.dim() == 2 else grad.contiguous()
+            if step == 5:
+                params[4].grad[0, 0] = float("inf")
+        scoring = step != 3
+        for state in (one_pass, aten):
+            state.set_control(2, scoring, False)
+        assert one_pass._update_in_one_pass(grad_scale) is not None  # (ran, not declined)
+        aten.update_from_gradients(grad_scale)
+        for name in ("exp_avg_ipt", "exp_avg_unc", "nonfinite_steps"):
+            assert torch.equal(getattr(one_pass, name), getattr(aten, name)), (step, name)
+        assert bool(one_pass.step_finite) == bool(aten.step_finite) == (step != 5), step
+    assert int(one_pass.nonfinite_steps) == 1 and one_pass.exp_avg_ipt.abs().sum() > 0
+
+
+def test_the_allocator_on_cpu_updates_in_one_pass():
+    model = _stack(2)
+    alloc = _alloc(model)
+    nn.functional.mse_loss(model(_data(0)[0]), _data(0)[1]).backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        alloc.update_and_mask(model, 9)
+    names = [e.name for e in prof.events()]
+    assert names.count("adalora_fast::importance_update_") == 1 and "aten::_foreach_copy_" not in names
+    assert alloc.state.exp_avg_ipt.abs().sum() > 0
+
+
 @pytest.mark.skipif(not CUDA, reason="device synchronisation is a GPU property")
 def test_allocator_step_has_no_host_sync_on_gpu():
     model = _stack(8).cuda()

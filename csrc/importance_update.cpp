@@ -1,0 +1,147 @@
+// The rank allocator's importance update on CPU tensors, as one pass over the adapters' elements.
+//
+//   adalora_fast::importance_update_(Tensor[] params, Tensor[] grads, Tensor(a!) exp_avg_ipt,
+//                                    Tensor(b!) exp_avg_unc, Tensor(c!) nonfinite_steps, Tensor control,
+//                                    int score_slot, float beta1, float beta2, float? grad_scale) -> Tensor[]
+//
+// For the flat state of adalora_fast/flat_state.py (FlatAdapterState, gradients read from .grad): element e of
+// the flat buffers is element e of the parameters in list order. Per element, with every intermediate rounded
+// to the parameter dtype as the ATen ops of FlatAdapterState._update_emas round it (opmath arithmetic, one
+// rounding per op, so the results are those ops' bit for bit):
+//   I = |θ·∇θ| (÷ grad_scale);  Ī ← β1·Ī + (1−β1)·I;  Ū ← β2·Ū + (1−β2)·|I − Ī|
+// The EMAs are written only when the step scores (control[score_slot] ≠ 0) and every I is finite; a scoring
+// step with a non-finite I adds one to nonfinite_steps. Returns [finite, step_finite] (0-dim bools: every I
+// finite; finite or not scoring), or [] where a gradient's dtype, device or layout is not its parameter's:
+// the caller then runs the ATen ops.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace adalora_fast {
+namespace {
+
+template <typename scalar_t>
+struct Update {
+  using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t beta1, one_minus_beta1, beta2, one_minus_beta2, scale;
+  bool scaled;
+
+  static scalar_t round(opmath_t v) { return static_cast<scalar_t>(v); }
+  static opmath_t op(scalar_t v) { return static_cast<opmath_t>(v); }
+
+  // I of one element, as foreach_mul_ (θ·∇θ), abs_ and div_ leave it
+  scalar_t sensitivity(scalar_t w, scalar_t g) const {
+    const scalar_t ipt = round(std::abs(op(round(op(w) * op(g)))));
+    return scaled ? round(op(ipt) / scale) : ipt;
+  }
+
+  // Ī, Ū of one element, as mul, mul, add, sub, abs_, mul, mul, add leave them
+  void ema(scalar_t ipt, scalar_t& avg, scalar_t& unc) const {
+    const scalar_t new_avg = round(op(round(op(avg) * beta1)) + op(round(op(ipt) * one_minus_beta1)));
+    const scalar_t dev = round(std::abs(op(ipt) - op(new_avg)));
+    unc = round(op(round(op(unc) * beta2)) + op(round(op(dev) * one_minus_beta2)));
+    avg = new_avg;
+  }
+};
+
+template <typename scalar_t>
+bool all_finite(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& gs, const Update<scalar_t>& u) {
+  for (size_t k = 0; k < ws.size(); ++k) {
+    const scalar_t* w = ws[k].const_data_ptr<scalar_t>();
+    const scalar_t* g = gs[k].const_data_ptr<scalar_t>();
+    const int64_t n = ws[k].numel();
+    bool finite = true;
+    for (int64_t e = 0; e < n; ++e) finite &= std::isfinite(Update<scalar_t>::op(u.sensitivity(w[e], g[e])));
+    if (!finite) return false;
+  }
+  return true;
+}
+
+template <typename scalar_t>
+void update(const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& gs, const Update<scalar_t>& u,
+            scalar_t* avg, scalar_t* unc) {
+  for (size_t k = 0; k < ws.size(); ++k) {
+    const scalar_t* w = ws[k].const_data_ptr<scalar_t>();
+    const scalar_t* g = gs[k].const_data_ptr<scalar_t>();
+    const int64_t n = ws[k].numel();
+    for (int64_t e = 0; e < n; ++e) u.ema(u.sensitivity(w[e], g[e]), avg[e], unc[e]);
+    avg += n;
+    unc += n;
+  }
+}
+
+std::vector<at::Tensor> importance_update_cpu(at::TensorList params, at::TensorList grads, at::Tensor& exp_avg_ipt,
+                                              at::Tensor& exp_avg_unc, at::Tensor& nonfinite_steps,
+                                              const at::Tensor& control, int64_t score_slot, double beta1,
+                                              double beta2, std::optional<double> grad_scale) {
+  TORCH_CHECK(!params.empty() && params.size() == grads.size(), "importance_update_: ", params.size(),
+              " parameters but ", grads.size(), " gradients");
+  const auto dtype = exp_avg_ipt.scalar_type();
+  for (const at::Tensor* buffer : {&exp_avg_ipt, &exp_avg_unc}) {
+    TORCH_CHECK(buffer->device().is_cpu() && buffer->scalar_type() == dtype && buffer->is_contiguous() &&
+                    buffer->dim() == 1,
+                "importance_update_: the EMA buffers must be contiguous 1-D CPU tensors of one dtype");
+  }
+  TORCH_CHECK(exp_avg_unc.numel() == exp_avg_ipt.numel(), "importance_update_: the EMA buffers differ in size");
+  TORCH_CHECK(nonfinite_steps.device().is_cpu() && nonfinite_steps.scalar_type() == at::kLong &&
+                  nonfinite_steps.numel() == 1,
+              "importance_update_: nonfinite_steps must be a one-element int64 CPU tensor");
+  TORCH_CHECK(control.device().is_cpu() && control.scalar_type() == at::kLong && control.dim() == 1 &&
+                  score_slot >= 0 && score_slot < control.numel(),
+              "importance_update_: control must be a 1-D int64 CPU tensor holding slot ", score_slot);
+  std::vector<at::Tensor> ws, gs;
+  ws.reserve(params.size());
+  gs.reserve(params.size());
+  int64_t total = 0;
+  for (size_t k = 0; k < params.size(); ++k) {
+    const at::Tensor& w = params[k];
+    TORCH_CHECK(w.defined() && w.layout() == at::kStrided && w.device().is_cpu() && w.scalar_type() == dtype,
+                "importance_update_: parameter ", k, " must be a dense CPU tensor of the EMAs' dtype ", dtype);
+    const at::Tensor& g = grads[k];
+    if (!g.defined() || g.layout() != at::kStrided || g.device() != w.device() || g.scalar_type() != dtype ||
+        g.sizes() != w.sizes()) {
+      return {};  // (the ATen ops promote or broadcast what this pass does not)
+    }
+    ws.push_back(w.contiguous());
+    gs.push_back(g.contiguous());
+    total += w.numel();
+  }
+  TORCH_CHECK(total == exp_avg_ipt.numel(), "importance_update_: the parameters hold ", total,
+              " elements but the EMA buffers ", exp_avg_ipt.numel());
+  const bool scoring = control.const_data_ptr<int64_t>()[score_slot * control.stride(0)] != 0;
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "importance_update_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const Update<scalar_t> u{static_cast<opmath_t>(beta1), static_cast<opmath_t>(1.0 - beta1),
+                             static_cast<opmath_t>(beta2), static_cast<opmath_t>(1.0 - beta2),
+                             static_cast<opmath_t>(grad_scale.value_or(1.0)), grad_scale.has_value()};
+    finite = all_finite<scalar_t>(ws, gs, u);
+    if (finite && scoring) update<scalar_t>(ws, gs, u, exp_avg_ipt.data_ptr<scalar_t>(), exp_avg_unc.data_ptr<scalar_t>());
+  });
+  if (scoring && !finite) nonfinite_steps.add_(1);
+  const auto flag = [](bool v) {
+    at::Tensor t = at::empty({}, at::TensorOptions().dtype(at::kBool));
+    t.data_ptr<bool>()[0] = v;
+    return t;
+  };
+  return {flag(finite), flag(finite || !scoring)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(adalora_fast, m) {
+  m.def(
+      "importance_update_(Tensor[] params, Tensor[] grads, Tensor(a!) exp_avg_ipt, Tensor(b!) exp_avg_unc, "
+      "Tensor(c!) nonfinite_steps, Tensor control, int score_slot, float beta1, float beta2, float? grad_scale) "
+      "-> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(adalora_fast, CPU, m) { m.impl("importance_update_", &importance_update_cpu); }
+
+}  // namespace adalora_fast
