@@ -245,14 +245,16 @@ class RankAllocator:
                 )
         else:
             self._check_emitted(global_step, score_now)
-        threshold = state.mask()
+        # (a step that does not mask leaves Λ, keep and the counters as they are: its ops are skipped on the host,
+        # which knows the phase; the capturable step runs them on every step, the device choosing)
+        threshold = state.mask() if mask_now else None
         if self.importance_states is not None:
             for s in self.importance_states:
                 s.end_step()
                 s.enabled = self.schedule.plan(global_step + 1, self.semantics)[1]  # does the next step score?
         if self.tb_writter is not None and global_step % self.log_interval == 0:
-            self._log(global_step, budget, threshold if mask_now else None)
-        return budget, threshold if mask_now else None
+            self._log(global_step, budget, threshold)
+        return budget, threshold
 
     def _step_control(self, global_step: int) -> tuple[int, int, bool, bool]:
         """(budget, triplets to prune, score?, mask?) at ``global_step``."""

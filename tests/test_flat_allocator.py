@@ -259,6 +259,20 @@ def test_the_one_pass_cpu_update_equals_the_aten_ops_bitwise(dtype, scale):
     assert int(one_pass.nonfinite_steps) == 1 and one_pass.exp_avg_ipt.abs().sum() > 0
 
 
+def test_a_step_that_does_not_mask_runs_no_masking_op():
+    model = _stack(2)
+    alloc = _alloc(model, deltaT=2)
+    nn.functional.mse_loss(model(_data(0)[0]), _data(0)[1]).backward()
+    before = [lam.clone() for lam in lambdas(model)]
+    for step, masks in ((9, False), (10, True)):  # (in the budgeting phase: every deltaT-th step masks)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            _, threshold = alloc.update_and_mask(model, step)
+        assert ("aten::sort" in [e.name for e in prof.events()]) == masks == (threshold is not None), step
+        if not masks:
+            assert all(torch.equal(a, b) for a, b in zip(lambdas(model), before))
+    assert not all(torch.equal(a, b) for a, b in zip(lambdas(model), before))  # (the masking step pruned)
+
+
 def test_the_allocator_on_cpu_updates_in_one_pass():
     model = _stack(2)
     alloc = _alloc(model)
