@@ -65,24 +65,11 @@ def _factor_grads(ctx, grad_loss) -> list[torch.Tensor]:
                                                              ctx.mode))  # fmt: skip
 
 
-class _EagerOrthPenalty(torch.autograd.Function):
-    """The compiled op with the same autograd formula as its ``torch.library`` registration, for eager calls:
-    the registration's generic wrapper (pytree flattening of inputs and outputs, per call) costs about as
-    much host time as the op's own launches. Under torch.compile the registered op is traced instead."""
-
-    @staticmethod
-    def forward(ctx, is_right, mode, *factors):
-        with torch._C._AutoDispatchBelowAutograd():  # (the op itself, not its registered autograd)
-            loss, deviation, sq_norms = torch.ops.adalora_fast.orth_penalty_forward(list(factors), is_right, mode)
-        _save_for_backward(ctx, factors, is_right, mode, deviation, sq_norms)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return (None, None, *_factor_grads(ctx, grad_loss))
-
-
 _OP_REGISTERED = _register_op_python_parts()
+# Eager calls: the forward op and its backward as one C++ autograd node (csrc/orth_penalty_autograd.cpp), the
+# OpOverload's own callable (its Python frame costs a call). torch.compile traces orth_penalty_forward and the
+# autograd registered above instead.
+_eager_penalty = getattr(torch.ops.adalora_fast.orth_penalty.default, "_op", None) if _OP_REGISTERED else None
 
 
 def _groups_by_device_and_dtype(factors: Sequence[torch.Tensor], is_right: Sequence[bool]) -> list[tuple[list, list]]:
@@ -139,7 +126,7 @@ def orth_penalty(
             if torch.compiler.is_compiling():
                 loss = torch.ops.adalora_fast.orth_penalty_forward(fs, rights, mode)[0]
             else:
-                loss = _EagerOrthPenalty.apply(rights, mode, *fs)
+                loss = _eager_penalty(fs, rights, mode)
             part = loss * len(fs)
         else:
             part = orth_penalty_sum(list(zip(fs, rights)), mode)

@@ -166,6 +166,25 @@ def test_cpu_op_sums_each_entry_in_the_documented_order():
 
 
 @requires_ext
+def test_eager_node_saves_through_autograd():
+    """The eager call's C++ node saves its tensors as autograd's saved variables: saved-tensor hooks see each
+    once, and a factor changed in place before the backward is an error, not a stale gradient."""
+    factors, is_right = _factors(torch.float32)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        loss = orth_penalty(factors, is_right, "fro", backend="extension")
+    assert len(packed) == len(factors) + 2
+    loss.backward()
+    _, grads = _op(factors, is_right, "fro")
+    assert all(torch.equal(f.grad, g) for f, g in zip(factors, grads))
+    loss = orth_penalty(factors, is_right, "fro", backend="extension")
+    with torch.no_grad():
+        factors[3].mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@requires_ext
 def test_torch_compile_fullgraph_matches_eager():
     factors, is_right = _factors(torch.float32)
     eager_loss, eager_grads = _op(factors, is_right, "fro")
