@@ -120,13 +120,16 @@ def orth_penalty(
 
         if any(is_partitioned_now(f) for f in factors):
             factors = gather_partitioned(factors)
+    groups = _groups_by_device_and_dtype(factors, is_right)
     total = None
-    for fs, rights in _groups_by_device_and_dtype(factors, is_right):
+    for fs, rights in groups:
         if dispatch.penalty_backend(fs[0], backend) == "extension":
             if torch.compiler.is_compiling():
                 loss = torch.ops.adalora_fast.orth_penalty_forward(fs, rights, mode)[0]
             else:
                 loss = _eager_penalty(fs, rights, mode)
+            if len(groups) == 1:
+                return loss  # (the op's mean over all factors: no sum to rescale)
             part = loss * len(fs)
         else:
             part = orth_penalty_sum(list(zip(fs, rights)), mode)
