@@ -83,8 +83,12 @@ class FlatAdapterState:
         self.captured_views = self._flat_views(self.captured) if capture else None
         self._captured_step = False  # captured since the allocator last ran?
         self._holds: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer → steps these?
-        # (set once: CPU buffers, gradients from .grad, the compiled op loaded; see _update_in_one_pass)
-        self._one_pass = capture is None and self.device.type == "cpu" and _importance_op_loaded()
+        # The CPU ops of csrc/rank_allocator_cpu.cpp, decided once: CPU buffers and the compiled ops loaded (the
+        # importance update: gradients from .grad; the masking: every λ whole, as this class holds them).
+        cpu_ops = self.device.type == "cpu" and _rank_allocator_ops_loaded()
+        self._one_pass = capture is None and cpu_ops
+        self._mask_in_one_pass = cpu_ops and type(self)._multiply_lambdas is FlatAdapterState._multiply_lambdas
+        self._lambda_offsets = None  # (for mask_to_budget_: each λ's first slot in factor, made at the first mask)
         if capture:
             _capture_in_optimizer_steps(self)
 
@@ -237,7 +241,7 @@ class FlatAdapterState:
 
     def _update_in_one_pass(self, grad_scale) -> torch.Tensor | None:
         """On CPU tensors, with the gradients read from ``.grad``: the whole update (and :meth:`_settle`) as one
-        C++ pass, ``torch.ops.adalora_fast.importance_update_`` (csrc/importance_update.cpp), which rounds every
+        C++ pass, ``torch.ops.adalora_fast.importance_update_`` (csrc/rank_allocator_cpu.cpp), which rounds every
         intermediate as the ATen ops of :meth:`_update_emas` do: the same EMAs bit for bit, without ~25 ops
         over the flat buffers and two multi-tensor ops that a CPU runs tensor by tensor. None where those ops
         run instead (CUDA tensors, a capture, no extension, a gradient of another dtype or layout)."""
@@ -370,7 +374,17 @@ class FlatAdapterState:
     @torch.no_grad()
     def mask(self) -> torch.Tensor:
         """Where the control says so: prune every triplet scoring <= the k-th smallest (ties included) by
-        zeroing its λ; never on a step whose sensitivity was not finite. Returns the threshold (device scalar)."""
+        zeroing its λ; never on a step whose sensitivity was not finite. Returns the threshold (device scalar).
+
+        On CPU tensors all of it is one C++ pass (``mask_to_budget_``, csrc/rank_allocator_cpu.cpp): the same
+        threshold, keep, factor and Λ as the ops below."""
+        if self._mask_in_one_pass:
+            if self._lambda_offsets is None:
+                self._lambda_offsets = [s.start for s in self.score_slices]
+            return torch.ops.adalora_fast.mask_to_budget_(
+                self.scores, self.keep, self.factor, self.lambdas, self._lambda_offsets, self.masked,
+                self.nonfinite_steps, self.control, K_PRUNE, DO_MASK, self._step_finite,
+            )  # fmt: skip
         k = self.control[K_PRUNE : K_PRUNE + 1]
         threshold = torch.sort(self.scores).values.index_select(0, k - 1).squeeze(0)  # = kthvalue(scores, k)
         do_mask = self.control[DO_MASK] != 0
@@ -418,10 +432,10 @@ class FlatAdapterState:
             self.step.copy_(state["step"])
 
 
-def _importance_op_loaded() -> bool:
+def _rank_allocator_ops_loaded() -> bool:
     from .extension import load_extension
 
-    return load_extension()[0] is not None and hasattr(torch.ops.adalora_fast, "importance_update_")
+    return load_extension()[0] is not None and hasattr(torch.ops.adalora_fast, "mask_to_budget_")
 
 
 def _dtensor_class():

@@ -224,7 +224,7 @@ def test_adapters_of_different_dtypes_are_a_clear_error():
 
 
 # ---------------------------------------------------------------------------------------------------
-# The one-pass CPU update (csrc/importance_update.cpp) against the ATen ops it replaces
+# The one-pass CPU update and masking (csrc/rank_allocator_cpu.cpp) against the ATen ops they replace
 
 
 @pytest.mark.parametrize("scale", [None, 3.0, "tensor"])
@@ -267,10 +267,43 @@ def test_a_step_that_does_not_mask_runs_no_masking_op():
     for step, masks in ((9, False), (10, True)):  # (in the budgeting phase: every deltaT-th step masks)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             _, threshold = alloc.update_and_mask(model, step)
-        assert ("aten::sort" in [e.name for e in prof.events()]) == masks == (threshold is not None), step
+        names = {e.name for e in prof.events()}
+        masked_here = bool(names & {"adalora_fast::mask_to_budget_", "aten::sort"})  # (on CPU tensors: the C++ op)
+        assert masked_here == masks == (threshold is not None), step
         if not masks:
             assert all(torch.equal(a, b) for a, b in zip(lambdas(model), before))
     assert not all(torch.equal(a, b) for a, b in zip(lambdas(model), before))  # (the masking step pruned)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_the_one_pass_cpu_masking_equals_the_aten_ops_bitwise(dtype):
+    """Threshold, keep, factor, Λ, the masked flag and the non-finite count of the C++ masking equal those of
+    the ATen ops, bit for bit: a masking step, ties at the threshold, a step that does not mask, one whose
+    sensitivity was not finite, one with a NaN score, and k at both ends."""
+    models = [svd_stack(3, d=10, r=5, dtype=dtype) for _ in range(2)]
+    states = [FlatAdapterState(find_adapter_triplets(m), 0.85, 0.8) for m in models]
+    one_pass, aten = states
+    assert one_pass._mask_in_one_pass
+    aten._mask_in_one_pass = False
+    g = torch.Generator().manual_seed(1)
+    n = one_pass.scores.numel()
+    cases = [(4, True, None), (7, True, None), (1, True, None), (n, True, None), (5, False, None),
+             (6, True, torch.tensor(False)), (3, True, "nan"), (9, True, torch.tensor(True))]  # fmt: skip
+    for step, (k, masks, finite) in enumerate(cases):
+        scores = torch.randint(0, 6, (n,), generator=g).to(dtype) / 4  # (ties)
+        if finite == "nan":
+            scores[2], finite = float("nan"), None
+        for state in states:
+            state.scores.copy_(scores)
+            state.set_control(k, True, masks)
+            state._step_finite = finite
+        thresholds = [state.mask() for state in states]
+        assert torch.equal(thresholds[0], thresholds[1]), step
+        for name in ("keep", "factor", "masked", "nonfinite_steps"):
+            assert torch.equal(getattr(one_pass, name), getattr(aten, name)), (step, name)
+        assert all(torch.equal(a, b) for a, b in zip(lambdas(models[0]), lambdas(models[1]))), step
+    assert int(one_pass.nonfinite_steps) == 1 and bool(one_pass.masked)
+    assert any(bool((lam == 0).any()) for lam in lambdas(models[0]))
 
 
 def test_the_allocator_on_cpu_updates_in_one_pass():

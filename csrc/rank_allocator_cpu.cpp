@@ -1,24 +1,37 @@
-// The rank allocator's importance update on CPU tensors, as one pass over the adapters' elements.
+// The rank allocator's step on CPU tensors (adalora_fast/flat_state.py, FlatAdapterState), each part as one
+// pass over its elements where the ATen ops it replaces would each be a dispatch (a CPU runs a multi-tensor op
+// tensor by tensor): the same values as those ops, bit for bit. On CUDA tensors the allocator runs the ATen
+// ops (their work is the device's there).
 //
 //   adalora_fast::importance_update_(Tensor[] params, Tensor[] grads, Tensor(a!) exp_avg_ipt,
 //                                    Tensor(b!) exp_avg_unc, Tensor(c!) nonfinite_steps, Tensor control,
 //                                    int score_slot, float beta1, float beta2, float? grad_scale) -> Tensor[]
 //
-// For the flat state of adalora_fast/flat_state.py (FlatAdapterState, gradients read from .grad): element e of
-// the flat buffers is element e of the parameters in list order. Per element, with every intermediate rounded
-// to the parameter dtype as the ATen ops of FlatAdapterState._update_emas round it (opmath arithmetic, one
-// rounding per op, so the results are those ops' bit for bit):
+// Element e of the flat buffers is element e of the parameters in list order. Per element, with every
+// intermediate rounded to the parameter dtype as the ATen ops of FlatAdapterState._update_emas round it
+// (opmath arithmetic, one rounding per op):
 //   I = |θ·∇θ| (÷ grad_scale);  Ī ← β1·Ī + (1−β1)·I;  Ū ← β2·Ū + (1−β2)·|I − Ī|
 // The EMAs are written only when the step scores (control[score_slot] ≠ 0) and every I is finite; a scoring
 // step with a non-finite I adds one to nonfinite_steps. Returns [finite, step_finite] (0-dim bools: every I
 // finite; finite or not scoring), or [] where a gradient's dtype, device or layout is not its parameter's:
 // the caller then runs the ATen ops.
+//
+//   adalora_fast::mask_to_budget_(Tensor scores, Tensor(a!) keep, Tensor(b!) factor, Tensor(c!)[] lambdas,
+//                                 int[] lambda_offsets, Tensor(d!) masked, Tensor(e!) nonfinite_steps,
+//                                 Tensor control, int k_slot, int mask_slot, Tensor? step_finite) -> Tensor
+//
+// FlatAdapterState.mask: the threshold is the k-th smallest score (k = control[k_slot], NaN sorted last, as
+// torch.sort sorts); where the step masks (control[mask_slot] ≠ 0, the step's sensitivity finite where
+// step_finite is given, every score finite) keep ← (score > threshold), and factor ← keep (else 1); every
+// λ (lambdas[i], r_i × 1) is multiplied by factor[lambda_offsets[i] …]; masked |= the step masked; a step that
+// would mask with a non-finite score adds one to nonfinite_steps. Returns the threshold (0-dim).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -133,6 +146,80 @@ std::vector<at::Tensor> importance_update_cpu(at::TensorList params, at::TensorL
   return {flag(finite), flag(finite || !scoring)};
 }
 
+void check_cpu(const at::Tensor& t, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.device().is_cpu() && t.scalar_type() == dtype,
+              "mask_to_budget_: ", what, " must be a dense CPU tensor of dtype ", dtype);
+}
+
+int64_t control_value(const at::Tensor& control, int64_t slot) {
+  return control.const_data_ptr<int64_t>()[slot * control.stride(0)];
+}
+
+at::Tensor mask_to_budget_cpu(const at::Tensor& scores, at::Tensor& keep, at::Tensor& factor, at::TensorList lambdas,
+                              at::IntArrayRef lambda_offsets, at::Tensor& masked, at::Tensor& nonfinite_steps,
+                              const at::Tensor& control, int64_t k_slot, int64_t mask_slot,
+                              const std::optional<at::Tensor>& step_finite) {
+  const auto dtype = scores.scalar_type();
+  const at::Tensor* vectors[] = {&scores, &keep, &factor};
+  for (const at::Tensor* t : vectors) {
+    check_cpu(*t, dtype, "scores, keep and factor");
+    TORCH_CHECK(t->dim() == 1 && t->is_contiguous() && t->numel() == scores.numel(),
+                "mask_to_budget_: scores, keep and factor must be contiguous 1-D tensors of one length");
+  }
+  check_cpu(masked, at::kBool, "masked");
+  check_cpu(nonfinite_steps, at::kLong, "nonfinite_steps");
+  check_cpu(control, at::kLong, "control");
+  TORCH_CHECK(masked.numel() == 1 && nonfinite_steps.numel() == 1 && control.dim() == 1 && k_slot >= 0 &&
+                  k_slot < control.numel() && mask_slot >= 0 && mask_slot < control.numel(),
+              "mask_to_budget_: masked and nonfinite_steps hold one element, control the two slots");
+  TORCH_CHECK(lambdas.size() == lambda_offsets.size(), "mask_to_budget_: ", lambdas.size(), " lambdas but ",
+              lambda_offsets.size(), " offsets");
+  for (size_t i = 0; i < lambdas.size(); ++i) {
+    check_cpu(lambdas[i], dtype, "every lambda");
+    TORCH_CHECK(lambda_offsets[i] >= 0 && lambda_offsets[i] + lambdas[i].numel() <= factor.numel(),
+                "mask_to_budget_: lambda ", i, " reaches past the factor vector");
+  }
+  if (step_finite.has_value()) check_cpu(*step_finite, at::kBool, "step_finite");
+  const int64_t n = scores.numel(), k = control_value(control, k_slot);
+  TORCH_CHECK(k >= 1 && k <= n, "mask_to_budget_: the ", k, "-th smallest of ", n, " scores");
+  at::Tensor threshold = at::empty({}, scores.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mask_to_budget_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* s = scores.const_data_ptr<scalar_t>();
+    std::vector<opmath_t> sorted(s, s + n);
+    std::nth_element(sorted.begin(), sorted.begin() + (k - 1), sorted.end(), [](opmath_t a, opmath_t b) {
+      return !std::isnan(a) && (std::isnan(b) || a < b);  // (NaN last)
+    });
+    const scalar_t t = static_cast<scalar_t>(sorted[k - 1]);
+    threshold.data_ptr<scalar_t>()[0] = t;
+    bool do_mask = control_value(control, mask_slot) != 0;
+    if (step_finite.has_value()) do_mask = do_mask && step_finite->const_data_ptr<bool>()[0];
+    bool scores_ok = true;
+    for (int64_t i = 0; i < n; ++i) scores_ok = scores_ok && std::isfinite(static_cast<opmath_t>(s[i]));
+    if (do_mask && !scores_ok) nonfinite_steps.add_(1);
+    do_mask = do_mask && scores_ok;
+    scalar_t* kp = keep.data_ptr<scalar_t>();
+    scalar_t* f = factor.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      if (do_mask) kp[i] = static_cast<opmath_t>(s[i]) > static_cast<opmath_t>(t) ? scalar_t(1) : scalar_t(0);
+      f[i] = do_mask ? kp[i] : scalar_t(1);
+    }
+    for (size_t i = 0; i < lambdas.size(); ++i) {
+      at::Tensor lam = lambdas[i];
+      scalar_t* l = lam.data_ptr<scalar_t>();
+      const int64_t stride = lam.dim() == 0 ? 0 : lam.stride(0);
+      TORCH_CHECK(lam.numel() <= 1 || lam.dim() == 1 || (lam.dim() == 2 && lam.size(1) == 1),
+                  "mask_to_budget_: lambda ", i, " must be r × 1");
+      for (int64_t j = 0; j < lam.numel(); ++j) {
+        scalar_t& v = l[j * stride];
+        v = static_cast<scalar_t>(static_cast<opmath_t>(v) * static_cast<opmath_t>(f[lambda_offsets[i] + j]));
+      }
+    }
+    if (do_mask) masked.data_ptr<bool>()[0] = true;
+  });
+  return threshold;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(adalora_fast, m) {
@@ -140,8 +227,15 @@ TORCH_LIBRARY_FRAGMENT(adalora_fast, m) {
       "importance_update_(Tensor[] params, Tensor[] grads, Tensor(a!) exp_avg_ipt, Tensor(b!) exp_avg_unc, "
       "Tensor(c!) nonfinite_steps, Tensor control, int score_slot, float beta1, float beta2, float? grad_scale) "
       "-> Tensor[]");
+  m.def(
+      "mask_to_budget_(Tensor scores, Tensor(a!) keep, Tensor(b!) factor, Tensor(c!)[] lambdas, int[] lambda_offsets, "
+      "Tensor(d!) masked, Tensor(e!) nonfinite_steps, Tensor control, int k_slot, int mask_slot, "
+      "Tensor? step_finite) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(adalora_fast, CPU, m) { m.impl("importance_update_", &importance_update_cpu); }
+TORCH_LIBRARY_IMPL(adalora_fast, CPU, m) {
+  m.impl("importance_update_", &importance_update_cpu);
+  m.impl("mask_to_budget_", &mask_to_budget_cpu);
+}
 
 }  // namespace adalora_fast
