@@ -1,6 +1,6 @@
 """Host cost of a whole training step, phase by phase: PEFT LoRA, stock PEFT AdaLoRA and adalora-fast.
 
-    python benchmarks/step_overhead.py [--quick] [--layers 8] [--hidden 32] [--steps 5] [--repeats 7] [--profile]
+    python benchmarks/step_overhead.py [--quick] [--layers 8] [--hidden 32] [--steps 5] [--repeats 15] [--profile]
 
 A Llama-style model of tiny width with many adapted modules (q,k,v,o,gate,up,down in every layer: 56 at
 the default 8 layers), so that the step's cost is the host's: PEFT LoRA r 8, stock PEFT AdaLoRA init_r 12 →
@@ -27,7 +27,9 @@ graph (``*_graph``) beside the eager step.
 
 All providers are interleaved in one run: ``--repeats`` rounds, each running a block of ``--steps`` steps
 of every provider. The whole step is the best block (its per-step mean); each phase is the best of its
-``steps × repeats`` single steps. Ratios are meaningful only between providers of the same run.
+``steps × repeats`` single steps. Ratios are meaningful only between providers of the same run. (15 rounds by
+default: on a busy 2-core host, 7 left the whole step's ratio moving between 0.84× and 1.06× from run to
+run, its best blocks not found for every provider.)
 
 Beside them, the floor: the same model without adapters, every weight frozen but the token embeddings (so
 that the backward still runs through every layer, as it must to reach the adapters), timed in its forward
@@ -530,7 +532,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=None, help="steps per timed block (default 5)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed blocks per provider (default 7)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed blocks per provider (default 15)")
     parser.add_argument("--layer-number", type=int, default=None, help="calls per timed block of the layer table")
     parser.add_argument("--optimizer", choices=("foreach", "fused"), default="foreach",
                         help="AdamW's implementation (fused: the Trainer's default, adamw_torch_fused)")
@@ -542,7 +544,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.layers = args.layers or (2 if args.quick else 8)
     args.steps = args.steps or (2 if args.quick else 5)
-    args.repeats = args.repeats or (2 if args.quick else 7)
+    args.repeats = args.repeats or (2 if args.quick else 15)
     args.layer_number = args.layer_number or (5 if args.quick else 40)
 
     import torch  # (torch first: is there a GPU?)
