@@ -29,6 +29,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,6 +39,12 @@
 
 namespace adalora_fast {
 namespace {
+
+// What an ATen in-place op does to each tensor it writes: advance its version counter, so that autograd sees
+// the change (a graph that saved a λ, say, raises instead of differentiating through a stale value).
+void bump_versions(std::initializer_list<const at::Tensor*> written) {
+  for (const at::Tensor* t : written) torch::autograd::impl::bump_version(*t);
+}
 
 template <typename scalar_t>
 struct Update {
@@ -138,6 +145,7 @@ std::vector<at::Tensor> importance_update_cpu(at::TensorList params, at::TensorL
     if (finite && scoring) update<scalar_t>(ws, gs, u, exp_avg_ipt.data_ptr<scalar_t>(), exp_avg_unc.data_ptr<scalar_t>());
   });
   if (scoring && !finite) nonfinite_steps.add_(1);
+  bump_versions({&exp_avg_ipt, &exp_avg_unc});
   const auto flag = [](bool v) {
     at::Tensor t = at::empty({}, at::TensorOptions().dtype(at::kBool));
     t.data_ptr<bool>()[0] = v;
@@ -217,6 +225,8 @@ at::Tensor mask_to_budget_cpu(const at::Tensor& scores, at::Tensor& keep, at::Te
     }
     if (do_mask) masked.data_ptr<bool>()[0] = true;
   });
+  bump_versions({&keep, &factor, &masked});
+  for (const at::Tensor& lam : lambdas) torch::autograd::impl::bump_version(lam);
   return threshold;
 }
 

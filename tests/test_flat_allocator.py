@@ -256,6 +256,9 @@ def test_the_one_pass_cpu_update_equals_the_aten_ops_bitwise(dtype, scale):
         for name in ("exp_avg_ipt", "exp_avg_unc", "nonfinite_steps"):
             assert torch.equal(getattr(one_pass, name), getattr(aten, name)), (step, name)
         assert bool(one_pass.step_finite) == bool(aten.step_finite) == (step != 5), step
+    versions = [one_pass.exp_avg_ipt._version, one_pass.exp_avg_unc._version]
+    one_pass._update_in_one_pass(grad_scale)
+    assert one_pass.exp_avg_ipt._version > versions[0] and one_pass.exp_avg_unc._version > versions[1]
     assert int(one_pass.nonfinite_steps) == 1 and one_pass.exp_avg_ipt.abs().sum() > 0
 
 
@@ -304,6 +307,11 @@ def test_the_one_pass_cpu_masking_equals_the_aten_ops_bitwise(dtype):
         assert all(torch.equal(a, b) for a, b in zip(lambdas(models[0]), lambdas(models[1]))), step
     assert int(one_pass.nonfinite_steps) == 1 and bool(one_pass.masked)
     assert any(bool((lam == 0).any()) for lam in lambdas(models[0]))
+    # (written in place as the ATen ops write: autograd sees each change)
+    written = [one_pass.keep, one_pass.factor, one_pass.masked, *one_pass.lambdas]
+    versions = [t._version for t in written]
+    one_pass.mask()
+    assert all(t._version > v for t, v in zip(written, versions))
 
 
 def test_the_allocator_on_cpu_updates_in_one_pass():
