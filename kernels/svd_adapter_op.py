@@ -560,8 +560,10 @@ _FORWARD_ONLY = -1  # the backward handle of a call the op runs without an autog
 
 
 def _program_key(x_shape, x_dtype, adapter: SVDAdapter) -> tuple:
+    # (the device index too, as the plans hold it: same-shape layers on two GPUs of one process each keep
+    # their own programs instead of taking turns at one key, every call declined by the op)
     lora_A = adapter.lora_A
-    return x_shape, x_dtype, lora_A.shape, lora_A.dtype, adapter.lora_B.shape, adapter.dropout_p > 0
+    return x_shape, x_dtype, lora_A.shape, lora_A.dtype, lora_A.get_device(), adapter.lora_B.shape, adapter.dropout_p > 0
 
 
 def _program_scalars(adapter: SVDAdapter) -> list[float]:
