@@ -248,7 +248,11 @@ class FlatAdapterState:
         if not self._one_pass:
             return None
         if torch.is_tensor(grad_scale):
-            if grad_scale.device.type != "cpu" or grad_scale.numel() != 1:
+            # (a tensor of more dims than none takes part in type promotion: a float64 one makes the ATen
+            # division float64, which this pass, dividing in the parameters' opmath type, does not do)
+            if grad_scale.device.type != "cpu" or grad_scale.numel() != 1 or (
+                grad_scale.dim() and grad_scale.dtype == torch.float64 and self.dtype != torch.float64
+            ):
                 return None
             grad_scale = float(grad_scale)
         params, grads = self._gradient_lists()
@@ -381,10 +385,12 @@ class FlatAdapterState:
         if self._mask_in_one_pass:
             if self._lambda_offsets is None:
                 self._lambda_offsets = [s.start for s in self.score_slices]
-            return torch.ops.adalora_fast.mask_to_budget_(
+            threshold = torch.ops.adalora_fast.mask_to_budget_(
                 self.scores, self.keep, self.factor, self.lambdas, self._lambda_offsets, self.masked,
                 self.nonfinite_steps, self.control, K_PRUNE, DO_MASK, self._step_finite,
             )  # fmt: skip
+            if threshold:
+                return threshold[0]
         k = self.control[K_PRUNE : K_PRUNE + 1]
         threshold = torch.sort(self.scores).values.index_select(0, k - 1).squeeze(0)  # = kthvalue(scores, k)
         do_mask = self.control[DO_MASK] != 0

@@ -69,7 +69,16 @@ _OP_REGISTERED = _register_op_python_parts()
 # Eager calls: the forward op and its backward as one C++ autograd node (csrc/orth_penalty_autograd.cpp), the
 # OpOverload's own callable (its Python frame costs a call). torch.compile traces orth_penalty_forward and the
 # autograd registered above instead.
-_eager_penalty = getattr(torch.ops.adalora_fast.orth_penalty.default, "_op", None) if _OP_REGISTERED else None
+def _eager_entry():
+    if not _OP_REGISTERED:
+        return None
+    ops = torch.ops.adalora_fast
+    if not hasattr(ops, "orth_penalty"):  # (an extension built before the node: the registered autograd)
+        return lambda factors, is_right, mode: ops.orth_penalty_forward(factors, is_right, mode)[0]
+    return getattr(ops.orth_penalty.default, "_op", ops.orth_penalty.default)
+
+
+_eager_penalty = _eager_entry()
 
 
 def _groups_by_device_and_dtype(factors: Sequence[torch.Tensor], is_right: Sequence[bool]) -> list[tuple[list, list]]:

@@ -24,7 +24,9 @@
 // torch.sort sorts); where the step masks (control[mask_slot] ≠ 0, the step's sensitivity finite where
 // step_finite is given, every score finite) keep ← (score > threshold), and factor ← keep (else 1); every
 // λ (lambdas[i], r_i × 1) is multiplied by factor[lambda_offsets[i] …]; masked |= the step masked; a step that
-// would mask with a non-finite score adds one to nonfinite_steps. Returns the threshold (0-dim).
+// would mask with a non-finite score adds one to nonfinite_steps. Returns [threshold] (0-dim, the element a
+// stable sort puts k-th), or [] where a λ's dtype, device or layout is not the scores' (the caller then runs
+// the ATen ops); nothing is written before every input is checked.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -121,12 +123,11 @@ std::vector<at::Tensor> importance_update_cpu(at::TensorList params, at::TensorL
   int64_t total = 0;
   for (size_t k = 0; k < params.size(); ++k) {
     const at::Tensor& w = params[k];
-    TORCH_CHECK(w.defined() && w.layout() == at::kStrided && w.device().is_cpu() && w.scalar_type() == dtype,
-                "importance_update_: parameter ", k, " must be a dense CPU tensor of the EMAs' dtype ", dtype);
     const at::Tensor& g = grads[k];
-    if (!g.defined() || g.layout() != at::kStrided || g.device() != w.device() || g.scalar_type() != dtype ||
+    if (!w.defined() || w.layout() != at::kStrided || !w.device().is_cpu() || w.scalar_type() != dtype ||
+        !g.defined() || g.layout() != at::kStrided || g.device() != w.device() || g.scalar_type() != dtype ||
         g.sizes() != w.sizes()) {
-      return {};  // (the ATen ops promote or broadcast what this pass does not)
+      return {};  // (the ATen ops promote or broadcast what this pass does not: a λ of another dtype, say)
     }
     ws.push_back(w.contiguous());
     gs.push_back(g.contiguous());
@@ -163,10 +164,10 @@ int64_t control_value(const at::Tensor& control, int64_t slot) {
   return control.const_data_ptr<int64_t>()[slot * control.stride(0)];
 }
 
-at::Tensor mask_to_budget_cpu(const at::Tensor& scores, at::Tensor& keep, at::Tensor& factor, at::TensorList lambdas,
-                              at::IntArrayRef lambda_offsets, at::Tensor& masked, at::Tensor& nonfinite_steps,
-                              const at::Tensor& control, int64_t k_slot, int64_t mask_slot,
-                              const std::optional<at::Tensor>& step_finite) {
+std::vector<at::Tensor> mask_to_budget_cpu(const at::Tensor& scores, at::Tensor& keep, at::Tensor& factor,
+                                           at::TensorList lambdas, at::IntArrayRef lambda_offsets, at::Tensor& masked,
+                                           at::Tensor& nonfinite_steps, const at::Tensor& control, int64_t k_slot,
+                                           int64_t mask_slot, const std::optional<at::Tensor>& step_finite) {
   const auto dtype = scores.scalar_type();
   const at::Tensor* vectors[] = {&scores, &keep, &factor};
   for (const at::Tensor* t : vectors) {
@@ -182,23 +183,42 @@ at::Tensor mask_to_budget_cpu(const at::Tensor& scores, at::Tensor& keep, at::Te
               "mask_to_budget_: masked and nonfinite_steps hold one element, control the two slots");
   TORCH_CHECK(lambdas.size() == lambda_offsets.size(), "mask_to_budget_: ", lambdas.size(), " lambdas but ",
               lambda_offsets.size(), " offsets");
+  if (step_finite.has_value()) check_cpu(*step_finite, at::kBool, "step_finite");
+  // Every λ is checked before anything is written.
   for (size_t i = 0; i < lambdas.size(); ++i) {
-    check_cpu(lambdas[i], dtype, "every lambda");
-    TORCH_CHECK(lambda_offsets[i] >= 0 && lambda_offsets[i] + lambdas[i].numel() <= factor.numel(),
+    const at::Tensor& lam = lambdas[i];
+    if (!lam.defined() || lam.layout() != at::kStrided || !lam.device().is_cpu() || lam.scalar_type() != dtype) {
+      return {};  // (a λ of another dtype: the ATen ops cast it)
+    }
+    TORCH_CHECK(lam.dim() == 1 || (lam.dim() == 2 && lam.size(1) == 1), "mask_to_budget_: lambda ", i,
+                " must be r × 1, got ", lam.sizes());
+    TORCH_CHECK(lambda_offsets[i] >= 0 && lambda_offsets[i] + lam.numel() <= factor.numel(),
                 "mask_to_budget_: lambda ", i, " reaches past the factor vector");
   }
-  if (step_finite.has_value()) check_cpu(*step_finite, at::kBool, "step_finite");
   const int64_t n = scores.numel(), k = control_value(control, k_slot);
   TORCH_CHECK(k >= 1 && k <= n, "mask_to_budget_: the ", k, "-th smallest of ", n, " scores");
   at::Tensor threshold = at::empty({}, scores.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mask_to_budget_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
+    const auto before = [](scalar_t a, scalar_t b) {  // torch.sort's ascending order: NaN last
+      const opmath_t x = a, y = b;
+      return !std::isnan(x) && (std::isnan(y) || x < y);
+    };
     const scalar_t* s = scores.const_data_ptr<scalar_t>();
-    std::vector<opmath_t> sorted(s, s + n);
-    std::nth_element(sorted.begin(), sorted.begin() + (k - 1), sorted.end(), [](opmath_t a, opmath_t b) {
-      return !std::isnan(a) && (std::isnan(b) || a < b);  // (NaN last)
-    });
-    const scalar_t t = static_cast<scalar_t>(sorted[k - 1]);
+    std::vector<scalar_t> sorted(s, s + n);
+    std::nth_element(sorted.begin(), sorted.begin() + (k - 1), sorted.end(), before);
+    // The k-th element of a stable sort: of the scores that tie with the k-th value (±0, NaNs), the one that
+    // many places after the scores before them, in their original order; its own bits, returned.
+    const scalar_t v = sorted[k - 1];
+    int64_t tie = k - 1;
+    for (int64_t i = 0; i < n; ++i) tie -= before(s[i], v) ? 1 : 0;
+    scalar_t t = v;
+    for (int64_t i = 0; i < n; ++i) {
+      if (!before(s[i], v) && !before(v, s[i]) && tie-- == 0) {
+        t = s[i];
+        break;
+      }
+    }
     threshold.data_ptr<scalar_t>()[0] = t;
     bool do_mask = control_value(control, mask_slot) != 0;
     if (step_finite.has_value()) do_mask = do_mask && step_finite->const_data_ptr<bool>()[0];
@@ -213,21 +233,19 @@ at::Tensor mask_to_budget_cpu(const at::Tensor& scores, at::Tensor& keep, at::Te
       f[i] = do_mask ? kp[i] : scalar_t(1);
     }
     for (size_t i = 0; i < lambdas.size(); ++i) {
-      at::Tensor lam = lambdas[i];
+      const at::Tensor& lam = lambdas[i];
       scalar_t* l = lam.data_ptr<scalar_t>();
-      const int64_t stride = lam.dim() == 0 ? 0 : lam.stride(0);
-      TORCH_CHECK(lam.numel() <= 1 || lam.dim() == 1 || (lam.dim() == 2 && lam.size(1) == 1),
-                  "mask_to_budget_: lambda ", i, " must be r × 1");
+      const int64_t stride = lam.stride(0);
       for (int64_t j = 0; j < lam.numel(); ++j) {
-        scalar_t& v = l[j * stride];
-        v = static_cast<scalar_t>(static_cast<opmath_t>(v) * static_cast<opmath_t>(f[lambda_offsets[i] + j]));
+        scalar_t& x = l[j * stride];
+        x = static_cast<scalar_t>(static_cast<opmath_t>(x) * static_cast<opmath_t>(f[lambda_offsets[i] + j]));
       }
     }
     if (do_mask) masked.data_ptr<bool>()[0] = true;
   });
   bump_versions({&keep, &factor, &masked});
   for (const at::Tensor& lam : lambdas) torch::autograd::impl::bump_version(lam);
-  return threshold;
+  return {threshold};
 }
 
 }  // namespace
@@ -240,7 +258,7 @@ TORCH_LIBRARY_FRAGMENT(adalora_fast, m) {
   m.def(
       "mask_to_budget_(Tensor scores, Tensor(a!) keep, Tensor(b!) factor, Tensor(c!)[] lambdas, int[] lambda_offsets, "
       "Tensor(d!) masked, Tensor(e!) nonfinite_steps, Tensor control, int k_slot, int mask_slot, "
-      "Tensor? step_finite) -> Tensor");
+      "Tensor? step_finite) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(adalora_fast, CPU, m) {

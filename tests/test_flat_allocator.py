@@ -290,28 +290,65 @@ def test_the_one_pass_cpu_masking_equals_the_aten_ops_bitwise(dtype):
     aten._mask_in_one_pass = False
     g = torch.Generator().manual_seed(1)
     n = one_pass.scores.numel()
+    nan_bits = {torch.float32: 0x7F800001, torch.float64: 0x7FF0000000000001, torch.float16: 0x7C01,
+                torch.bfloat16: 0x7F81}[dtype]  # (a NaN with a payload, whose bits the threshold must keep)
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.finfo(dtype).bits // 8]
     cases = [(4, True, None), (7, True, None), (1, True, None), (n, True, None), (5, False, None),
-             (6, True, torch.tensor(False)), (3, True, "nan"), (9, True, torch.tensor(True))]  # fmt: skip
+             (6, True, torch.tensor(False)), (3, True, "nan"), (9, True, torch.tensor(True)), (5, True, "±0"),
+             (n, True, "nan payload")]  # fmt: skip
     for step, (k, masks, finite) in enumerate(cases):
         scores = torch.randint(0, 6, (n,), generator=g).to(dtype) / 4  # (ties)
         if finite == "nan":
             scores[2], finite = float("nan"), None
+        elif finite == "±0":  # (ties of signed zeros at the threshold: a stable sort's order decides which)
+            scores[:8], finite = torch.tensor([0.0, -0.0, 0.0, -0.0, -0.0, 0.0, -0.0, 0.0], dtype=dtype), None
+        elif finite == "nan payload":
+            scores[4], finite = torch.tensor(nan_bits, dtype=as_int).view(dtype), None
         for state in states:
             state.scores.copy_(scores)
             state.set_control(k, True, masks)
             state._step_finite = finite
         thresholds = [state.mask() for state in states]
-        assert torch.equal(thresholds[0], thresholds[1]), step
+        assert torch.equal(thresholds[0].reshape(1).view(as_int), thresholds[1].reshape(1).view(as_int)), step
         for name in ("keep", "factor", "masked", "nonfinite_steps"):
             assert torch.equal(getattr(one_pass, name), getattr(aten, name)), (step, name)
         assert all(torch.equal(a, b) for a, b in zip(lambdas(models[0]), lambdas(models[1]))), step
-    assert int(one_pass.nonfinite_steps) == 1 and bool(one_pass.masked)
+    assert int(one_pass.nonfinite_steps) == 2 and bool(one_pass.masked)
     assert any(bool((lam == 0).any()) for lam in lambdas(models[0]))
     # (written in place as the ATen ops write: autograd sees each change)
     written = [one_pass.keep, one_pass.factor, one_pass.masked, *one_pass.lambdas]
     versions = [t._version for t in written]
     one_pass.mask()
     assert all(t._version > v for t, v in zip(written, versions))
+
+
+def test_the_cpu_passes_decline_what_the_aten_ops_cast_or_promote():
+    """A λ of another dtype than the rest of its triplet, or a one-element float64 loss-scale tensor over float32
+    adapters: the C++ passes decline and the ATen ops run, with their results."""
+    models = [svd_stack(2, d=8, r=4, dtype=torch.bfloat16) for _ in range(2)]
+    for m in models:
+        m[0].lora_E.data = m[0].lora_E.data.float()
+    states = [FlatAdapterState(find_adapter_triplets(m), 0.85, 0.8) for m in models]
+    states[1]._one_pass = states[1]._mask_in_one_pass = False
+    for m in models:
+        for p in m.parameters():
+            p.grad = torch.ones_like(p) * 0.5
+    for state in states:
+        state.set_control(3, True, True)
+    assert states[0]._update_in_one_pass(None) is None
+    for state in states:
+        state.update_from_gradients()
+        state.compute_scores()
+    thresholds = [state.mask() for state in states]
+    assert torch.equal(thresholds[0], thresholds[1]) and torch.equal(states[0].keep, states[1].keep)
+    assert torch.equal(models[0][0].lora_E, models[1][0].lora_E) and models[0][0].lora_E.dtype == torch.float32
+    model = svd_stack(2, d=8, r=4)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    state = FlatAdapterState(find_adapter_triplets(model), 0.85, 0.8)
+    state.set_control(3, True, False)
+    assert state._update_in_one_pass(torch.tensor([1 / 3], dtype=torch.float64)) is None
+    assert state._update_in_one_pass(torch.tensor(1 / 3, dtype=torch.float64)) is not None  # (0-dim: no promotion)
 
 
 def test_the_allocator_on_cpu_updates_in_one_pass():
