@@ -88,7 +88,7 @@ class FlatAdapterState:
         cpu_ops = self.device.type == "cpu" and _rank_allocator_ops_loaded()
         self._one_pass = capture is None and cpu_ops
         self._mask_in_one_pass = cpu_ops and type(self)._multiply_lambdas is FlatAdapterState._multiply_lambdas
-        self._lambda_offsets = None  # (for mask_to_budget_: each λ's first slot in factor, made at the first mask)
+        self._lambda_offsets = [s.start for s in self.score_slices]  # (each λ's first slot in factor)
         if capture:
             _capture_in_optimizer_steps(self)
 
@@ -383,8 +383,6 @@ class FlatAdapterState:
         On CPU tensors all of it is one C++ pass (``mask_to_budget_``, csrc/rank_allocator_cpu.cpp): the same
         threshold, keep, factor and Λ as the ops below."""
         if self._mask_in_one_pass:
-            if self._lambda_offsets is None:
-                self._lambda_offsets = [s.start for s in self.score_slices]
             threshold = torch.ops.adalora_fast.mask_to_budget_(
                 self.scores, self.keep, self.factor, self.lambdas, self._lambda_offsets, self.masked,
                 self.nonfinite_steps, self.control, K_PRUNE, DO_MASK, self._step_finite,

@@ -66,10 +66,12 @@ def _factor_grads(ctx, grad_loss) -> list[torch.Tensor]:
 
 
 _OP_REGISTERED = _register_op_python_parts()
-# Eager calls: the forward op and its backward as one C++ autograd node (csrc/orth_penalty_autograd.cpp), the
-# OpOverload's own callable (its Python frame costs a call). torch.compile traces orth_penalty_forward and the
-# autograd registered above instead.
+
+
 def _eager_entry():
+    """Eager calls' entry point: the forward op and its backward as one C++ autograd node
+    (csrc/orth_penalty_autograd.cpp), the OpOverload's own callable (its Python frame costs a call).
+    torch.compile traces orth_penalty_forward and the autograd registered above instead."""
     if not _OP_REGISTERED:
         return None
     ops = torch.ops.adalora_fast
